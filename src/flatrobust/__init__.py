@@ -1,0 +1,20 @@
+"""flatrobust: adversarially robust training with Adversarial Weight Perturbation (AWP).
+
+The public API, small enough to remember:
+  - `AWP`: the weight perturbation, a SAM-like perturb/restore pair usable in any training loop;
+  - `pgd`, `fgsm`, `LinfBall`, `L2Ball`: attacks and threat models (inputs in [0, 1]);
+  - `AT`, `TRADES`, `MART`, `AttackConfig`, `create_objective`: the training objectives;
+  - `models.create`: the model zoo with normalization inside the model.
+"""
+from . import models
+from .attacks import L2Ball, LinfBall, fgsm, pgd
+from .awp import AWP
+from .modes import frozen_bn_stats, train_mode
+from .objectives import AT, MART, TRADES, AttackConfig, Objective, create_objective
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AWP", "pgd", "fgsm", "LinfBall", "L2Ball", "AT", "TRADES", "MART", "AttackConfig", "Objective",
+    "create_objective", "models", "frozen_bn_stats", "train_mode", "__version__",
+]

@@ -1,0 +1,127 @@
+"""Adversarial training objectives: AT (Madry et al. 2018), TRADES (Zhang et al. 2019), MART (Wang et al. 2020).
+
+Each objective says three things, as the official code of each method does them:
+  - `attack(model, x, y)`: how its adversarial examples are generated (AT: PGD on CE in train mode;
+    TRADES: PGD on KL in eval mode; MART: PGD on CE in eval mode);
+  - `loss(model, x, x_adv, y)`: its training loss (a scalar, mean over the batch);
+  - `ascent_loss(model, x, x_adv, y)`: the loss AWP ascends to find v. For all three methods the paper's
+    code ascends the method's own training loss (for TRADES: CE on natural + beta * KL with batchmean,
+    natural logits NOT detached), evaluated at w on the same adversarial batch.
+
+A training step with any objective and AWP::
+
+    x_adv = obj.attack(model, x, y)
+    awp.perturb(lambda m: obj.ascent_loss(m, x, x_adv, y))
+    loss = obj.loss(model, x, x_adv, y); opt.zero_grad(); loss.backward(); opt.step()
+    awp.restore()
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attacks import pgd
+
+
+@dataclass
+class AttackConfig:
+    """The training attack: PGD-`steps` with step `alpha` in the `norm` ball of radius `eps` (pixel units)."""
+
+    eps: float = 8 / 255
+    alpha: float = 2 / 255
+    steps: int = 10
+    norm: str = "linf"
+
+
+class Objective:
+    name = "objective"
+
+    def __init__(self, attack: AttackConfig | None = None):
+        self.attack_config = attack or AttackConfig()
+
+    def attack(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, generator=None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def loss(self, model: nn.Module, x: torch.Tensor, x_adv: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def ascent_loss(self, model: nn.Module, x: torch.Tensor, x_adv: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.loss(model, x, x_adv, y)
+
+    def _pgd(self, model, x, y, *, loss, mode, random_start=True, generator=None):
+        a = self.attack_config
+        return pgd(model, x, y, eps=a.eps, alpha=a.alpha, steps=a.steps, norm=a.norm, loss=loss,
+                   random_start=random_start, mode=mode, generator=generator)
+
+
+class AT(Objective):
+    """Madry et al.: min_w E[max_{x'} CE(f(x'), y)]. The attack runs in train mode, as in Rice et al.'s
+    and the AWP code (so BatchNorm statistics see the attack's batches too)."""
+
+    name = "at"
+
+    def attack(self, model, x, y, generator=None):
+        return self._pgd(model, x, y, loss="ce", mode="train", generator=generator)
+
+    def loss(self, model, x, x_adv, y):
+        return F.cross_entropy(model(x_adv), y)
+
+
+class TRADES(Objective):
+    """Zhang et al.: CE(f(x), y) + beta * KL(f(x) || f(x_adv)) with batchmean; attack maximizes the KL in eval mode."""
+
+    name = "trades"
+
+    def __init__(self, attack: AttackConfig | None = None, beta: float = 6.0):
+        super().__init__(attack)
+        if beta < 0:
+            raise ValueError(f"TRADES beta must be >= 0, got {beta}")
+        self.beta = beta
+
+    def attack(self, model, x, y, generator=None):
+        return self._pgd(model, x, y, loss="kl", mode="eval", generator=generator)
+
+    def loss(self, model, x, x_adv, y):
+        logits_nat = model(x)  # natural logits are not detached (official TRADES and TRADES-AWP)
+        logits_adv = model(x_adv)
+        kl = F.kl_div(F.log_softmax(logits_adv, 1), F.softmax(logits_nat, 1), reduction="batchmean")
+        return F.cross_entropy(logits_nat, y) + self.beta * kl
+
+
+class MART(Objective):
+    """Wang et al. 2020: boosted CE on x_adv + beta * KL(f(x) || f(x_adv)) weighted by 1 - p_y(x)."""
+
+    name = "mart"
+
+    def __init__(self, attack: AttackConfig | None = None, beta: float = 6.0):
+        super().__init__(attack)
+        if beta < 0:
+            raise ValueError(f"MART beta must be >= 0, got {beta}")
+        self.beta = beta
+
+    def attack(self, model, x, y, generator=None):
+        return self._pgd(model, x, y, loss="ce", mode="eval", generator=generator)
+
+    def loss(self, model, x, x_adv, y):
+        logits_nat, logits_adv = model(x), model(x_adv)
+        p_adv = F.softmax(logits_adv, 1)  # (B, K)
+        # boosted CE: CE plus -log(1 - p of the most likely wrong class)
+        top2 = p_adv.argsort(dim=1)[:, -2:]
+        wrong = torch.where(top2[:, -1] == y, top2[:, -2], top2[:, -1])
+        bce = F.cross_entropy(logits_adv, y) + F.nll_loss(torch.log(1.0001 - p_adv + 1e-12), wrong)
+        p_nat = F.softmax(logits_nat, 1)
+        p_true = p_nat.gather(1, y[:, None]).squeeze(1)
+        kl = F.kl_div(torch.log(p_adv + 1e-12), p_nat, reduction="none").sum(1)  # (B,)
+        return bce + self.beta * (kl * (1.0000001 - p_true)).mean()
+
+
+OBJECTIVES = {"at": AT, "trades": TRADES, "mart": MART}
+
+
+def create_objective(name: str, attack: AttackConfig | None = None, beta: float = 6.0) -> Objective:
+    if name not in OBJECTIVES:
+        raise ValueError(f"unknown method {name!r}: choose one of {', '.join(OBJECTIVES)}")
+    return AT(attack) if name == "at" else OBJECTIVES[name](attack, beta=beta)

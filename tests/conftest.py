@@ -1,0 +1,46 @@
+"""Shared fixtures: scikit-learn's digits as tensors, and a small CNN trained on them for a few seconds."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+
+def _digits():
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0  # (N, 1, 8, 8) in [0, 1]
+    y = torch.tensor(d.target, dtype=torch.long)
+    return x, y
+
+
+@pytest.fixture(scope="session")
+def digits():
+    x, y = _digits()
+    return x[:1400], y[:1400], x[1400:], y[1400:]  # train, test
+
+
+@pytest.fixture(scope="session")
+def trained_cnn(digits):
+    """SmallCNN trained naturally on digits (about 95% clean test accuracy), in eval mode."""
+    from flatrobust import models
+
+    torch.manual_seed(0)
+    xtr, ytr, _, _ = digits
+    model = models.create("smallcnn", num_classes=10, in_channels=1)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(0)
+    model.train()
+    for _ in range(8):
+        for idx in torch.randperm(len(xtr), generator=g).split(64):
+            loss = F.cross_entropy(model(xtr[idx]), ytr[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return model.eval()
+
+
+def accuracy(model, x, y) -> float:
+    with torch.no_grad():
+        return (model(x).argmax(1) == y).float().mean().item()

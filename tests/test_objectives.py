@@ -1,0 +1,75 @@
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from flatrobust import AT, AWP, MART, TRADES, AttackConfig, create_objective, models
+
+
+@pytest.fixture
+def batch():
+    torch.manual_seed(0)
+    model = models.create("smallcnn", in_channels=1).train()
+    return model, torch.rand(16, 1, 8, 8), torch.randint(0, 10, (16,))
+
+
+def test_trades_loss_matches_its_formula(batch):
+    model, x, y = batch
+    x_adv = (x + 0.03 * torch.randn_like(x)).clamp(0, 1)
+    obj = TRADES(beta=6.0)
+    m = copy.deepcopy(model)
+    ln, la = m(x), m(x_adv)
+    kl = (F.softmax(ln, 1) * (F.log_softmax(ln, 1) - F.log_softmax(la, 1))).sum(1).mean()
+    expected = F.cross_entropy(ln, y) + 6.0 * kl
+    assert torch.allclose(obj.loss(copy.deepcopy(model), x, x_adv, y), expected, atol=1e-6)
+
+
+def test_trades_ascent_loss_does_not_detach_natural_logits(batch):
+    """The AWP ascent for TRADES differentiates through the natural logits too (PAPER.md)."""
+    model, x, y = batch
+    x_adv = (x + 0.03 * torch.randn_like(x)).clamp(0, 1)
+    obj = TRADES(beta=6.0)
+    w = model.net.fc2.weight
+    g_full = torch.autograd.grad(obj.ascent_loss(model, x, x_adv, y), w)[0]
+    ln = model(x).detach()
+    la = model(x_adv)
+    detached = F.cross_entropy(model(x), y) + 6 * F.kl_div(F.log_softmax(la, 1), F.softmax(ln, 1), reduction="batchmean")
+    g_det = torch.autograd.grad(detached, w)[0]
+    assert not torch.allclose(g_full, g_det)
+
+
+def test_attack_modes_follow_official_code(batch, monkeypatch):
+    model, x, y = batch
+    seen = []
+    orig = model.forward
+    monkeypatch.setattr(model, "forward", lambda inp: (seen.append(model.training), orig(inp))[1])
+    cfg = AttackConfig(eps=0.1, alpha=0.05, steps=1)
+    for obj, mode in [(AT(cfg), True), (TRADES(cfg), False), (MART(cfg), False)]:
+        seen.clear()
+        obj.attack(model, x, y)
+        assert seen and all(s == mode for s in seen[-1:]), obj.name
+        assert model.training  # mode given back
+
+
+@pytest.mark.parametrize("name", ["at", "trades", "mart"])
+def test_every_objective_trains_with_awp(name, batch):
+    model, x, y = batch
+    obj = create_objective(name, AttackConfig(eps=0.1, alpha=0.05, steps=2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    awp = AWP(model, gamma=0.01)
+    before = copy.deepcopy(model.state_dict())
+    x_adv = obj.attack(model, x, y)
+    awp.perturb(lambda m: obj.ascent_loss(m, x, x_adv, y))
+    loss = obj.loss(model, x, x_adv, y)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    awp.restore()
+    assert torch.isfinite(loss)
+    assert any(not torch.equal(before[n], p) for n, p in model.named_parameters())
+
+
+def test_unknown_method():
+    with pytest.raises(ValueError, match="unknown method 'fat'"):
+        create_objective("fat")
