@@ -1,0 +1,106 @@
+"""Checkpoints: written atomically, loaded safely (`weights_only=True`), recognisably ours.
+
+A checkpoint is a plain dict of tensors and Python primitives:
+
+    {"format": "flatrobust", "version": 1,
+     "config": {...resolved run config...},
+     "model": model.state_dict(),
+     ... training state (optimizer, epoch, step, best, ...) when written by `flatrobust train`}
+
+so it loads with `torch.load(path, weights_only=True)` anywhere, and a file carrying a pickled object
+(arbitrary code) is refused by that loader.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import UserError
+
+FORMAT = "flatrobust"
+VERSION = 1
+
+
+class CheckpointError(UserError):
+    """A file that is missing, truncated, corrupted, unsafe or not a flatrobust checkpoint."""
+
+
+def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> None:
+    """Write `state` to `path` atomically: temporary file in the same folder, fsync, rename.
+
+    A crash during the write leaves the previous file at `path` intact.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {"format": FORMAT, "version": VERSION, **state}
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        dir_fd = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a flatrobust checkpoint with `weights_only=True`; CheckpointError (one line) if it is not one."""
+    path = Path(path)
+    if path.is_dir():
+        for name in ("best.pt", "last.pt"):
+            if (path / name).exists():
+                path = path / name
+                break
+        else:
+            raise CheckpointError(f"{path} is a folder without best.pt or last.pt: pass a checkpoint file or a run directory")
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist: pass the path of a .pt file written by `flatrobust train`")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - every failure becomes one line
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "weights_only" in str(e) or "Unsupported global" in str(e) or "GLOBAL" in str(e):
+            raise CheckpointError(f"{path} holds pickled Python objects and was refused for safety (loaded with weights_only=True): {first[:160]}") from None
+        raise CheckpointError(f"{path} is truncated or corrupted and cannot be read ({type(e).__name__}): use another checkpoint, e.g. the run's best.pt or last.pt") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a flatrobust checkpoint (no 'format': 'flatrobust' entry): pass a file written by `flatrobust train`")
+    if state.get("version", 0) > VERSION:
+        raise CheckpointError(f"{path} was written by a newer flatrobust (checkpoint version {state['version']}): upgrade flatrobust")
+    for key in ("config", "model"):
+        if key not in state:
+            raise CheckpointError(f"{path} lacks its {key!r} entry: the file is incomplete")
+    return state
+
+
+def model_from_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the model stored in a checkpoint (eval mode, on `device`) and return it with the checkpoint dict.
+
+    The model is built from the checkpoint's config: `config["model"]` names the architecture and
+    `config["data"]["name"]` the dataset whose classes, channels and normalization it uses.
+    """
+    from . import models
+    from .data import DATASETS
+
+    state = load_checkpoint(path, map_location=device)
+    cfg = state["config"]
+    info = DATASETS[cfg["data"]["name"]]
+    model = models.create(cfg["model"], num_classes=info.num_classes, in_channels=info.in_channels,
+                          mean=info.mean, std=info.std)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}: weights do not fit model {cfg['model']!r} ({str(e).splitlines()[0][:120]})") from None
+    return model.to(device).eval(), state

@@ -1,0 +1,61 @@
+"""The `flatrobust` command: one module per subcommand, each with `add_arguments(parser)` and `run(args) -> int`.
+
+Every subcommand is a thin layer over the public library API. Bad input raises `UserError`, printed as
+one line `flatrobust: error: ...` with exit status 2 (no traceback).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from ..errors import UserError
+
+# subcommand -> (module, one-line help). Modules are imported lazily so `flatrobust --help` is fast.
+COMMANDS = {
+    "train": ("train", "train a model from a recipe (AT, TRADES, MART, with or without AWP)"),
+    "eval": ("evaluate", "evaluate a checkpoint: clean, FGSM, PGD, CW, AutoAttack, with trust checks"),
+    "landscape": ("landscape", "1-D / 2-D weight loss landscape of a checkpoint (filter-normalized)"),
+    "flatness": ("flatness", "average- and worst-case flatness of a checkpoint (Stutz et al.)"),
+    "report": ("report", "Markdown report with figures comparing run directories"),
+    "bench": ("bench", "time training steps and evaluation (see bench/)"),
+}
+
+
+def _module(name: str):
+    return importlib.import_module(f"{__name__}.{COMMANDS[name][0]}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="flatrobust", description="Adversarial training with Adversarial Weight Perturbation (AWP).")
+    from .. import __version__
+
+    parser.add_argument("--version", action="version", version=f"flatrobust {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    wanted = argv[0] if argv and argv[0] in COMMANDS else None
+    for name, (_, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if name == wanted:  # only the chosen subcommand's module is imported
+            try:
+                _module(name).add_arguments(p)
+            except ModuleNotFoundError as e:
+                if e.name == f"{__name__}.{COMMANDS[name][0]}":
+                    parser.error(f"subcommand {name!r} is not available in this version")
+                raise
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return int(_module(args.command).run(args) or 0)
+    except UserError as e:
+        print(f"flatrobust: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("flatrobust: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
