@@ -1,0 +1,38 @@
+# `make demo`: set up and run the main job (AT vs AT-AWP on digits: train, evaluate, report).
+# `make test`: set up and run the test suite (what .ci/run calls).
+# Both create .venv from scratch with the pinned torch/torchvision of constraints.txt when it is missing.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+FR := $(VENV)/bin/flatrobust
+STAMP := $(VENV)/.installed-stamp
+RUNS ?= runs
+
+.PHONY: setup test test-slow demo clean bench
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[test,autoattack]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow
+
+demo: $(STAMP)
+	$(FR) train recipes/digits_at.yaml out_dir=$(RUNS) --overwrite
+	$(FR) train recipes/digits_at_awp.yaml out_dir=$(RUNS) --overwrite
+	$(FR) eval $(RUNS)/digits_at/best.pt --attacks clean,fgsm,pgd20,cw20,autoattack --n 100
+	$(FR) eval $(RUNS)/digits_at_awp/best.pt --attacks clean,fgsm,pgd20,cw20,autoattack --n 100
+	$(FR) report $(RUNS)/digits_at $(RUNS)/digits_at_awp --out $(RUNS)/report
+
+bench: $(STAMP)
+	$(PY) bench/step_time.py
+
+clean:
+	rm -rf $(VENV) $(RUNS) .pytest_cache

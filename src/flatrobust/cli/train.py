@@ -1,0 +1,40 @@
+"""`flatrobust train RECIPE.yaml [key=value ...]` and `flatrobust train --resume RUN_DIR`."""
+from __future__ import annotations
+
+import argparse
+
+from ..errors import UserError
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("recipe", nargs="?", help="YAML recipe (see recipes/); omit with --resume")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. awp.gamma=0.01 epochs=5 attack.eps=8/255")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from RUN_DIR/last.pt (overrides allowed, e.g. epochs=30)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run directory of the same name")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..config import load_config
+    from ..train import NonFiniteError, fit, resume_config
+
+    overrides = list(args.overrides)
+    if args.resume:
+        if args.recipe is not None:
+            if "=" not in args.recipe:
+                raise UserError("with --resume the run directory's own config.yaml is used: pass only key=value overrides")
+            overrides.insert(0, args.recipe)
+        cfg = resume_config(args.resume, overrides)
+    else:
+        if args.recipe is None:
+            raise UserError("no recipe given: flatrobust train recipes/digits_at_awp.yaml [key=value ...]")
+        if "=" in args.recipe and not args.recipe.endswith((".yaml", ".yml")):
+            cfg = load_config(None, [args.recipe] + overrides)  # only overrides, no file
+        else:
+            cfg = load_config(args.recipe, overrides)
+    try:
+        fit(cfg, resume_dir=args.resume, overwrite=args.overwrite, progress=not args.quiet)
+    except NonFiniteError as e:
+        print(f"flatrobust: error: {e}")
+        return 3
+    return 0

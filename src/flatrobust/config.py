@@ -1,0 +1,285 @@
+"""Run configuration: typed dataclasses, YAML recipes, `key.sub=value` overrides, validation.
+
+A recipe is a YAML file with the fields below (any subset: the rest take their defaults). Numbers that
+are fractions of 255 may be written as strings, e.g. `eps: 8/255`. Every problem raises `UserError`
+with one line that names the key and says how to fix it (unknown keys get the closest valid key).
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import re
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import UserError
+
+
+@dataclass
+class DataConfig:
+    name: str = "digits"  # cifar10 | cifar100 | svhn | fashion_mnist | digits
+    root: str = "./data"  # where torchvision-format files live (or are downloaded to)
+    download: bool = False
+    augment: str = "default"  # default (the dataset's usual: crop_flip for CIFAR) | crop_flip | none
+    eval_subset: int = 1000  # fixed test subset AND train subset of this size, evaluated every epoch
+    train_subset: int = 0  # > 0: train on a fixed subset of this many examples (quick experiments)
+
+
+@dataclass
+class AttackSpec:
+    """PGD in pixel units. Training defaults: CIFAR L-inf 8/255, step 2/255, 10 steps (PAPER.md)."""
+
+    norm: str = "linf"  # linf | l2
+    eps: float = 8 / 255
+    alpha: float = 2 / 255
+    steps: int = 10
+
+
+@dataclass
+class EvalSpec:
+    steps: int = 20  # PGD-20 on the fixed subsets every epoch
+    alpha: float = 0.0  # 0 = the training attack's step size
+    batch_size: int = 256
+
+
+@dataclass
+class AWPConfig:
+    gamma: float = 0.0  # ||v_l|| = gamma ||w_l||; 0 = the plain method (paper: 0.01 AT, 0.005 TRADES)
+    warmup: int = 0  # AWP is active from this epoch on (0-based; paper: 0 for AT, 10 for TRADES)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    nesterov: bool = False
+    schedule: str = "piecewise"  # piecewise (lr/10 at 50%, lr/100 at 75%, per iteration) | cosine | constant
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    seed: int = 0
+    device: str = "auto"  # auto (cuda if available) | cpu | cuda | cuda:N
+    method: str = "at"  # at | trades | mart
+    beta: float = 6.0  # TRADES / MART trade-off
+    model: str = "smallcnn"
+    epochs: int = 10
+    batch_size: int = 128
+    out_dir: str = "runs"  # the run directory is out_dir/name
+    nonfinite: str = "stop"  # stop | skip: what a non-finite loss or AWP gradient does
+    deterministic: bool = True  # torch.use_deterministic_algorithms (exact resume on CPU)
+    checkpoint_every: int = 0  # > 0: also checkpoint every N steps inside an epoch
+    data: DataConfig = field(default_factory=DataConfig)
+    attack: AttackSpec = field(default_factory=AttackSpec)
+    eval: EvalSpec = field(default_factory=EvalSpec)
+    awp: AWPConfig = field(default_factory=AWPConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+CHOICES = {
+    "method": ("at", "trades", "mart"),
+    "data.name": ("cifar10", "cifar100", "svhn", "fashion_mnist", "digits"),
+    "data.augment": ("default", "crop_flip", "none"),
+    "attack.norm": ("linf", "l2"),
+    "optim.schedule": ("piecewise", "cosine", "constant"),
+    "nonfinite": ("stop", "skip"),
+}
+# key -> (lowest allowed, whether the bound itself is allowed)
+LOWER = {
+    "epochs": (1, True), "batch_size": (1, True), "beta": (0, True), "checkpoint_every": (0, True),
+    "data.eval_subset": (1, True), "data.train_subset": (0, True),
+    "attack.eps": (0, True), "attack.alpha": (0, True), "attack.steps": (1, True),
+    "eval.steps": (1, True), "eval.alpha": (0, True), "eval.batch_size": (1, True),
+    "awp.gamma": (0, True), "awp.warmup": (0, True),
+    "optim.lr": (0, False), "optim.momentum": (0, True), "optim.weight_decay": (0, True),
+}
+
+_FRACTION = re.compile(r"^\s*([0-9.eE+-]+)\s*/\s*([0-9.eE+-]+)\s*$")
+
+
+def _coerce(key: str, value: Any, typ: type) -> Any:
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise UserError(f"{key} must be true or false, got {value!r}")
+    if typ is int:
+        if isinstance(value, bool):
+            raise UserError(f"{key} must be an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise UserError(f"{key} must be an integer, got {value!r}")
+    if typ is float:
+        if isinstance(value, bool):
+            raise UserError(f"{key} must be a number, got {value!r}")
+        if isinstance(value, (int, float)):
+            out = float(value)
+        elif isinstance(value, str):
+            m = _FRACTION.match(value)
+            try:
+                out = float(m.group(1)) / float(m.group(2)) if m else float(value)
+            except (ValueError, ZeroDivisionError):
+                raise UserError(f"{key} must be a number such as 0.03 or 8/255, got {value!r}") from None
+        else:
+            raise UserError(f"{key} must be a number, got {value!r}")
+        if not math.isfinite(out):
+            raise UserError(f"{key} must be finite, got {value!r}")
+        return out
+    if typ is str:
+        if isinstance(value, (dict, list)) or value is None:
+            raise UserError(f"{key} must be a string, got {value!r}")
+        return str(value)
+    raise AssertionError(typ)
+
+
+def _unknown(key: str, valid: list[str]) -> UserError:
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    hint = f" (did you mean {close[0]!r}?)" if close else f" (valid keys: {', '.join(valid)})"
+    return UserError(f"unknown config key {key!r}{hint}")
+
+
+def _all_keys(cls, prefix="") -> list[str]:
+    keys = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        t = hints[f.name]
+        if dataclasses.is_dataclass(t):
+            keys += _all_keys(t, f"{prefix}{f.name}.")
+        else:
+            keys.append(prefix + f.name)
+    return keys
+
+
+def _build(cls, values: dict[str, Any], prefix: str = ""):
+    if not isinstance(values, dict):
+        raise UserError(f"{prefix.rstrip('.') or 'the config'} must be a mapping of keys to values, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in values:
+        if key not in names:
+            raise _unknown(prefix + str(key), _all_keys(RunConfig))
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in values:
+            continue
+        t, v, full = hints[f.name], values[f.name], prefix + f.name
+        kwargs[f.name] = _build(t, v, full + ".") if dataclasses.is_dataclass(t) else _coerce(full, v, t)
+    return cls(**kwargs)
+
+
+def _set_path(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for p in parts[:-1]:
+        nxt = node.setdefault(p, {})
+        if not isinstance(nxt, dict):
+            raise UserError(f"cannot set {dotted!r}: {p!r} is not a section")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """['awp.gamma=0.01', 'epochs=5'] -> nested dict; values parsed as YAML scalars (8/255 stays a string)."""
+    tree: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise UserError(f"override {item!r} must look like key=value, e.g. awp.gamma=0.01")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if not key:
+            raise UserError(f"override {item!r} has no key: use key=value, e.g. epochs=5")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        _set_path(tree, key, value)
+    return tree
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def validate(cfg: RunConfig) -> RunConfig:
+    flat = _flatten(cfg.to_dict())
+    for key, choices in CHOICES.items():
+        if flat[key] not in choices:
+            close = difflib.get_close_matches(str(flat[key]), choices, n=1, cutoff=0.4)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise UserError(f"{key} must be one of {', '.join(choices)}, got {flat[key]!r}{hint}")
+    for key, (low, inclusive) in LOWER.items():
+        v = flat[key]
+        if v < low or (not inclusive and v == low):
+            raise UserError(f"{key} must be {'>=' if inclusive else '>'} {low}, got {v}")
+    from .models import REGISTRY
+
+    if cfg.model not in REGISTRY:
+        close = difflib.get_close_matches(cfg.model, list(REGISTRY), n=1, cutoff=0.4)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise UserError(f"model must be one of {', '.join(sorted(REGISTRY))}, got {cfg.model!r}{hint}")
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", cfg.device):
+        raise UserError(f"device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
+    if not re.fullmatch(r"[A-Za-z0-9._-]+", cfg.name):
+        raise UserError(f"name {cfg.name!r} may only contain letters, digits, '.', '_' and '-' (it names the run directory)")
+    if cfg.optim.momentum >= 1:
+        raise UserError(f"optim.momentum must be < 1, got {cfg.optim.momentum}")
+    return cfg
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"recipe {path} does not exist: pass a YAML file, e.g. recipes/digits_at_awp.yaml")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        at = f" at line {where.line + 1}" if where is not None else ""
+        raise UserError(f"recipe {path} is not valid YAML{at}: fix the syntax") from None
+    if not isinstance(tree, dict):
+        raise UserError(f"recipe {path} must be a mapping of keys to values")
+    return tree
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, base: dict | None = None) -> RunConfig:
+    """Recipe file (optional) + dotted overrides -> validated RunConfig."""
+    tree = dict(base or {})
+    if path is not None:
+        tree = _merge(tree, read_yaml(path))
+    tree = _merge(tree, parse_overrides(overrides or []))
+    return validate(_build(RunConfig, tree))
+
+
+def config_from_dict(tree: dict[str, Any]) -> RunConfig:
+    return validate(_build(RunConfig, tree))

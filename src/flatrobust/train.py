@@ -1,0 +1,371 @@
+"""The training loop behind `flatrobust train`, built only on the public API (objectives, AWP, pgd).
+
+`train_step` is one AT/TRADES/MART step with optional AWP, usable on its own; `fit` runs a whole
+recipe: data on the device, batched augmentation, the lr schedule per iteration, per-epoch clean and
+PGD-20 accuracy on fixed train and test subsets (the robust generalization gap), and a run directory
+(config.yaml, metrics.jsonl, env.json, last.pt, best.pt) from which `--resume` continues exactly.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import yaml
+from torch import nn
+
+from . import models
+from .attacks import pgd
+from .awp import AWP
+from .checkpoint import load_checkpoint, save_checkpoint
+from .config import RunConfig, config_from_dict
+from .data import DATASETS, DataError, TensorData, augment, batches, load_dataset
+from .errors import UserError
+from .objectives import AttackConfig, Objective, create_objective
+
+TIMING_KEYS = ("epoch_time_s", "images_per_s", "elapsed_s")  # metrics that differ between identical runs
+
+
+class NonFiniteError(FloatingPointError):
+    """A non-finite loss or AWP gradient; the message names epoch, step and (for AWP) the layer."""
+
+
+def train_step(
+    model: nn.Module,
+    objective: Objective,
+    optimizer: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    awp: AWP | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One step (PAPER.md steps 1-4): x_adv at w, w <- w + v, step at w + v, w <- w - v.
+
+    Returns (loss, x_adv), the loss detached. Raises FloatingPointError, with nothing applied to the
+    weights, if the loss or the AWP ascent gradient is not finite.
+    """
+    x_adv = objective.attack(model, x, y, generator=generator)  # 1. at the unperturbed weights
+    if awp is not None:
+        awp.perturb(lambda m: objective.ascent_loss(m, x, x_adv, y))  # 2.-3. w <- w + v
+    try:
+        model.train()
+        loss = objective.loss(model, x, x_adv, y)  # the training loss at w + v
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"training loss is {float(loss)}")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()  # momentum and weight decay act at w + v, as in the official code
+    finally:
+        if awp is not None and awp.active:
+            awp.restore()  # 4. w <- w - v: net effect w <- w - lr * grad L(w + v)
+    return loss.detach(), x_adv
+
+
+def lr_at(step: int, total_steps: int, cfg: RunConfig) -> float:
+    """Learning rate at iteration `step` (0-based) of `total_steps`."""
+    base, progress = cfg.optim.lr, step / max(total_steps, 1)
+    if cfg.optim.schedule == "piecewise":  # the official schedule: /10 at 50%, /100 at 75% of training
+        return base if progress < 0.5 else base / 10 if progress < 0.75 else base / 100
+    if cfg.optim.schedule == "cosine":
+        return 0.5 * base * (1 + math.cos(math.pi * progress))
+    return base
+
+
+def resolve_device(spec: str) -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if spec.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device={spec} but no CUDA device is available: use device=cpu or device=auto")
+    return torch.device(spec)
+
+
+@torch.no_grad()
+def _accuracy(model, x, y) -> float:
+    return (model(x).argmax(1) == y).float().sum().item()
+
+
+def robust_accuracy(model: nn.Module, data: TensorData, attack: AttackConfig, *, batch_size: int, seed: int) -> tuple[float, float]:
+    """(clean, PGD) accuracy in eval mode on `data`, PGD with a fixed random start (seeded)."""
+    model_was_training = model.training
+    model.eval()
+    g = torch.Generator(device=data.x.device).manual_seed(seed)
+    clean = robust = 0.0
+    for i in range(0, len(data), batch_size):
+        xb, yb = data.x[i:i + batch_size], data.y[i:i + batch_size]
+        clean += _accuracy(model, xb, yb)
+        xa = pgd(model, xb, yb, eps=attack.eps, alpha=attack.alpha, steps=attack.steps, norm=attack.norm, generator=g)
+        robust += _accuracy(model, xa, yb)
+    model.train(model_was_training)
+    return clean / len(data), robust / len(data)
+
+
+def environment(cfg: RunConfig, device: torch.device) -> dict[str, Any]:
+    def git_commit() -> str | None:
+        try:
+            root = Path(__file__).resolve().parents[2]
+            out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
+            return out.stdout.strip() or None
+        except (OSError, subprocess.SubprocessError):
+            return None
+
+    import torchvision
+
+    from . import __version__
+
+    return {
+        "flatrobust": __version__, "python": sys.version.split()[0], "torch": torch.__version__,
+        "torchvision": torchvision.__version__, "platform": platform.platform(), "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "cuda": torch.version.cuda, "threads": torch.get_num_threads(), "seed": cfg.seed, "git_commit": git_commit(),
+        "argv": sys.argv,
+    }
+
+
+@dataclass
+class Run:
+    """Everything `fit` builds before the first step, so that bad input fails before a folder is made."""
+
+    cfg: RunConfig
+    device: torch.device
+    train: TensorData
+    eval_train: TensorData
+    eval_test: TensorData
+    model: nn.Module
+    objective: Objective
+    optimizer: torch.optim.Optimizer
+    awp: AWP | None
+
+
+def build(cfg: RunConfig) -> Run:
+    device = resolve_device(cfg.device)
+    info = DATASETS[cfg.data.name]
+    try:
+        train = load_dataset(cfg.data.name, "train", root=cfg.data.root, download=cfg.data.download)
+        test = load_dataset(cfg.data.name, "test", root=cfg.data.root, download=cfg.data.download)
+    except DataError as e:
+        raise UserError(str(e)) from None
+    if cfg.data.train_subset:
+        train = train.subset(cfg.data.train_subset, seed=cfg.seed)
+    # Fixed subsets of the same size for the per-epoch robust accuracy (and so the gap) on train and test.
+    n_eval = min(cfg.data.eval_subset, len(test), len(train))
+    eval_test, eval_train = test.subset(n_eval, seed=0).to(device), train.subset(n_eval, seed=1).to(device)
+    torch.manual_seed(cfg.seed)
+    model = models.create(cfg.model, num_classes=info.num_classes, in_channels=info.in_channels,
+                          mean=info.mean, std=info.std).to(device)
+    a = cfg.attack
+    objective = create_objective(cfg.method, AttackConfig(eps=a.eps, alpha=a.alpha, steps=a.steps, norm=a.norm), beta=cfg.beta)
+    o = cfg.optim
+    optimizer = torch.optim.SGD(model.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay,
+                                nesterov=o.nesterov and o.momentum > 0)
+    awp = AWP(model, gamma=cfg.awp.gamma) if cfg.awp.gamma > 0 else None
+    return Run(cfg, device, train.to(device), eval_train, eval_test, model, objective, optimizer, awp)
+
+
+def _epoch_generators(cfg: RunConfig, epoch: int, device: torch.device) -> tuple[torch.Generator, torch.Generator]:
+    """(order, noise): the data order and the augmentation/attack noise of one epoch, from (seed, epoch).
+
+    Deriving them from (seed, epoch) instead of carrying one stream across epochs makes every epoch
+    reproducible on its own, which is what exact resume needs.
+    """
+    base = (cfg.seed * 1_000_003 + epoch) % (2**63)
+    order = torch.Generator(device=device).manual_seed(base)
+    noise = torch.Generator(device=device).manual_seed(base ^ 0x5DEECE66D)
+    return order, noise
+
+
+def _augment_args(cfg: RunConfig) -> dict[str, Any]:
+    kind = DATASETS[cfg.data.name].default_augment if cfg.data.augment == "default" else cfg.data.augment
+    return {"crop_padding": 4, "flip": True} if kind == "crop_flip" else {"crop_padding": 0, "flip": False}
+
+
+def _write_json_line(path: Path, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _truncate_metrics(path: Path, epochs: int) -> list[dict]:
+    """Keep the first `epochs` lines (those covered by the checkpoint) and return them."""
+    if not path.exists():
+        return []
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+    kept = []
+    for ln in lines[:epochs]:
+        try:
+            kept.append(json.loads(ln))
+        except json.JSONDecodeError:
+            break
+    path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    return kept
+
+
+def prepare_run_dir(cfg: RunConfig, *, overwrite: bool) -> Path:
+    run_dir = Path(cfg.out_dir) / cfg.name
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if not overwrite:
+            raise UserError(f"run directory {run_dir} already exists: pass --overwrite to replace it, --resume {run_dir} to continue it, or name=NEW_NAME")
+        shutil.rmtree(run_dir)
+    return run_dir
+
+
+def fit(cfg: RunConfig, *, resume_dir: str | Path | None = None, overwrite: bool = False, progress: bool = True,
+        stop_after_steps: int | None = None) -> Path:
+    """Train `cfg`; returns the run directory. `resume_dir` continues a stopped run from its last.pt."""
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    run = build(cfg)  # everything that can fail on bad input fails here, before any file is written
+    state: dict[str, Any] | None = None
+    if resume_dir is not None:
+        run_dir = Path(resume_dir)
+        if (run_dir / "last.pt").exists():
+            state = load_checkpoint(run_dir / "last.pt", map_location=run.device)
+    else:
+        run_dir = prepare_run_dir(cfg, overwrite=overwrite)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    (run_dir / "env.json").write_text(json.dumps(environment(cfg, run.device), indent=2) + "\n")
+    return _loop(run, run_dir, state, progress=progress, stop_after_steps=stop_after_steps)
+
+
+def _loop(run: Run, run_dir: Path, state: dict | None, *, progress: bool, stop_after_steps: int | None) -> Path:
+    from tqdm import tqdm
+
+    cfg, model, optimizer, device = run.cfg, run.model, run.optimizer, run.device
+    n = len(run.train)
+    steps_per_epoch = math.ceil(n / cfg.batch_size)
+    total_steps = cfg.epochs * steps_per_epoch
+    aug = _augment_args(cfg)
+    eval_attack = AttackConfig(eps=cfg.attack.eps, alpha=cfg.eval.alpha or cfg.attack.alpha, steps=cfg.eval.steps, norm=cfg.attack.norm)
+    metrics_path = run_dir / "metrics.jsonl"
+
+    start_epoch, start_batch, best, skipped_total = 0, 0, -1.0, 0
+    resume_noise, epoch_sums = None, None
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start_epoch, start_batch, best = state["epoch"], state["batch"], state["best"]
+        skipped_total = state.get("skipped", 0)
+        resume_noise, epoch_sums = state.get("noise_state"), state.get("epoch_sums")
+        torch.set_rng_state(state["torch_rng"])
+        if device.type == "cuda" and state.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(state["cuda_rng"], device)
+        history = _truncate_metrics(metrics_path, start_epoch)
+    else:
+        history = _truncate_metrics(metrics_path, 0)
+
+    def checkpoint(path: Path, epoch: int, batch: int, noise: torch.Generator | None, sums: dict | None) -> None:
+        save_checkpoint({
+            "config": cfg.to_dict(), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "epoch": epoch, "batch": batch, "best": best, "skipped": skipped_total,
+            "noise_state": noise.get_state() if noise is not None else None, "epoch_sums": sums,
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+            "awp": run.awp.state_dict() if run.awp is not None else None,
+        }, path)
+
+    steps_done = 0
+    t_run = time.time()
+    for epoch in range(start_epoch, cfg.epochs):
+        order, noise = _epoch_generators(cfg, epoch, device)
+        index_batches = list(batches(n, cfg.batch_size, shuffle=True, generator=order))
+        first = 0
+        sums = {"loss": 0.0, "correct": 0.0, "seen": 0, "skipped": 0, "time": 0.0}
+        if epoch == start_epoch and start_batch > 0:  # continue inside the epoch where the checkpoint was taken
+            first = start_batch
+            noise.set_state(resume_noise)
+            sums = dict(epoch_sums)
+        awp_on = run.awp is not None and epoch >= cfg.awp.warmup
+        bar = tqdm(range(first, len(index_batches)), total=len(index_batches), initial=first, disable=not progress,
+                   desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", leave=False, dynamic_ncols=True)
+        for b in bar:
+            t0 = time.time()
+            step = epoch * steps_per_epoch + b
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, total_steps, cfg)
+            idx = index_batches[b]
+            x, y = augment(run.train.x[idx], generator=noise, **aug), run.train.y[idx]
+            try:
+                loss, _ = train_step(model, run.objective, optimizer, x, y, awp=run.awp if awp_on else None, generator=noise)
+            except FloatingPointError as e:
+                if cfg.nonfinite == "skip":
+                    sums["skipped"] += 1
+                    skipped_total += 1
+                    continue
+                raise NonFiniteError(f"non-finite value at epoch {epoch + 1}, step {b + 1} ({e}); last good checkpoint kept in {run_dir}: "
+                                     "lower optim.lr or set nonfinite=skip") from None
+            sums["loss"] += loss.item() * len(y)
+            sums["seen"] += len(y)
+            sums["time"] += time.time() - t0
+            bar.set_postfix(loss=f"{sums['loss'] / max(sums['seen'], 1):.3f}", img_s=f"{sums['seen'] / max(sums['time'], 1e-9):.0f}")
+            steps_done += 1
+            if cfg.checkpoint_every and (b + 1) % cfg.checkpoint_every == 0 and b + 1 < len(index_batches):
+                checkpoint(run_dir / "last.pt", epoch, b + 1, noise, sums)
+            if stop_after_steps is not None and steps_done >= stop_after_steps:
+                bar.close()
+                return run_dir
+        bar.close()
+        t_eval = time.time()
+        test_clean, test_rob = robust_accuracy(model, run.eval_test, eval_attack, batch_size=cfg.eval.batch_size, seed=cfg.seed)
+        train_clean, train_rob = robust_accuracy(model, run.eval_train, eval_attack, batch_size=cfg.eval.batch_size, seed=cfg.seed + 1)
+        record = {
+            "epoch": epoch + 1, "step": (epoch + 1) * steps_per_epoch, "lr": lr_at((epoch + 1) * steps_per_epoch - 1, total_steps, cfg),
+            "awp_active": awp_on, "train_loss": sums["loss"] / max(sums["seen"], 1),
+            "train_clean_acc": train_clean, "train_robust_acc": train_rob,
+            "test_clean_acc": test_clean, "test_robust_acc": test_rob, "gap": train_rob - test_rob,
+            "skipped_batches": sums["skipped"], "epoch_time_s": sums["time"], "eval_time_s": time.time() - t_eval,
+            "images_per_s": sums["seen"] / max(sums["time"], 1e-9),
+        }
+        history.append(record)
+        is_best = test_rob > best
+        if is_best:
+            best = test_rob
+        _write_json_line(metrics_path, record)
+        checkpoint(run_dir / "last.pt", epoch + 1, 0, None, None)
+        if is_best:
+            checkpoint(run_dir / "best.pt", epoch + 1, 0, None, None)
+        if progress:
+            print(f"epoch {epoch + 1:>3}/{cfg.epochs}  loss {record['train_loss']:.4f}  test clean {test_clean:.2%}  "
+                  f"test PGD-{cfg.eval.steps} {test_rob:.2%}  train PGD-{cfg.eval.steps} {train_rob:.2%}  gap {record['gap']:+.2%}"
+                  f"{'  (best)' if is_best else ''}", file=sys.stderr)
+    if progress:
+        print_summary(run_dir, history, time.time() - t_run)
+    return run_dir
+
+
+def print_summary(run_dir: Path, history: list[dict], seconds: float) -> None:
+    if not history:
+        return
+    best = max(history, key=lambda r: r["test_robust_acc"])
+    last = history[-1]
+    rows = [("", "epoch", "test clean", "test robust", "train robust", "gap"),
+            ("best", str(best["epoch"]), f"{best['test_clean_acc']:.2%}", f"{best['test_robust_acc']:.2%}", f"{best['train_robust_acc']:.2%}", f"{best['gap']:+.2%}"),
+            ("last", str(last["epoch"]), f"{last['test_clean_acc']:.2%}", f"{last['test_robust_acc']:.2%}", f"{last['train_robust_acc']:.2%}", f"{last['gap']:+.2%}")]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    print(f"\nrun {run_dir} ({seconds:.0f} s)")
+    for r in rows:
+        print("  ".join(c.rjust(w) for c, w in zip(r, widths)))
+    print(f"checkpoints: {run_dir / 'best.pt'} (best test robust accuracy), {run_dir / 'last.pt'}")
+
+
+def resume_config(run_dir: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """The config of an existing run directory, with optional overrides (e.g. epochs=30 to train longer)."""
+    from .config import _merge, parse_overrides
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise UserError(f"{run_dir} is not a run directory (no config.yaml): pass the folder that `flatrobust train` created")
+    tree = yaml.safe_load((run_dir / "config.yaml").read_text())
+    return config_from_dict(_merge(tree, parse_overrides(overrides or [])))

@@ -1,0 +1,60 @@
+import pytest
+
+from flatrobust.config import RunConfig, load_config, parse_overrides
+from flatrobust.errors import UserError
+
+
+def test_defaults_and_overrides(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: x\nattack:\n  eps: 8/255\n  steps: 7\nawp:\n  gamma: 0.01\n")
+    cfg = load_config(recipe, ["awp.gamma=0.005", "epochs=3", "data.download=true", "optim.lr=1e-2"])
+    assert isinstance(cfg, RunConfig)
+    assert cfg.attack.eps == pytest.approx(8 / 255)
+    assert cfg.attack.steps == 7
+    assert cfg.awp.gamma == 0.005
+    assert cfg.epochs == 3
+    assert cfg.data.download is True
+    assert cfg.optim.lr == 0.01
+
+
+def test_parse_overrides_nests():
+    assert parse_overrides(["a.b=1", "a.c=x", "d=8/255"]) == {"a": {"b": 1, "c": "x"}, "d": "8/255"}
+
+
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        (["awp.gama=0.01"], r"unknown config key 'awp.gama' \(did you mean 'awp.gamma'\?\)"),
+        (["epoch=3"], r"did you mean 'epochs'"),
+        (["attack.eps=-0.1"], r"attack.eps must be >= 0, got -0.1"),
+        (["awp.gamma=-1"], r"awp.gamma must be >= 0"),
+        (["optim.lr=0"], r"optim.lr must be > 0"),
+        (["batch_size=0"], r"batch_size must be >= 1"),
+        (["batch_size=abc"], r"batch_size must be an integer, got 'abc'"),
+        (["attack.eps=big"], r"attack.eps must be a number such as 0.03 or 8/255"),
+        (["method=tardes"], r"method must be one of at, trades, mart, got 'tardes' \(did you mean 'trades'\?\)"),
+        (["data.name=cifar"], r"data.name must be one of"),
+        (["model=resnet"], r"model must be one of"),
+        (["attack.norm=l1"], r"attack.norm must be one of linf, l2"),
+        (["data.download=maybe"], r"data.download must be true or false"),
+        (["epochs"], r"must look like key=value"),
+        (["name=../x"], r"name '../x' may only contain"),
+    ],
+)
+def test_bad_values_one_line_error(overrides, match):
+    with pytest.raises(UserError, match=match) as e:
+        load_config(None, overrides)
+    assert "\n" not in str(e.value)
+
+
+def test_bad_recipe_files(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: [unclosed\n")
+    with pytest.raises(UserError, match="not valid YAML"):
+        load_config(bad)
+    lst = tmp_path / "list.yaml"
+    lst.write_text("- a\n- b\n")
+    with pytest.raises(UserError, match="must be a mapping"):
+        load_config(lst)
