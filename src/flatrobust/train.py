@@ -332,10 +332,12 @@ def _loop(run: Run, run_dir: Path, state: dict | None, *, progress: bool, stop_a
         is_best = test_rob > best
         if is_best:
             best = test_rob
+        # Order matters for a crash between writes: metrics, then best.pt, then last.pt. A resume starts
+        # from last.pt, drops metric lines it does not cover and recomputes that epoch identically.
         _write_json_line(metrics_path, record)
-        checkpoint(run_dir / "last.pt", epoch + 1, 0, None, None)
         if is_best:
             checkpoint(run_dir / "best.pt", epoch + 1, 0, None, None)
+        checkpoint(run_dir / "last.pt", epoch + 1, 0, None, None)
         if progress:
             print(f"epoch {epoch + 1:>3}/{cfg.epochs}  loss {record['train_loss']:.4f}  test clean {test_clean:.2%}  "
                   f"test PGD-{cfg.eval.steps} {test_rob:.2%}  train PGD-{cfg.eval.steps} {train_rob:.2%}  gap {record['gap']:+.2%}"

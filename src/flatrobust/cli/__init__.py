@@ -43,7 +43,13 @@ def main(argv: list[str] | None = None) -> int:
                 if e.name == f"{__name__}.{COMMANDS[name][0]}":
                     parser.error(f"subcommand {name!r} is not available in this version")
                 raise
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides may come after options (`train r.yaml --quiet epochs=3`): argparse leaves them over
+    overrides = [a for a in extra if "=" in a and not a.startswith("-")]
+    if len(overrides) != len(extra) or (overrides and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(a for a in extra if a not in overrides or not hasattr(args, 'overrides'))}")
+    if overrides:
+        args.overrides = list(args.overrides) + overrides
     if args.command is None:
         parser.print_help()
         return 2

@@ -1,0 +1,135 @@
+"""`flatrobust train` end to end on digits, bad input, the lr schedule, and exact resume."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from flatrobust.cli import main
+from flatrobust.config import load_config
+from flatrobust.train import TIMING_KEYS, fit, lr_at
+
+# A run that takes a few seconds: 256 digits, PGD-2, AWP on.
+TINY = ["data.train_subset=256", "data.eval_subset=64", "batch_size=64", "attack.steps=2", "attack.eps=0.2",
+        "attack.alpha=0.1", "eval.steps=2", "awp.gamma=0.01", "optim.lr=0.05"]
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_cli_train_writes_a_complete_run_directory(tmp_path, capsys):
+    rc = main(["train", "recipes/digits_at_awp.yaml", *TINY, "epochs=2", f"out_dir={tmp_path}", "--quiet"])
+    assert rc == 0
+    run = tmp_path / "digits_at_awp"
+    assert {"config.yaml", "metrics.jsonl", "env.json", "last.pt", "best.pt"} <= {p.name for p in run.iterdir()}
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    assert cfg["awp"]["gamma"] == 0.01 and cfg["data"]["train_subset"] == 256  # resolved, overrides included
+    rows = _metrics(run)
+    assert [r["epoch"] for r in rows] == [1, 2]
+    for key in ("lr", "train_loss", "train_clean_acc", "train_robust_acc", "test_clean_acc", "test_robust_acc", "gap"):
+        assert all(key in r for r in rows), key
+    assert all(abs(r["gap"] - (r["train_robust_acc"] - r["test_robust_acc"])) < 1e-12 for r in rows)
+    env = json.loads((run / "env.json").read_text())
+    assert env["torch"] == torch.__version__ and env["seed"] == 0
+    ckpt = torch.load(run / "last.pt", weights_only=True)
+    assert ckpt["format"] == "flatrobust" and ckpt["epoch"] == 2
+
+
+def test_training_improves_robust_accuracy(tmp_path):
+    cfg = load_config("recipes/digits_at.yaml", [*TINY, "awp.gamma=0", "epochs=4", "data.train_subset=0",
+                                                 "batch_size=128", "optim.lr=0.1", f"out_dir={tmp_path}"])
+    rows = _metrics(fit(cfg, progress=False))
+    assert rows[-1]["test_clean_acc"] > 0.5
+    assert rows[-1]["test_robust_acc"] > rows[0]["test_robust_acc"]
+
+
+def test_piecewise_schedule_per_iteration():
+    cfg = load_config(None, ["optim.lr=0.1"])
+    assert [lr_at(s, 100, cfg) for s in (0, 49, 50, 74, 75, 99)] == [0.1, 0.1, 0.01, 0.01, 0.001, 0.001]
+    cos = load_config(None, ["optim.schedule=cosine"])
+    assert lr_at(0, 100, cos) == pytest.approx(0.1) and lr_at(50, 100, cos) == pytest.approx(0.05)
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["recipes/digits_at.yaml", "awp.gama=0.01"], "unknown config key 'awp.gama' (did you mean 'awp.gamma'?)"),
+        (["recipes/digits_at.yaml", "attack.eps=-1"], "attack.eps must be >= 0"),
+        (["recipes/digits_at.yaml", "optim.lr=0"], "optim.lr must be > 0"),
+        (["recipes/digits_at.yaml", "method=fat"], "method must be one of"),
+        (["recipes/nope.yaml"], "recipe recipes/nope.yaml does not exist"),
+        (["recipes/digits_at.yaml", "data.name=cifar10", "data.root=/nonexistent"], "not found"),
+    ],
+)
+def test_bad_input_exit_2_one_line_and_no_run_dir(tmp_path, capsys, args, message):
+    rc = main(["train", *args, f"out_dir={tmp_path}", "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert message in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_run_dir_is_not_overwritten(tmp_path, capsys):
+    run = tmp_path / "digits_at"
+    run.mkdir()
+    (run / "keep.txt").write_text("precious")
+    rc = main(["train", "recipes/digits_at.yaml", f"out_dir={tmp_path}", "--quiet"])
+    assert rc == 2 and "already exists: pass --overwrite" in capsys.readouterr().err
+    assert (run / "keep.txt").read_text() == "precious"
+
+
+def _final(run_dir: Path):
+    ckpt = torch.load(run_dir / "last.pt", weights_only=True)
+    rows = [{k: v for k, v in r.items() if k not in TIMING_KEYS and k != "eval_time_s"} for r in _metrics(run_dir)]
+    return ckpt["model"], ckpt["optimizer"], rows
+
+
+def _assert_same(a, b):
+    (ma, oa, ra), (mb, ob, rb) = a, b
+    assert ra == rb
+    for k in ma:
+        assert torch.equal(ma[k], mb[k]), k
+    for s, t in zip(oa["state"].values(), ob["state"].values()):
+        assert torch.equal(s["momentum_buffer"], t["momentum_buffer"])
+
+
+def test_resume_in_process_equals_uninterrupted(tmp_path):
+    over = [*TINY, "epochs=3", "checkpoint_every=1", f"out_dir={tmp_path}"]
+    full = fit(load_config("recipes/digits_at_awp.yaml", over + ["name=full"]), progress=False)
+    cfg = load_config("recipes/digits_at_awp.yaml", over + ["name=cut"])
+    cut = fit(cfg, progress=False, stop_after_steps=6)  # stops in the middle of epoch 2 (4 steps per epoch)
+    assert torch.load(cut / "last.pt", weights_only=True)["batch"] == 2
+    fit(cfg, resume_dir=cut, progress=False)
+    _assert_same(_final(full), _final(cut))
+
+
+def test_sigkill_mid_epoch_then_resume_is_bit_identical(tmp_path):
+    """A real training process killed with SIGKILL, restarted with --resume, ends exactly as an uninterrupted one."""
+    over = [*TINY, "epochs=3", "checkpoint_every=1", f"out_dir={tmp_path}", "--quiet"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "flatrobust", "train", "recipes/digits_at_awp.yaml"]
+    subprocess.run(cmd + over + ["name=full"], check=True, env=env, timeout=300)
+    proc = subprocess.Popen(cmd + over + ["name=killed"], env=env)
+    run = tmp_path / "killed"
+    deadline = time.time() + 120
+    while time.time() < deadline:  # kill once a mid-epoch checkpoint of epoch >= 2 exists
+        if (run / "metrics.jsonl").exists() and (run / "metrics.jsonl").read_text().count("\n") >= 1:
+            time.sleep(0.3)
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be killed: make it longer"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (run / "metrics.jsonl").read_text().count("\n") == 3
+    subprocess.run(cmd[:4] + ["--resume", str(run), "--quiet"], check=True, env=env, timeout=300)
+    _assert_same(_final(tmp_path / "full"), _final(run))
