@@ -63,6 +63,13 @@ class OptimConfig:
 
 
 @dataclass
+class SpeedConfig:
+    amp: str = "auto"  # auto (bf16 on CUDA, off on CPU) | off | bf16: autocast for forward passes
+    channels_last: str = "auto"  # auto (on for CUDA) | on | off
+    compile: bool = False  # torch.compile the forward (slow start, faster steps on GPU)
+
+
+@dataclass
 class RunConfig:
     name: str = "run"
     seed: int = 0
@@ -81,6 +88,7 @@ class RunConfig:
     eval: EvalSpec = field(default_factory=EvalSpec)
     awp: AWPConfig = field(default_factory=AWPConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    speed: SpeedConfig = field(default_factory=SpeedConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -93,6 +101,8 @@ CHOICES = {
     "attack.norm": ("linf", "l2"),
     "optim.schedule": ("piecewise", "cosine", "constant"),
     "nonfinite": ("stop", "skip"),
+    "speed.amp": ("auto", "off", "bf16"),
+    "speed.channels_last": ("auto", "on", "off"),
 }
 # key -> (lowest allowed, whether the bound itself is allowed)
 LOWER = {

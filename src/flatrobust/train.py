@@ -32,6 +32,7 @@ from .config import RunConfig, config_from_dict
 from .data import DATASETS, DataError, TensorData, augment, batches, load_dataset
 from .errors import UserError
 from .objectives import AttackConfig, Objective, create_objective
+from .speed import accelerate
 
 TIMING_KEYS = ("epoch_time_s", "images_per_s", "elapsed_s")  # metrics that differ between identical runs
 
@@ -141,7 +142,8 @@ class Run:
     train: TensorData
     eval_train: TensorData
     eval_test: TensorData
-    model: nn.Module
+    model: nn.Module  # fp32 weights: optimized and saved
+    forward: nn.Module  # what the loop calls: `model`, or it under autocast / channels_last / compile
     objective: Objective
     optimizer: torch.optim.Optimizer
     awp: AWP | None
@@ -168,8 +170,9 @@ def build(cfg: RunConfig) -> Run:
     o = cfg.optim
     optimizer = torch.optim.SGD(model.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay,
                                 nesterov=o.nesterov and o.momentum > 0)
-    awp = AWP(model, gamma=cfg.awp.gamma) if cfg.awp.gamma > 0 else None
-    return Run(cfg, device, train.to(device), eval_train, eval_test, model, objective, optimizer, awp)
+    forward = accelerate(model, device, amp=cfg.speed.amp, channels_last=cfg.speed.channels_last, compile=cfg.speed.compile)
+    awp = AWP(forward, gamma=cfg.awp.gamma) if cfg.awp.gamma > 0 else None
+    return Run(cfg, device, train.to(device), eval_train, eval_test, model, forward, objective, optimizer, awp)
 
 
 def _epoch_generators(cfg: RunConfig, epoch: int, device: torch.device) -> tuple[torch.Generator, torch.Generator]:
@@ -298,7 +301,7 @@ def _loop(run: Run, run_dir: Path, state: dict | None, *, progress: bool, stop_a
             idx = index_batches[b]
             x, y = augment(run.train.x[idx], generator=noise, **aug), run.train.y[idx]
             try:
-                loss, _ = train_step(model, run.objective, optimizer, x, y, awp=run.awp if awp_on else None, generator=noise)
+                loss, _ = train_step(run.forward, run.objective, optimizer, x, y, awp=run.awp if awp_on else None, generator=noise)
             except FloatingPointError as e:
                 if cfg.nonfinite == "skip":
                     sums["skipped"] += 1
@@ -318,8 +321,8 @@ def _loop(run: Run, run_dir: Path, state: dict | None, *, progress: bool, stop_a
                 return run_dir
         bar.close()
         t_eval = time.time()
-        test_clean, test_rob = robust_accuracy(model, run.eval_test, eval_attack, batch_size=cfg.eval.batch_size, seed=cfg.seed)
-        train_clean, train_rob = robust_accuracy(model, run.eval_train, eval_attack, batch_size=cfg.eval.batch_size, seed=cfg.seed + 1)
+        test_clean, test_rob = robust_accuracy(run.forward, run.eval_test, eval_attack, batch_size=cfg.eval.batch_size, seed=cfg.seed)
+        train_clean, train_rob = robust_accuracy(run.forward, run.eval_train, eval_attack, batch_size=cfg.eval.batch_size, seed=cfg.seed + 1)
         record = {
             "epoch": epoch + 1, "step": (epoch + 1) * steps_per_epoch, "lr": lr_at((epoch + 1) * steps_per_epoch - 1, total_steps, cfg),
             "awp_active": awp_on, "train_loss": sums["loss"] / max(sums["seen"], 1),
