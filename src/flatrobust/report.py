@@ -1,0 +1,444 @@
+"""A Markdown report with figures that compares run directories (e.g. AT against AT-AWP).
+
+A run directory is what `flatrobust train` writes: config.yaml, metrics.jsonl (one JSON object per
+epoch), and possibly eval.json (`flatrobust eval`), landscape.json (`flatrobust landscape`) and
+flatness.json (`flatrobust flatness`). `write_report` reads them and writes into one folder:
+
+    report.md                 tables and figures, readable on GitHub or in any Markdown viewer
+    fig_robust_accuracy.png   train (dashed) and test (solid) robust accuracy per epoch (AWP paper, Figure 2)
+    fig_gap.png               robust generalization gap per epoch
+    fig_clean_accuracy.png    test clean accuracy per epoch (when logged)
+    fig_landscape.png         weight loss landscapes overlaid (AWP paper, Figure 1; when landscape.json exist)
+
+Accuracies are shown in percent: a run whose logged accuracies all lie in [0, 1] is taken to log
+fractions and is scaled by 100. Figures are drawn with matplotlib's object API (`Figure`, Agg), which
+needs no display and leaves pyplot's global state alone.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+from matplotlib.figure import Figure
+
+from .errors import UserError
+
+__all__ = ["Run", "load_run", "plot_landscape_1d", "plot_landscape_2d", "write_report"]
+
+ACC_KEYS = ("train_clean_acc", "train_robust_acc", "test_clean_acc", "test_robust_acc", "gap")
+
+
+@dataclass
+class Run:
+    """One run directory, read."""
+
+    name: str
+    path: Path
+    config: dict[str, Any]
+    metrics: list[dict[str, Any]]  # one dict per epoch, sorted by epoch, accuracies in percent
+    eval: dict[str, Any] | None = None
+    landscape: dict[str, Any] | None = None
+    flatness: dict[str, Any] | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def series(self, key: str) -> tuple[list[float], list[float]]:
+        """(epochs, values) of a per-epoch metric, skipping epochs that lack it."""
+        pts = [(m["epoch"], m[key]) for m in self.metrics if _finite(m.get(key))]
+        return [e for e, _ in pts], [v for _, v in pts]
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path} cannot be read as JSON ({type(e).__name__}): re-create it with the flatrobust command that writes it") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path} does not hold a JSON object: re-create it with the flatrobust command that writes it")
+    return data
+
+
+def _read_metrics(path: Path) -> list[dict[str, Any]]:
+    lines = path.read_text().splitlines()
+    by_epoch: dict[Any, dict[str, Any]] = {}
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            if i == len(lines) - 1:  # a run still being written may end in a half-written line
+                continue
+            raise UserError(f"{path}, line {i + 1}, is not valid JSON: fix or delete that line") from None
+        if not isinstance(row, dict) or not _finite(row.get("epoch")):
+            raise UserError(f"{path}, line {i + 1}, is not an object with a numeric 'epoch': is this a flatrobust metrics file?")
+        by_epoch[row["epoch"]] = row  # a resumed run may log an epoch again: the last entry wins
+    if not by_epoch:
+        raise UserError(f"{path} holds no epoch yet: let the run finish at least one epoch")
+    rows = [by_epoch[e] for e in sorted(by_epoch)]
+    # Accuracies in percent. Fractions are recognised by every accuracy of the run lying in [0, 1].
+    values = [r[k] for r in rows for k in ACC_KEYS[:4] if _finite(r.get(k))]
+    scale = 100.0 if values and max(abs(v) for v in values) <= 1.0 else 1.0
+    for r in rows:
+        for k in ACC_KEYS:
+            if _finite(r.get(k)):
+                r[k] = r[k] * scale
+        if not _finite(r.get("gap")) and _finite(r.get("train_robust_acc")) and _finite(r.get("test_robust_acc")):
+            r["gap"] = r["train_robust_acc"] - r["test_robust_acc"]
+    return rows
+
+
+def load_run(path: str | os.PathLike) -> Run:
+    """Read a run directory; UserError (one line) when it is missing or is not a run directory."""
+    path = Path(path)
+    if not path.is_dir():
+        raise UserError(f"run directory {path} does not exist (or is not a folder): pass folders written by `flatrobust train`")
+    metrics_path = path / "metrics.jsonl"
+    if not metrics_path.is_file():
+        raise UserError(f"{path} has no metrics.jsonl: pass folders written by `flatrobust train`")
+    config: dict[str, Any] = {}
+    if (path / "config.yaml").is_file():
+        try:
+            config = yaml.safe_load((path / "config.yaml").read_text()) or {}
+        except yaml.YAMLError as e:
+            raise UserError(f"{path / 'config.yaml'} is not valid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(config, dict):
+            raise UserError(f"{path / 'config.yaml'} does not hold a mapping: is this a flatrobust run directory?")
+    name = config.get("name") if isinstance(config.get("name"), str) and config.get("name") else path.resolve().name
+    run = Run(name=name, path=path, config=config, metrics=_read_metrics(metrics_path))
+    for attr in ("eval", "landscape", "flatness"):
+        if (path / f"{attr}.json").is_file():
+            setattr(run, attr, _read_json(path / f"{attr}.json"))
+    return run
+
+
+# --------------------------------------------------------------------------------------------- figures
+
+
+def _color(i: int) -> str:
+    return f"C{i % 10}"  # matplotlib's default cycle: one colour per run, the same in every figure
+
+
+def _save(fig: Figure, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def plot_robust_accuracy(runs: Sequence[Run], path: Path) -> None:
+    """Figure 2 of the AWP paper: test (solid) and train (dashed) robust accuracy per epoch; a dot marks
+    each run's best test epoch."""
+    fig = Figure(figsize=(7.5, 4.5))
+    ax = fig.add_subplot()
+    for i, run in enumerate(runs):
+        ep, test = run.series("test_robust_acc")
+        ep_tr, train = run.series("train_robust_acc")
+        if test:
+            ax.plot(ep, test, "-", color=_color(i), label=f"{run.name}: test")
+            best = max(range(len(test)), key=test.__getitem__)
+            ax.plot([ep[best]], [test[best]], "o", color=_color(i), markersize=5)
+        if train:
+            ax.plot(ep_tr, train, "--", color=_color(i), label=f"{run.name}: train")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("robust accuracy (%)")
+    ax.set_title("Robust accuracy: test (solid), train (dashed), best test epoch (dot)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def plot_metric(runs: Sequence[Run], key: str, ylabel: str, title: str, path: Path) -> None:
+    fig = Figure(figsize=(7.5, 4.0))
+    ax = fig.add_subplot()
+    for i, run in enumerate(runs):
+        ep, values = run.series(key)
+        if values:
+            ax.plot(ep, values, "-", color=_color(i), label=run.name)
+    if key == "gap":
+        ax.axhline(0, color="0.5", linewidth=0.8)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def _attack_text(attack: dict[str, Any] | None) -> str:
+    if not attack:
+        return "?"
+    eps = attack.get("eps", float("nan"))
+    in_255 = _finite(eps) and abs(eps * 255 - round(eps * 255)) < 1e-6 and eps > 0
+    eps_text = f"{round(eps * 255)}/255" if in_255 else (f"{eps:.4g}" if _finite(eps) else "?")
+    return f"PGD-{attack.get('steps', '?')} {attack.get('norm', '?')} eps={eps_text}"
+
+
+def plot_landscape_1d(curves: Sequence[tuple[str, dict[str, Any]]], path: Path, title: str | None = None) -> None:
+    """Figure 1 of the AWP paper: adversarial loss g(alpha) (left) and robust accuracy (right) along
+    filter-normalized directions. Per run: the mean over directions (line) and the range over directions
+    (shaded). `curves` are (run name, `landscape_1d` result) pairs."""
+    fig = Figure(figsize=(10, 4.2))
+    ax_loss, ax_acc = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    for i, (name, res) in enumerate(curves):
+        a = res["alphas"]
+        k = res.get("directions", len(res["losses"]))
+        for ax, rows, mean, scale in ((ax_loss, res["losses"], res["mean_loss"], 1.0),
+                                      (ax_acc, res["accuracies"], res["mean_accuracy"], 100.0)):
+            lo = [min(col) * scale for col in zip(*rows)]
+            hi = [max(col) * scale for col in zip(*rows)]
+            ax.plot(a, [m * scale for m in mean], "-o", color=_color(i), markersize=3,
+                    label=f"{name} (mean of {k} direction{'s' if k > 1 else ''})")
+            if k > 1:
+                ax.fill_between(a, lo, hi, color=_color(i), alpha=0.15, linewidth=0)
+    ax_loss.set_ylabel("adversarial loss rho (cross-entropy, nats)")
+    ax_acc.set_ylabel("robust accuracy (%)")
+    for ax in (ax_loss, ax_acc):
+        ax.set_xlabel("alpha (step along the filter-normalized direction d)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    ax_loss.set_title("g(alpha) = rho(w + alpha d)")
+    ax_acc.set_title("robust accuracy at w + alpha d")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    _save(fig, path)
+
+
+def plot_landscape_2d(name: str, res: dict[str, Any], path: Path) -> None:
+    """Contour plot of g(alpha, beta) = rho(w + alpha d1 + beta d2) from a `landscape_2d` result."""
+    fig = Figure(figsize=(5.8, 4.8))
+    ax = fig.add_subplot()
+    # loss[i][j] is at (alphas[i], betas[j]): rows of Z must follow the y axis (betas), hence the transpose
+    z = [list(col) for col in zip(*res["loss"])]
+    if len(res["alphas"]) > 1 and len(res["betas"]) > 1:
+        cs = ax.contourf(res["alphas"], res["betas"], z, levels=20, cmap="viridis")
+        ax.contour(res["alphas"], res["betas"], z, levels=10, colors="white", linewidths=0.5)
+        fig.colorbar(cs, ax=ax, label="adversarial loss rho (cross-entropy, nats)")
+    ax.plot([0], [0], "r*", markersize=10, label=f"{name}: w")
+    ax.set_xlabel("alpha (along d1, filter-normalized)")
+    ax.set_ylabel("beta (along d2, filter-normalized)")
+    ax.set_title(f"{name}: rho(w + alpha d1 + beta d2)", fontsize=10)
+    ax.legend(fontsize=8, loc="upper right")
+    _save(fig, path)
+
+
+# --------------------------------------------------------------------------------------------- Markdown
+
+
+def _f(v: Any, digits: int = 2) -> str:
+    return f"{v:.{digits}f}" if _finite(v) else "-"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    out += ["| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |" for row in rows]
+    return out + [""]
+
+
+def _method(cfg: dict[str, Any]) -> tuple[str, str]:
+    """(method, AWP gamma) as far as the config says; '-' for what it does not."""
+    obj = cfg.get("method", cfg.get("objective", "-"))
+    if isinstance(obj, dict):
+        obj = obj.get("name", obj.get("type", "-"))
+    awp = cfg.get("awp")
+    gamma = awp.get("gamma") if isinstance(awp, dict) else (cfg.get("awp_gamma", cfg.get("gamma")))
+    if not _finite(gamma):
+        return str(obj), "-"
+    return str(obj), (f"{gamma:g}" if gamma > 0 else "off")
+
+
+def _summary(run: Run) -> dict[str, Any]:
+    ep, test = run.series("test_robust_acc")
+    s: dict[str, Any] = {"epochs": len(run.metrics), "last_epoch": run.metrics[-1]["epoch"]}
+    if test:
+        best = max(range(len(test)), key=test.__getitem__)
+        s.update(best_epoch=ep[best], best=test[best], last=test[-1], drop=test[best] - test[-1])
+    last = run.metrics[-1]
+    s.update(gap_last=last.get("gap"), train_last=last.get("train_robust_acc"), clean_last=last.get("test_clean_acc"))
+    return s
+
+
+def _eval_accuracy(entry: Any) -> float | None:
+    acc = entry.get("accuracy") if isinstance(entry, dict) else entry
+    return acc if _finite(acc) else None
+
+
+def _eval_section(runs: Sequence[Run]) -> list[str]:
+    lines = ["## Final evaluation", ""]
+    with_eval = [r for r in runs if r.eval and isinstance(r.eval.get("attacks"), dict)]
+    if with_eval:
+        attacks: list[str] = []
+        for r in with_eval:
+            attacks += [a for a in r.eval["attacks"] if a not in attacks]
+        rows = []
+        for r in with_eval:
+            accs = {a: _eval_accuracy(v) for a, v in r.eval["attacks"].items()}
+            scale = 100.0 if all(v is None or v <= 1.0 for v in accs.values()) else 1.0
+            checks = r.eval.get("checks") or []
+            failed = [c for c in checks if isinstance(c, dict) and any(c.get(k) is False for k in ("passed", "ok", "pass"))]
+            check_text = f"{len(checks) - len(failed)}/{len(checks)} passed" if checks else "-"
+            if failed:
+                check_text += ": failed " + ", ".join(str(c.get("name", c.get("check", "?"))) for c in failed)
+            rows.append([r.name] + [_f(accs.get(a) * scale if accs.get(a) is not None else None) for a in attacks] + [check_text])
+        lines.append("Accuracy (%) on the test set from each run's `eval.json` (`flatrobust eval`), per attack:")
+        lines.append("")
+        lines += _table(["run"] + attacks + ["trust checks"], rows)
+    without = [r for r in runs if r not in with_eval]
+    if without:
+        lines.append("Runs without `eval.json` (run `flatrobust eval` for the full protocol); from `metrics.jsonl`, "
+                     "i.e. the per-epoch monitoring attack on the evaluation subset used during training:")
+        lines.append("")
+        rows = []
+        for r in without:
+            s = _summary(r)
+            best_row = next((m for m in r.metrics if m["epoch"] == s.get("best_epoch")), {})
+            rows.append([r.name, _f(best_row.get("test_clean_acc")), _f(s.get("best")), _f(s.get("clean_last")), _f(s.get("last"))])
+        lines += _table(["run", "clean @best (%)", "robust @best (%)", "clean @last (%)", "robust @last (%)"], rows)
+    return lines
+
+
+def _settings_key(res: dict[str, Any]) -> tuple:
+    return (json.dumps(res.get("attack"), sort_keys=True), res.get("n"), res.get("split"))
+
+
+def _landscape_section(runs: Sequence[Run], out: Path) -> list[str]:
+    have = [(r, r.landscape["1d"]) for r in runs if r.landscape and isinstance(r.landscape.get("1d"), dict)]
+    if not have:
+        return []
+    plot_landscape_1d([(r.name, res) for r, res in have], out / "fig_landscape.png")
+    lines = ["## Weight loss landscape", "",
+             "![weight loss landscape](fig_landscape.png)", "",
+             "g(alpha) = rho(w + alpha d): the adversarial (PGD) cross-entropy when the weights move along random "
+             "filter-normalized directions d, with adversarial examples regenerated for every perturbed model "
+             "(`flatrobust landscape`). Line: mean over directions; band: range over directions. "
+             "A flatter curve (smaller rise away from alpha = 0) goes with a smaller robust generalization gap.", ""]
+    rows = []
+    for r, res in have:
+        a, mean = res["alphas"], res["mean_loss"]
+        g0 = res.get("loss_at_w")
+        lo, hi = min(range(len(a)), key=a.__getitem__), max(range(len(a)), key=a.__getitem__)
+        data = r.landscape.get("data", {})
+        rows.append([r.name, f"{data.get('split', '?')}, n={res.get('n', '?')}", _attack_text(res.get("attack")),
+                     str(res.get("directions", "?")), _f(g0, 4),
+                     f"{_f(mean[lo] - g0, 4)} (alpha={a[lo]:g})" if _finite(g0) else "-",
+                     f"{_f(mean[hi] - g0, 4)} (alpha={a[hi]:g})" if _finite(g0) else "-"])
+    lines += _table(["run", "data", "attack", "directions", "rho(w) (nats)", "mean g - rho(w), left end", "mean g - rho(w), right end"], rows)
+    if len({_settings_key({**res, "split": r.landscape.get("data", {}).get("split")}) for r, res in have}) > 1:
+        lines += ["**Warning:** the landscapes were computed with different data or attacks and are not directly comparable.", ""]
+    return lines
+
+
+def _flatness_section(runs: Sequence[Run]) -> list[str]:
+    have = [r for r in runs if r.flatness]
+    if not have:
+        return []
+    rows = []
+    for r in have:
+        avg, worst = r.flatness.get("average") or {}, r.flatness.get("worst") or {}
+        base = avg or worst
+        se = avg.get("standard_error")
+        rows.append([
+            r.name,
+            f"{r.flatness.get('data', {}).get('split', '?')}, n={base.get('n', '?')}",
+            _attack_text(base.get("attack")),
+            _f(base.get("robust_loss"), 4),
+            _f(base.get("robust_accuracy", float("nan")) * 100) if _finite(base.get("robust_accuracy")) else "-",
+            (f"{_f(avg.get('average_flatness'), 4)}" + (f" ± {_f(se, 4)}" if _finite(se) else "")
+             + f" (xi={avg.get('xi')}, {avg.get('draws')} draws)") if avg else "-",
+            f"{_f(worst.get('worst_flatness'), 4)} (xi={worst.get('xi')}, {worst.get('steps')} steps)" if worst else "-",
+        ])
+    lines = ["## Flatness", "",
+             "Stutz, Hein, Schiele (ICCV 2021), from `flatrobust flatness`: average-case = E_nu[rho(w + nu)] - rho(w), "
+             "nu uniform on the layer-wise sphere ||nu_l|| = xi ||w_l||; worst-case = max over ||nu_l|| <= xi ||w_l|| "
+             "(joint weight + input attack) of rho(w + nu) - rho(w). In nats; lower is flatter. ± is the standard "
+             "error over draws.", ""]
+    return lines + _table(["run", "data", "attack", "rho(w) (nats)", "robust acc (%)", "average-case flatness", "worst-case flatness"], rows)
+
+
+def _unique_names(runs: Sequence[Run]) -> None:
+    seen: dict[str, int] = {}
+    for r in runs:
+        seen[r.name] = seen.get(r.name, 0) + 1
+    for r in runs:
+        if seen[r.name] > 1:
+            r.name = f"{r.name} ({r.path})"
+
+
+def write_report(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike = "report", command: str | None = None) -> Path:
+    """Read the run directories, write report.md and its PNG figures into `out`; return report.md's path."""
+    if not run_dirs:
+        raise UserError("no run directory given: pass one or more folders written by `flatrobust train`")
+    runs = [load_run(p) for p in run_dirs]
+    _unique_names(runs)
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create the output folder {out}: {e.strerror}") from None
+    from . import __version__
+
+    names = [r.name for r in runs]
+    lines = [f"# flatrobust report: {' vs '.join(names)}", ""]
+    if command:
+        lines += [f"Written by `{command}` (flatrobust {__version__}).", ""]
+
+    lines += ["## Runs", ""]
+    rows = []
+    for r in runs:
+        data = r.config.get("data", {})
+        method, gamma = _method(r.config)
+        attack = r.config.get("attack") if isinstance(r.config.get("attack"), dict) else {}
+        monitor = r.config.get("eval") if isinstance(r.config.get("eval"), dict) else {}
+        attack_text = _attack_text(attack) if attack else "-"
+        monitor_text = _attack_text({**attack, "steps": monitor["steps"]}) if attack and "steps" in monitor else "-"
+        rows.append([r.name, f"`{r.path}`", str(r.config.get("model", "-")),
+                     str(data.get("name", "-")) if isinstance(data, dict) else str(data), method, gamma,
+                     attack_text, monitor_text, str(len(r.metrics))])
+    lines += _table(["run", "folder", "model", "data", "method", "AWP gamma", "training attack",
+                     "per-epoch monitor", "epochs logged"], rows)
+
+    lines += ["## Summary", "",
+              "Test robust accuracy is the per-epoch monitoring attack of `metrics.jsonl`; the gap is train robust "
+              "accuracy minus test robust accuracy (percentage points). Best minus last measures robust overfitting.", ""]
+    rows, sentences = [], []
+    for r in runs:
+        s = _summary(r)
+        rows.append([r.name, str(s.get("best_epoch", "-")), _f(s.get("best")), str(s["last_epoch"]), _f(s.get("last")),
+                     _f(s.get("drop")), _f(s.get("train_last")), _f(s.get("gap_last")), _f(s.get("clean_last"))])
+        if _finite(s.get("best")):
+            sentences.append(f"- **{r.name}**: best test robust accuracy {_f(s['best'])}% at epoch {s['best_epoch']}, "
+                             f"{_f(s['last'])}% at the last epoch ({s['last_epoch']}), a drop of {_f(s['drop'])} points; "
+                             f"gap at the end {_f(s.get('gap_last'))} points.")
+    lines += _table(["run", "best epoch", "test robust @best (%)", "last epoch", "test robust @last (%)",
+                     "best - last (pts)", "train robust @last (%)", "gap @last (pts)", "test clean @last (%)"], rows)
+    lines += sentences + [""]
+
+    plot_robust_accuracy(runs, out / "fig_robust_accuracy.png")
+    lines += ["## Robust accuracy per epoch", "", "![robust accuracy per epoch](fig_robust_accuracy.png)", "",
+              "Solid: test robust accuracy; dashed: train robust accuracy (AWP paper, Figure 2). One colour per run. "
+              "The space between a run's dashed and solid lines is its robust generalization gap.", ""]
+    plot_metric(runs, "gap", "train - test robust accuracy (percentage points)", "Robust generalization gap", out / "fig_gap.png")
+    lines += ["## Robust generalization gap", "", "![robust generalization gap](fig_gap.png)", "",
+              "Train robust accuracy minus test robust accuracy per epoch. A gap that keeps growing while test robust "
+              "accuracy falls is robust overfitting.", ""]
+    if any(r.series("test_clean_acc")[1] for r in runs):
+        plot_metric(runs, "test_clean_acc", "clean test accuracy (%)", "Clean test accuracy", out / "fig_clean_accuracy.png")
+        lines += ["## Clean accuracy per epoch", "", "![clean test accuracy](fig_clean_accuracy.png)", ""]
+
+    lines += _eval_section(runs)
+    lines += _landscape_section(runs, out)
+    lines += _flatness_section(runs)
+    lines += ["## How to read this report", "",
+              "The AWP paper's claim: a flatter weight loss landscape goes with a smaller robust generalization gap, "
+              "and AWP flattens it explicitly. Compared with AT, an AT-AWP run should show a smaller gap, a smaller "
+              "drop from the best to the last epoch, a flatter landscape curve and lower flatness values. Compare "
+              "runs only under the same data, threat model and evaluation settings (the tables list them).", ""]
+    report = out / "report.md"
+    report.write_text("\n".join(lines))
+    return report

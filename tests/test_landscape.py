@@ -1,0 +1,215 @@
+"""What the weight loss landscape promises (PAPER.md, Figure 1; Li et al. 2018), and its CLI."""
+import copy
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from flatrobust import models
+from flatrobust.checkpoint import save_checkpoint
+from flatrobust.cli import main
+from flatrobust.landscape import filter_normalized_direction, landscape_1d, landscape_2d, robust_loss
+
+ATTACK = dict(norm="linf", eps=0.1, alpha=0.025, steps=3)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    # Tiny models are dominated by thread synchronization: on a busy 2-core machine one thread is ~10x faster.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def data():
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.tensor(d.images[:24], dtype=torch.float32).unsqueeze(1) / 16.0  # (24, 1, 8, 8) in [0, 1]
+    return x, torch.tensor(d.target[:24])
+
+
+def _smallcnn(seed=0):
+    torch.manual_seed(seed)
+    model = models.create("smallcnn", num_classes=10, in_channels=1)
+    model.train()
+    with torch.no_grad():  # non-trivial BatchNorm statistics, so that "unchanged" means something
+        model(torch.rand(32, 1, 8, 8))
+    return model.eval()
+
+
+def _trained_mlp(data):
+    """Linear-ReLU-Linear-ReLU-Linear without BatchNorm, fitted for a moment (a ReLU network to rescale)."""
+    x, y = data
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 10))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(100):
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+def _rescaled(model, c):
+    """The same function: layer 1 (weight and bias) times c, layer 2's weight divided by c (ReLU is 1-homogeneous)."""
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        other[1].weight.mul_(c)
+        other[1].bias.mul_(c)
+        other[3].weight.div_(c)
+    return other
+
+
+def _snapshot(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _assert_same(model, before):
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    for k, v in before.items():
+        assert torch.equal(after[k], v), k
+
+
+def test_filter_normalized_direction_norms_and_zeros():
+    model = _smallcnn()
+    d = filter_normalized_direction(model, torch.Generator().manual_seed(0))
+    params = list(model.parameters())
+    assert len(d) == len(params)
+    zeros = 0
+    for (name, w), di in zip(model.named_parameters(), d):
+        assert di.shape == w.shape and di.dtype == w.dtype
+        if w.dim() <= 1:  # biases and BatchNorm weight/bias
+            assert torch.count_nonzero(di) == 0, name
+            zeros += 1
+        else:  # every filter (slice along dim 0) has the norm of the matching filter of w
+            torch.testing.assert_close(di.flatten(1).norm(dim=1), w.detach().flatten(1).norm(dim=1), rtol=1e-5, atol=0)
+            assert not torch.allclose(di, w), "a random direction, not w itself"
+    assert zeros >= 6, "smallcnn has 3 BatchNorm layers (weight, bias) and 2 linear biases"
+    again = filter_normalized_direction(model, torch.Generator().manual_seed(0))
+    other = filter_normalized_direction(model, torch.Generator().manual_seed(1))
+    assert all(torch.equal(a, b) for a, b in zip(d, again))
+    assert not torch.equal(d[0], other[0])
+
+
+def test_g0_is_the_robust_loss_at_w_and_results_repeat(data):
+    model = _smallcnn()
+    x, y = data
+    res = landscape_1d(model, x, y, attack=ATTACK, alphas=[-0.5, 0.0, 0.5], directions=2, batch_size=10, seed=3)
+    rho, acc = robust_loss(model, x, y, attack=ATTACK, batch_size=10, seed=3)
+    assert res["loss_at_w"] == rho and res["accuracy_at_w"] == acc
+    assert [row[1] for row in res["losses"]] == [rho, rho]
+    assert len(res["losses"]) == 2 and all(len(row) == 3 for row in res["losses"])
+    assert res["losses"][0] != res["losses"][1], "two directions give two curves"
+    assert res["mean_loss"][0] == pytest.approx((res["losses"][0][0] + res["losses"][1][0]) / 2)
+    again = landscape_1d(model, x, y, attack=ATTACK, alphas=[-0.5, 0.0, 0.5], directions=2, batch_size=10, seed=3)
+    assert again == res
+    json.dumps(res)  # JSON-ready
+
+
+def test_adversarial_examples_are_regenerated_for_every_perturbed_model(data):
+    # rho(w + alpha d) must be the robust loss of the PERTURBED model, i.e. PGD run against it.
+    model = _smallcnn()
+    x, y = data
+    res = landscape_1d(model, x, y, attack=ATTACK, alphas=[0.7], directions=1, seed=0)
+    moved = copy.deepcopy(model)
+    d = filter_normalized_direction(moved, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for p, di in zip(moved.parameters(), d):
+            p.add_(0.7 * di)
+    expected, _ = robust_loss(moved, x, y, attack=ATTACK, seed=0)
+    assert res["losses"][0][0] == pytest.approx(expected, rel=1e-6)
+
+
+def test_model_is_bit_identical_after_landscape(data):
+    model = _smallcnn()
+    model.train()  # the caller's mode must come back too
+    x, y = data
+    before = _snapshot(model)
+    landscape_1d(model, x, y, attack=ATTACK, alphas=[-1, 0, 1], directions=2, seed=0)
+    res = landscape_2d(model, x, y, attack=ATTACK, alphas=[-1, 0, 1], betas=[-0.5, 0.5], seed=0)
+    _assert_same(model, before)
+    assert model.training and all(p.grad is None for p in model.parameters())
+    assert len(res["loss"]) == 3 and all(len(row) == 2 for row in res["loss"])
+    rho, _ = robust_loss(model.eval(), x, y, attack=ATTACK, seed=0)
+    assert res["loss_at_w"] == rho  # (0, 0) is not on this grid: w itself is evaluated
+
+
+def test_landscape_is_invariant_to_relu_rescaling(data):
+    model = _trained_mlp(data)
+    x, y = data
+    for c in (4.0, 0.3):
+        other = _rescaled(model, c)
+        torch.testing.assert_close(other(x), model(x), rtol=1e-5, atol=1e-5)
+        a = landscape_1d(model, x, y, attack=ATTACK, alphas=[-0.5, 0.5], directions=1, seed=0)
+        b = landscape_1d(other, x, y, attack=ATTACK, alphas=[-0.5, 0.5], directions=1, seed=0)
+        assert b["losses"][0] == pytest.approx(a["losses"][0], rel=1e-4)
+
+
+# --------------------------------------------------------------------------------------------- CLI
+
+
+def _checkpoint(tmp_path):
+    from flatrobust.data import DATASETS
+
+    info = DATASETS["digits"]
+    torch.manual_seed(0)
+    model = models.create("smallcnn", info.num_classes, info.in_channels, info.mean, info.std)
+    cfg = {"name": "tiny", "model": "smallcnn", "seed": 0,
+           "data": {"name": "digits", "root": str(tmp_path / "data"), "download": False},
+           "attack": {"norm": "linf", "eps": 0.1, "alpha": 0.025, "steps": 2}}
+    path = tmp_path / "run" / "best.pt"
+    save_checkpoint({"config": cfg, "model": model.state_dict()}, path)
+    return path
+
+
+def test_cli_writes_json_and_png(tmp_path, capsys):
+    ckpt = _checkpoint(tmp_path)
+    code = main(["landscape", str(ckpt), "--n", "12", "--alphas=-1:1:3", "--directions", "2", "--2d", "--steps", "1"])
+    assert code == 0
+    run = ckpt.parent
+    for name in ("landscape.json", "landscape.png", "landscape_2d.png"):
+        assert (run / name).is_file(), name
+    assert (run / "landscape.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    res = json.loads((run / "landscape.json").read_text())
+    assert res["1d"]["alphas"] == [-1.0, 0.0, 1.0]
+    assert res["1d"]["attack"] == {"norm": "linf", "eps": 0.1, "alpha": 0.025, "steps": 1}  # --steps overrides
+    assert res["data"] == {"name": "digits", "split": "test", "n": 12, "subset_seed": 0}
+    assert len(res["2d"]["loss"]) == 3
+    assert "rho(w)" in capsys.readouterr().out
+
+
+def test_cli_out_folder_and_comma_alphas(tmp_path):
+    ckpt = _checkpoint(tmp_path)
+    out = tmp_path / "elsewhere"
+    assert main(["landscape", str(ckpt.parent), "--n", "8", "--alphas", "0,0.5", "--directions", "1",
+                 "--eps", "4/255", "--out", str(out), "--data", "train"]) == 0
+    res = json.loads((out / "landscape.json").read_text())
+    assert res["1d"]["alphas"] == [0.0, 0.5] and res["1d"]["attack"]["eps"] == pytest.approx(4 / 255)
+    assert res["data"]["split"] == "train"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--alphas", "1:2"], "--alphas"),
+    (["--alphas", "a,b"], "--alphas"),
+    (["--n", "0"], "--n"),
+    (["--directions", "0"], "--directions"),
+    (["--eps", "eight"], "not a number"),
+    (["--norm", "l2"], "--norm"),
+])
+def test_cli_bad_input_exits_2_with_one_line(tmp_path, capsys, args, message):
+    ckpt = _checkpoint(tmp_path)
+    assert main(["landscape", str(ckpt), *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("flatrobust: error:") and message in err and err.count("\n") == 1
+
+
+def test_cli_missing_checkpoint_exits_2(tmp_path, capsys):
+    assert main(["landscape", str(tmp_path / "missing.pt")]) == 2
+    assert "does not exist" in capsys.readouterr().err

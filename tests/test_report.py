@@ -1,0 +1,138 @@
+"""`flatrobust report`: a Markdown report comparing run directories, every figure it references present."""
+import json
+import re
+
+import pytest
+import torch
+import yaml
+
+from flatrobust import models
+from flatrobust.checkpoint import save_checkpoint
+from flatrobust.cli import main
+from flatrobust.report import load_run
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    # Tiny models are dominated by thread synchronization: on a busy 2-core machine one thread is ~10x faster.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _fake_run(path, name, test_robust, train_robust, percent=False, with_eval=False):
+    """A run directory as `flatrobust train` writes it: config.yaml, metrics.jsonl, env.json, best.pt."""
+    from flatrobust.data import DATASETS
+
+    path.mkdir(parents=True)
+    cfg = {"name": name, "model": "smallcnn", "seed": 0,
+           "data": {"name": "digits", "root": str(path.parent / "data"), "download": False},
+           "attack": {"norm": "linf", "eps": 0.1, "alpha": 0.025, "steps": 2},
+           "eval": {"steps": 20}, "method": "at", "awp": {"gamma": 0.01 if "awp" in name else 0.0}}
+    (path / "config.yaml").write_text(yaml.safe_dump(cfg))
+    scale = 100 if percent else 1
+    with open(path / "metrics.jsonl", "w") as f:
+        for epoch, (te, tr) in enumerate(zip(test_robust, train_robust), start=1):
+            row = {"epoch": epoch, "lr": 0.1, "train_loss": 1.0, "train_clean_acc": 0.9 * scale,
+                   "train_robust_acc": tr * scale, "test_clean_acc": 0.8 * scale, "test_robust_acc": te * scale,
+                   "gap": (tr - te) * scale, "epoch_time_s": 1.0}
+            f.write(json.dumps(row) + "\n")
+    (path / "env.json").write_text(json.dumps({"torch": torch.__version__}))
+    info = DATASETS["digits"]
+    torch.manual_seed(0)
+    model = models.create("smallcnn", info.num_classes, info.in_channels, info.mean, info.std)
+    save_checkpoint({"config": cfg, "model": model.state_dict()}, path / "best.pt")
+    if with_eval:
+        (path / "eval.json").write_text(json.dumps({
+            "attacks": {"clean": {"accuracy": 0.81}, "pgd20": {"accuracy": 0.47}, "autoattack": {"accuracy": 0.44}},
+            "checks": [{"name": "eps_monotone", "passed": True}, {"name": "huge_eps", "passed": False}]}))
+    return path
+
+
+def _referenced_images(md):
+    return re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
+
+
+def test_report_compares_two_runs(tmp_path, capsys):
+    at = _fake_run(tmp_path / "runs" / "at", "at", [0.30, 0.42, 0.38, 0.33], [0.35, 0.50, 0.60, 0.70])
+    awp = _fake_run(tmp_path / "runs" / "at_awp", "at_awp", [0.31, 0.44, 0.45, 0.44], [0.33, 0.47, 0.50, 0.52],
+                    percent=True, with_eval=True)
+    # landscape and flatness written by their own commands, so the report reads the real formats
+    for run in (at, awp):
+        assert main(["landscape", str(run), "--n", "8", "--alphas=-1:1:3", "--directions", "2", "--steps", "1"]) == 0
+    assert main(["flatness", str(awp), "--n", "8", "--draws", "2", "--worst-steps", "2", "--steps", "1"]) == 0
+    out = tmp_path / "rep"
+    assert main(["report", str(at), str(awp), "--out", str(out)]) == 0
+    assert str(out / "report.md") in capsys.readouterr().out
+
+    md = (out / "report.md").read_text()
+    assert "at_awp" in md and re.search(r"\bat\b", md.replace("at_awp", ""))
+    images = _referenced_images(md)
+    assert {"fig_robust_accuracy.png", "fig_gap.png", "fig_landscape.png"} <= set(images)
+    for image in images:
+        assert (out / image).read_bytes()[:8] == PNG, image
+    assert re.search(r"\| at_awp \| `[^`]+` \| smallcnn \| digits \| at \| 0.01 \| PGD-2 linf eps=0.1 \| PGD-20 ", md)
+    assert "| at | off |" in md.replace("smallcnn | digits | ", "")
+    # best and last epochs, in percent whichever unit the run logged
+    assert "| at | 2 | 42.00 | 4 | 33.00 | 9.00 | 70.00 | 37.00 | 80.00 |" in md
+    assert "| at_awp | 3 | 45.00 | 4 | 44.00 | 1.00 | 52.00 | 8.00 | 80.00 |" in md
+    # the final evaluation: eval.json where present (with its trust checks), metrics.jsonl otherwise
+    assert "| at_awp | 81.00 | 47.00 | 44.00 | 1/2 passed: failed huge_eps |" in md
+    assert "Runs without `eval.json`" in md and "## Flatness" in md and "## Weight loss landscape" in md
+
+
+def test_report_without_optional_files(tmp_path):
+    run = _fake_run(tmp_path / "only", "only", [0.2, 0.3], [0.25, 0.4])
+    out = tmp_path / "rep"
+    assert main(["report", str(run), "--out", str(out)]) == 0
+    md = (out / "report.md").read_text()
+    assert "## Weight loss landscape" not in md and "## Flatness" not in md
+    for image in _referenced_images(md):
+        assert (out / image).is_file()
+
+
+def test_run_name_falls_back_to_folder_and_duplicates_are_told_apart(tmp_path):
+    a = _fake_run(tmp_path / "a", "same", [0.2], [0.3])
+    b = _fake_run(tmp_path / "b", "same", [0.2], [0.3])
+    (b / "config.yaml").write_text(yaml.safe_dump({"model": "smallcnn"}))
+    assert load_run(b).name == "b"
+    c = _fake_run(tmp_path / "c", "same", [0.2], [0.3])
+    out = tmp_path / "rep"
+    assert main(["report", str(a), str(c), "--out", str(out)]) == 0
+    md = (out / "report.md").read_text()
+    assert f"same ({a})" in md and f"same ({c})" in md
+
+
+def test_half_written_last_line_is_ignored(tmp_path):
+    run = _fake_run(tmp_path / "r", "r", [0.2, 0.3], [0.25, 0.4])
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"epoch": 3, "test_rob')
+    assert [m["epoch"] for m in load_run(run).metrics] == [1, 2]
+
+
+@pytest.mark.parametrize("breakage, message", [
+    ("missing", "does not exist"),
+    ("no_metrics", "no metrics.jsonl"),
+    ("empty_metrics", "no epoch"),
+    ("bad_metrics", "not valid JSON"),
+    ("bad_config", "not valid YAML"),
+])
+def test_bad_run_dir_exits_2_with_one_line(tmp_path, capsys, breakage, message):
+    good = _fake_run(tmp_path / "good", "good", [0.2], [0.3])
+    bad = tmp_path / "bad"
+    if breakage != "missing":
+        bad.mkdir()
+        (bad / "config.yaml").write_text("name: bad\n")
+    if breakage == "empty_metrics":
+        (bad / "metrics.jsonl").write_text("\n")
+    if breakage == "bad_metrics":
+        (bad / "metrics.jsonl").write_text('{"epoch": 1\n{"epoch": 2}\n')
+    if breakage == "bad_config":
+        (bad / "metrics.jsonl").write_text('{"epoch": 1}\n')
+        (bad / "config.yaml").write_text("name: [unclosed\n")
+    assert main(["report", str(good), str(bad), "--out", str(tmp_path / "rep")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("flatrobust: error:") and message in err and err.count("\n") == 1
