@@ -5,6 +5,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+# One intra-op thread: the tests run tiny models, for which a second thread costs more in
+# synchronization than it brings (and on a busy 2-core machine it makes them many times slower).
+torch.set_num_threads(1)
+
 
 def _digits():
     from sklearn.datasets import load_digits

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from ..errors import UserError
 
@@ -34,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
             cfg = load_config(args.recipe, overrides)
     try:
         fit(cfg, resume_dir=args.resume, overwrite=args.overwrite, progress=not args.quiet)
-    except NonFiniteError as e:
-        print(f"flatrobust: error: {e}")
+    except NonFiniteError as e:  # not bad input: the run itself diverged (exit 3, checkpoints kept)
+        print(f"flatrobust: error: {e}", file=sys.stderr)
         return 3
     return 0

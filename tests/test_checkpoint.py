@@ -1,0 +1,95 @@
+"""Checkpoints: atomic writes, safe loading, one-line errors."""
+import os
+import pickle
+
+import pytest
+import torch
+
+from flatrobust import models
+from flatrobust.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, save_checkpoint
+
+CFG = {"model": "smallcnn", "data": {"name": "digits"}}
+
+
+def _state(seed=0):
+    torch.manual_seed(seed)
+    return {"config": CFG, "model": models.create("smallcnn", in_channels=1, mean=(0.3,), std=(0.4,)).state_dict()}
+
+
+def test_roundtrip_with_weights_only(tmp_path):
+    path = tmp_path / "a.pt"
+    save_checkpoint(_state(), path)
+    raw = torch.load(path, weights_only=True)  # loadable by plain torch, safely
+    assert raw["format"] == "flatrobust"
+    model, ckpt = model_from_checkpoint(path)
+    assert not model.training
+    for k, v in _state()["model"].items():
+        assert torch.equal(model.state_dict()[k], v)
+
+
+def test_crash_during_write_keeps_previous_file(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    save_checkpoint(_state(0), path)
+    good = path.read_bytes()
+
+    def dying_save(obj, f, *a, **k):
+        f.write(b"partial bytes")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", dying_save)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(_state(1), path)
+    assert path.read_bytes() == good
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temporary file left behind
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "empty"])
+def test_corrupted_file_gives_one_line(tmp_path, damage):
+    path = tmp_path / "c.pt"
+    save_checkpoint(_state(), path)
+    data = path.read_bytes()
+    path.write_bytes({"truncate": data[: len(data) // 2], "garbage": b"\x00not a checkpoint at all" * 80, "empty": b""}[damage])
+    with pytest.raises(CheckpointError, match="truncated or corrupted") as e:
+        load_checkpoint(path)
+    assert "\n" not in str(e.value)
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))  # would create the marker file if unpickled
+
+
+def test_malicious_pickle_is_refused_and_not_executed(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pt"
+    torch.save({"format": "flatrobust", "version": 1, "config": CFG, "model": {}, "x": _Payload(str(marker))}, path)
+    with pytest.raises(CheckpointError, match="refused for safety") as e:
+        load_checkpoint(path)
+    assert not marker.exists()
+    assert "\n" not in str(e.value)
+    # the same payload as a raw pickle file is refused too
+    raw = tmp_path / "evil2.pt"
+    raw.write_bytes(pickle.dumps(_Payload(str(marker))))
+    with pytest.raises(CheckpointError):
+        load_checkpoint(raw)
+    assert not marker.exists()
+
+
+def test_not_ours_and_missing(tmp_path):
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"state_dict": {}}, foreign)
+    with pytest.raises(CheckpointError, match="not a flatrobust checkpoint"):
+        load_checkpoint(foreign)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path / "missing.pt")
+    with pytest.raises(CheckpointError, match="without best.pt or last.pt"):
+        load_checkpoint(tmp_path)
+
+
+def test_run_directory_resolves_to_best(tmp_path):
+    save_checkpoint({**_state(0), "tag": "last"}, tmp_path / "last.pt")
+    save_checkpoint({**_state(0), "tag": "best"}, tmp_path / "best.pt")
+    assert load_checkpoint(tmp_path)["tag"] == "best"
