@@ -13,6 +13,7 @@ so it loads with `torch.load(path, weights_only=True)` anywhere, and a file carr
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -71,10 +72,12 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - every failure becomes one line
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if "weights_only" in str(e) or "Unsupported global" in str(e) or "GLOBAL" in str(e):
-            raise CheckpointError(f"{path} holds pickled Python objects and was refused for safety (loaded with weights_only=True): {first[:160]}") from None
-        raise CheckpointError(f"{path} is truncated or corrupted and cannot be read ({type(e).__name__}): use another checkpoint, e.g. the run's best.pt or last.pt") from None
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        if found:  # the weights_only unpickler met a reference to Python code: never executed
+            raise CheckpointError(f"{path} holds a pickled Python object ({found.group(1)}) and was refused for safety "
+                                  "(loaded with weights_only=True): use a checkpoint written by `flatrobust train`") from None
+        raise CheckpointError(f"{path} is truncated or corrupted and cannot be read ({type(e).__name__}): "
+                              "use another checkpoint, e.g. the run's best.pt or last.pt") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a flatrobust checkpoint (no 'format': 'flatrobust' entry): pass a file written by `flatrobust train`")
     if state.get("version", 0) > VERSION:
