@@ -13,21 +13,21 @@ TINY = ["data.train_subset=128", "data.eval_subset=32", "batch_size=64", "attack
         "attack.eps=0.2", "attack.alpha=0.2", "awp.gamma=0.01", "epochs=3"]
 
 
-def _poison(monkeypatch, method: str, bad_calls: set[int]):
-    """Make objectives.AT.<method> return a non-finite loss on the given (1-based) calls."""
-    orig = getattr(objectives.AT, method)
+def _poison(monkeypatch, bad_calls: set[int]):
+    """Make the AT training loss non-finite on the given (1-based) calls, i.e. training steps."""
+    orig = objectives.AT.loss_and_logits
     calls = {"n": 0}
 
     def poisoned(self, model, x, x_adv, y):
         calls["n"] += 1
-        loss = orig(self, model, x, x_adv, y)
-        return loss * float("nan") if calls["n"] in bad_calls else loss
+        loss, logits = orig(self, model, x, x_adv, y)
+        return (loss * float("nan") if calls["n"] in bad_calls else loss), logits
 
-    monkeypatch.setattr(objectives.AT, method, poisoned)
+    monkeypatch.setattr(objectives.AT, "loss_and_logits", poisoned)
 
 
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
-    _poison(monkeypatch, "loss", {4})  # 2 steps per epoch: call 4 is epoch 2, step 2
+    _poison(monkeypatch, {4})  # 2 steps per epoch: call 4 is epoch 2, step 2
     # gamma=0: with AWP on, the ascent also calls loss() and the calls would no longer count steps
     cfg = load_config("recipes/digits_at_awp.yaml", TINY + [f"out_dir={tmp_path}", "awp.gamma=0"])
     with pytest.raises(NonFiniteError, match=r"epoch 2, step 2 .*training loss is nan"):
@@ -50,7 +50,7 @@ def test_nonfinite_awp_gradient_names_the_layer(tmp_path, monkeypatch):
 
 
 def test_skip_mode_counts_skipped_batches(tmp_path, monkeypatch):
-    _poison(monkeypatch, "loss", {2, 3})
+    _poison(monkeypatch, {2, 3})
     cfg = load_config("recipes/digits_at_awp.yaml", TINY + [f"out_dir={tmp_path}", "nonfinite=skip", "awp.gamma=0"])
     run = fit(cfg, progress=False)
     rows = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]

@@ -46,6 +46,10 @@ class Objective:
         raise NotImplementedError
 
     def loss(self, model: nn.Module, x: torch.Tensor, x_adv: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.loss_and_logits(model, x, x_adv, y)[0]
+
+    def loss_and_logits(self, model, x, x_adv, y) -> tuple[torch.Tensor, torch.Tensor]:
+        """(training loss, adversarial logits (B, K)); the logits let a loop log accuracy without a forward."""
         raise NotImplementedError
 
     def ascent_loss(self, model: nn.Module, x: torch.Tensor, x_adv: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -66,8 +70,9 @@ class AT(Objective):
     def attack(self, model, x, y, generator=None):
         return self._pgd(model, x, y, loss="ce", mode="train", generator=generator)
 
-    def loss(self, model, x, x_adv, y):
-        return F.cross_entropy(model(x_adv), y)
+    def loss_and_logits(self, model, x, x_adv, y):
+        logits_adv = model(x_adv)
+        return F.cross_entropy(logits_adv, y), logits_adv
 
 
 class TRADES(Objective):
@@ -84,11 +89,11 @@ class TRADES(Objective):
     def attack(self, model, x, y, generator=None):
         return self._pgd(model, x, y, loss="kl", mode="eval", generator=generator)
 
-    def loss(self, model, x, x_adv, y):
+    def loss_and_logits(self, model, x, x_adv, y):
         logits_nat = model(x)  # natural logits are not detached (official TRADES and TRADES-AWP)
         logits_adv = model(x_adv)
         kl = F.kl_div(F.log_softmax(logits_adv, 1), F.softmax(logits_nat, 1), reduction="batchmean")
-        return F.cross_entropy(logits_nat, y) + self.beta * kl
+        return F.cross_entropy(logits_nat, y) + self.beta * kl, logits_adv
 
 
 class MART(Objective):
@@ -105,7 +110,7 @@ class MART(Objective):
     def attack(self, model, x, y, generator=None):
         return self._pgd(model, x, y, loss="ce", mode="eval", generator=generator)
 
-    def loss(self, model, x, x_adv, y):
+    def loss_and_logits(self, model, x, x_adv, y):
         logits_nat, logits_adv = model(x), model(x_adv)
         p_adv = F.softmax(logits_adv, 1)  # (B, K)
         # boosted CE: CE plus -log(1 - p of the most likely wrong class)
@@ -115,7 +120,7 @@ class MART(Objective):
         p_nat = F.softmax(logits_nat, 1)
         p_true = p_nat.gather(1, y[:, None]).squeeze(1)
         kl = F.kl_div(torch.log(p_adv + 1e-12), p_nat, reduction="none").sum(1)  # (B,)
-        return bce + self.beta * (kl * (1.0000001 - p_true)).mean()
+        return bce + self.beta * (kl * (1.0000001 - p_true)).mean(), logits_adv
 
 
 OBJECTIVES = {"at": AT, "trades": TRADES, "mart": MART}

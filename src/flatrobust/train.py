@@ -53,7 +53,8 @@ def train_step(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One step (PAPER.md steps 1-4): x_adv at w, w <- w + v, step at w + v, w <- w - v.
 
-    Returns (loss, x_adv), the loss detached. Raises FloatingPointError, with nothing applied to the
+    Returns (loss, number of adversarial examples classified correctly at w + v), both detached
+    0-dim tensors (no host synchronization). Raises FloatingPointError, with nothing applied to the
     weights, if the loss or the AWP ascent gradient is not finite.
     """
     x_adv = objective.attack(model, x, y, generator=generator)  # 1. at the unperturbed weights
@@ -61,7 +62,7 @@ def train_step(
         awp.perturb(lambda m: objective.ascent_loss(m, x, x_adv, y))  # 2.-3. w <- w + v
     try:
         model.train()
-        loss = objective.loss(model, x, x_adv, y)  # the training loss at w + v
+        loss, logits_adv = objective.loss_and_logits(model, x, x_adv, y)  # the training loss at w + v
         if not torch.isfinite(loss):
             raise FloatingPointError(f"training loss is {float(loss)}")
         optimizer.zero_grad(set_to_none=True)
@@ -70,7 +71,7 @@ def train_step(
     finally:
         if awp is not None and awp.active:
             awp.restore()  # 4. w <- w - v: net effect w <- w - lr * grad L(w + v)
-    return loss.detach(), x_adv
+    return loss.detach(), (logits_adv.detach().argmax(1) == y).sum()
 
 
 def lr_at(step: int, total_steps: int, cfg: RunConfig) -> float:
@@ -301,7 +302,7 @@ def _loop(run: Run, run_dir: Path, state: dict | None, *, progress: bool, stop_a
             idx = index_batches[b]
             x, y = augment(run.train.x[idx], generator=noise, **aug), run.train.y[idx]
             try:
-                loss, _ = train_step(run.forward, run.objective, optimizer, x, y, awp=run.awp if awp_on else None, generator=noise)
+                loss, correct = train_step(run.forward, run.objective, optimizer, x, y, awp=run.awp if awp_on else None, generator=noise)
             except FloatingPointError as e:
                 if cfg.nonfinite == "skip":
                     sums["skipped"] += 1
@@ -310,9 +311,10 @@ def _loop(run: Run, run_dir: Path, state: dict | None, *, progress: bool, stop_a
                 raise NonFiniteError(f"non-finite value at epoch {epoch + 1}, step {b + 1} ({e}); last good checkpoint kept in {run_dir}: "
                                      "lower optim.lr or set nonfinite=skip") from None
             sums["loss"] += loss.item() * len(y)
+            sums["correct"] += correct.item()
             sums["seen"] += len(y)
             sums["time"] += time.time() - t0
-            bar.set_postfix(loss=f"{sums['loss'] / max(sums['seen'], 1):.3f}", img_s=f"{sums['seen'] / max(sums['time'], 1e-9):.0f}")
+            bar.set_postfix(loss=f"{sums['loss'] / max(sums['seen'], 1):.3f}", adv_acc=f"{sums['correct'] / max(sums['seen'], 1):.1%}", img_s=f"{sums['seen'] / max(sums['time'], 1e-9):.0f}")
             steps_done += 1
             if cfg.checkpoint_every and (b + 1) % cfg.checkpoint_every == 0 and b + 1 < len(index_batches):
                 checkpoint(run_dir / "last.pt", epoch, b + 1, noise, sums)
@@ -326,6 +328,7 @@ def _loop(run: Run, run_dir: Path, state: dict | None, *, progress: bool, stop_a
         record = {
             "epoch": epoch + 1, "step": (epoch + 1) * steps_per_epoch, "lr": lr_at((epoch + 1) * steps_per_epoch - 1, total_steps, cfg),
             "awp_active": awp_on, "train_loss": sums["loss"] / max(sums["seen"], 1),
+            "train_batch_adv_acc": sums["correct"] / max(sums["seen"], 1),  # on the training batches, at w + v
             "train_clean_acc": train_clean, "train_robust_acc": train_rob,
             "test_clean_acc": test_clean, "test_robust_acc": test_rob, "gap": train_rob - test_rob,
             "skipped_batches": sums["skipped"], "epoch_time_s": sums["time"], "eval_time_s": time.time() - t_eval,
