@@ -4,17 +4,24 @@ The public API, small enough to remember:
   - `AWP`: the weight perturbation, a SAM-like perturb/restore pair usable in any training loop;
   - `pgd`, `fgsm`, `LinfBall`, `L2Ball`: attacks and threat models (inputs in [0, 1]);
   - `AT`, `TRADES`, `MART`, `AttackConfig`, `create_objective`: the training objectives;
-  - `models.create`: the model zoo with normalization inside the model.
+  - `models.create`: the model zoo with normalization inside the model;
+  - `train_step`: one AT/TRADES/MART step with optional AWP;
+  - `landscape_1d`, `landscape_2d`, `average_flatness`, `worst_flatness`: the analysis of the weight loss
+    landscape (`flatrobust.report` and `flatrobust.evaluate` are imported on use).
 """
 from . import models
 from .attacks import L2Ball, LinfBall, fgsm, pgd
 from .awp import AWP
+from .flatness import average_flatness, worst_flatness
+from .landscape import filter_normalized_direction, landscape_1d, landscape_2d
 from .modes import frozen_bn_stats, train_mode
 from .objectives import AT, MART, TRADES, AttackConfig, Objective, create_objective
+from .train import train_step
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AWP", "pgd", "fgsm", "LinfBall", "L2Ball", "AT", "TRADES", "MART", "AttackConfig", "Objective",
-    "create_objective", "models", "frozen_bn_stats", "train_mode", "__version__",
+    "create_objective", "models", "frozen_bn_stats", "train_mode", "train_step", "landscape_1d", "landscape_2d",
+    "filter_normalized_direction", "average_flatness", "worst_flatness", "__version__",
 ]
