@@ -1,0 +1,198 @@
+"""`flatrobust eval CHECKPOINT`: the evaluation protocol on a checkpoint's test set, with trust checks.
+
+    flatrobust eval runs/at_awp/best.pt                          # full test set, every attack, checks
+    flatrobust eval runs/at_awp/best.pt --attacks clean,pgd20 --n 1000 --eps 8/255
+
+The threat model (norm, eps, PGD step) comes from the checkpoint's training config unless overridden.
+Writes eval.json next to the checkpoint (or --out): the resolved evaluation config and the command that
+reproduces it, the training config, per-attack results, the trust checks, and the versions used.
+A thin layer over `flatrobust.evaluate.evaluate`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import re
+import shlex
+import sys
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from ..errors import UserError
+from ..evaluate import PROTOCOL, default_alpha, evaluate, format_table, require_autoattack, resolve_attacks
+
+_NUMBER = r"\s*[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?\s*"
+
+
+def parse_pixels(text: str, what: str) -> float:
+    """'8/255', '0.031', '128/255' -> float; UserError (one line) for anything else or a negative value."""
+    m = re.fullmatch(f"({_NUMBER})(/({_NUMBER}))?", text)
+    if not m:
+        raise UserError(f"{what} must be a number or a fraction such as 8/255, got {text!r}")
+    value = float(m.group(1))
+    if m.group(6) is not None:
+        den = float(m.group(6))
+        if den == 0:
+            raise UserError(f"{what} {text!r} divides by zero")
+        value /= den
+    if not math.isfinite(value) or value < 0:
+        raise UserError(f"{what} must be >= 0, got {text!r}")
+    return value
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", help="a .pt file written by `flatrobust train`, or its run directory (best.pt, else last.pt)")
+    p.add_argument("--attacks", default=",".join(PROTOCOL),
+                   help=f"comma-separated attacks, default the paper's protocol: {','.join(PROTOCOL)}")
+    p.add_argument("--n", type=int, default=None, help="evaluate a fixed subset of N test examples (seeded by --seed); default: the full test set")
+    p.add_argument("--eps", default=None, help="radius in pixel units, e.g. 8/255 or 0.5; default: the checkpoint's attack.eps")
+    p.add_argument("--alpha", default=None, help="PGD step size (same syntax); default: eps/4 for linf, eps*15/128 for l2")
+    p.add_argument("--norm", choices=("linf", "l2"), default=None, help="threat model; default: the checkpoint's attack.norm")
+    p.add_argument("--batch-size", type=int, default=256, help="examples per attack call (default 256)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: cuda when available (default)")
+    p.add_argument("--out", default=None, help="where to write the results (default: eval.json next to the checkpoint)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the subset and every attack's randomness (default 0)")
+    p.add_argument("--data-root", default=None, help="dataset root; default: the checkpoint's data.root")
+    p.add_argument("--checks-n", type=int, default=200, help="examples the trust checks run on (default 200)")
+    p.add_argument("--no-checks", action="store_true", help="skip the trust checks")
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda but no CUDA device is available: use --device cpu or auto")
+    return torch.device(name)
+
+
+def _threat_model(args, cfg: dict) -> tuple[str, float, float | None]:
+    attack = cfg.get("attack") or {}
+    norm = args.norm or attack.get("norm")
+    if norm not in ("linf", "l2"):
+        raise UserError(f"the checkpoint's config has no usable attack.norm ({norm!r}): pass --norm linf or --norm l2")
+    if args.eps is not None:
+        eps = parse_pixels(args.eps, "--eps")
+    elif isinstance(attack.get("eps"), (int, float)):
+        eps = float(attack["eps"])
+    else:
+        raise UserError("the checkpoint's config has no attack.eps: pass --eps, e.g. --eps 8/255")
+    # The evaluation step is the protocol's (default_alpha), not training's: a training recipe may use
+    # a step that makes a weak evaluation attack (FGSM-RS trains with 1.25 * eps).
+    alpha = parse_pixels(args.alpha, "--alpha") if args.alpha is not None else None
+    return norm, eps, alpha
+
+
+def _environment(device: torch.device) -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    from .. import __version__
+
+    try:
+        aa = version("pyautoattack")
+    except PackageNotFoundError:
+        aa = None
+    env = {"flatrobust": __version__, "torch": torch.__version__, "pyautoattack": aa,
+           "python": platform.python_version(), "platform": platform.platform(), "device": str(device)}
+    if device.type == "cuda":
+        env["device_name"] = torch.cuda.get_device_name(device)
+    return env
+
+
+def _write_json(obj: dict, path: Path) -> None:
+    """Atomically: a crash never leaves half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..checkpoint import model_from_checkpoint
+    from ..data import DataError, load_dataset
+
+    names = resolve_attacks(args.attacks)
+    if "autoattack" in names:
+        require_autoattack()
+    if args.n is not None and args.n < 1:
+        raise UserError(f"--n must be >= 1, got {args.n}")
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.checks_n < 1:
+        raise UserError(f"--checks-n must be >= 1, got {args.checks_n}")
+    if args.eps is not None:
+        parse_pixels(args.eps, "--eps")  # fail on a bad value before loading anything
+    device = _device(args.device)
+
+    path = Path(args.checkpoint)
+    try:
+        model, ckpt = model_from_checkpoint(path, device)  # one-line CheckpointError if missing or corrupt
+    except UserError:
+        raise
+    except (KeyError, TypeError, ValueError) as e:  # a readable file whose config cannot rebuild the model
+        raise UserError(f"{path}: its config does not describe a model and dataset ({type(e).__name__}: {e}): "
+                        "pass a checkpoint written by `flatrobust train`") from None
+    cfg = ckpt["config"]
+    data_cfg = cfg["data"]
+    norm, eps, alpha = _threat_model(args, cfg)
+    ckpt_file = path / ("best.pt" if (path / "best.pt").exists() else "last.pt") if path.is_dir() else path
+
+    root = args.data_root if args.data_root is not None else data_cfg.get("root")
+    try:
+        test = load_dataset(data_cfg["name"], "test", root=root, download=bool(data_cfg.get("download", False)))
+    except DataError as e:
+        raise UserError(str(e)) from None
+    if args.n is not None:
+        test = test.subset(args.n, seed=args.seed)
+
+    print(f"evaluating {ckpt_file} ({cfg['model']}, {data_cfg['name']} test, {len(test)} examples) "
+          f"under {norm} eps={eps:.6g} on {device}", flush=True)
+    result = evaluate(model, test.x, test.y, attacks=names, norm=norm, eps=eps, alpha=alpha, batch_size=args.batch_size,
+                      seed=args.seed, device=device, progress=None, checks=not args.no_checks, checks_n=args.checks_n)
+
+    print(format_table(result))
+    if result["checks"] is not None:
+        from ..trust import format_checks
+
+        failed = [c["name"] for c in result["checks"] if not c["passed"]]
+        print(f"trust checks on {result['checks_n']} examples: "
+              + (f"{len(failed)} FAILED ({', '.join(failed)})" if failed else "all passed"))
+        print(format_checks(result["checks"]))
+
+    out = Path(args.out) if args.out else ckpt_file.parent / "eval.json"
+    command = ["flatrobust", "eval", str(ckpt_file), "--attacks", ",".join(names), "--norm", norm, "--eps", repr(eps),
+               "--alpha", repr(result["alpha"]), "--seed", str(args.seed), "--batch-size", str(args.batch_size)]
+    command += ["--n", str(args.n)] if args.n is not None else []
+    command += ["--no-checks"] if args.no_checks else ["--checks-n", str(args.checks_n)]
+    command += ["--data-root", str(args.data_root)] if args.data_root is not None else []
+    report = {
+        "format": "flatrobust-eval",
+        "version": 1,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": shlex.join(command),
+        "checkpoint": str(ckpt_file.resolve()),
+        "epoch": ckpt.get("epoch") if isinstance(ckpt.get("epoch"), int) else None,
+        "config": {"model": cfg["model"], "data": {"name": data_cfg["name"], "root": root, "split": "test",
+                                                   "n": args.n, "subset_seed": args.seed if args.n is not None else None},
+                   "attacks": names, "norm": norm, "eps": eps, "alpha": result["alpha"],
+                   "alpha_default": default_alpha(norm, eps), "batch_size": args.batch_size, "seed": args.seed,
+                   "checks": not args.no_checks, "checks_n": result["checks_n"]},
+        "train_config": cfg,
+        "environment": _environment(device),
+        **{k: result[k] for k in ("n", "attacks", "worst_case", "checks", "seconds")},
+    }
+    _write_json(report, out)
+    print(f"wrote {out}")
+    return 0

@@ -1,0 +1,338 @@
+"""The evaluation protocol of the field as a library: named attacks, one `evaluate` call, trust checks.
+
+    >>> from flatrobust.evaluate import evaluate
+    >>> res = evaluate(model, x, y, attacks=["clean", "pgd20", "autoattack"], norm="linf", eps=8 / 255)
+    >>> res["attacks"]["pgd20"]["accuracy"], res["worst_case"]["accuracy"], res["checks"]
+
+The attacks of the AWP paper's tables (Wu et al. 2020): natural, FGSM, PGD-20, PGD-100, CW-inf (PGD-20 on
+the CW margin) and AutoAttack "standard" (Croce & Hein 2020: APGD-CE, APGD-T, FAB-T, Square, cascaded on
+the points still robust). Inputs are in [0, 1] with normalization inside the model, the model is in eval
+mode for every attack and every forward, and each attack draws its randomness from its own generator
+seeded by (seed, attack name), so a number does not depend on which other attacks ran with it.
+"""
+from __future__ import annotations
+
+import difflib
+import logging
+import math
+import time
+import zlib
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+from torch import nn
+
+from .attacks import fgsm, pgd, threat_model
+from .errors import UserError
+from .modes import train_mode
+
+__all__ = [
+    "ATTACKS", "AUTOATTACK_STAGES", "PROTOCOL", "Attack", "AttackContext", "default_alpha", "evaluate",
+    "format_table", "require_autoattack", "resolve_attacks",
+]
+
+
+def default_alpha(norm: str, eps: float) -> float:
+    """PGD step size: the paper's steps scaled with eps, eps/4 for L-inf (2/255 at 8/255) and eps * 15/128
+    for L2 (15/255 at 128/255), the step sizes of AWP's official training and evaluation code."""
+    return eps / 4 if norm == "linf" else eps * 15 / 128
+
+
+@dataclass(frozen=True)
+class AttackContext:
+    """What an attack needs besides (model, x, y): the threat model, the PGD step, its own randomness."""
+
+    norm: str
+    eps: float
+    alpha: float
+    seed: int  # this attack's seed, derived from evaluate's seed and the attack's name
+    generator: torch.Generator  # on `device`, seeded with `seed`, consumed batch after batch
+    device: torch.device
+
+
+@dataclass(frozen=True)
+class Attack:
+    """A named attack of the protocol.
+
+    `run(model, x, y, ctx)` gets a batch (B, C, H, W) in [0, 1] on ctx.device, the model in eval mode, and
+    returns x_adv of the same shape inside the eps ball, or (x_adv, extras) where extras may hold
+    "stages": {stage: ((B,) bool robust after that stage, seconds)} and "warnings": [str] (AutoAttack).
+    `params(ctx)` is the dict of parameters written next to the result.
+    """
+
+    name: str
+    summary: str
+    run: Callable[[nn.Module, torch.Tensor, torch.Tensor, AttackContext], Any]
+    params: Callable[[AttackContext], dict]
+
+
+def _pgd_attack(name: str, steps: int, loss: str, summary: str) -> Attack:
+    def run(model, x, y, ctx):
+        return pgd(model, x, y, eps=ctx.eps, alpha=ctx.alpha, steps=steps, norm=ctx.norm, loss=loss,
+                   random_start=True, restarts=1, generator=ctx.generator)
+
+    def params(ctx):
+        return {"steps": steps, "alpha": ctx.alpha, "loss": loss, "random_start": True, "restarts": 1}
+
+    return Attack(name, summary, run, params)
+
+
+# AutoAttack "standard", in the order it cascades them (each runs on the points the previous ones left robust).
+AUTOATTACK_STAGES = ("apgd-ce", "apgd-t", "fab-t", "square")
+_AA_NORMS = {"linf": "Linf", "l2": "L2"}
+
+
+def require_autoattack() -> None:
+    """UserError (one line) if pyautoattack, the optional dependency behind the 'autoattack' attack, is missing."""
+    try:
+        import pyautoattack  # noqa: F401
+    except ImportError:
+        raise UserError("attack 'autoattack' needs the pyautoattack package: pip install pyautoattack "
+                        "(or pip install 'flatrobust[autoattack]'), or leave autoattack out of the attacks") from None
+
+
+class _Collect(logging.Handler):
+    """Keeps AutoAttack's own warnings (randomized defense, probabilities, Square better, ...) for the report."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def _autoattack(model, x, y, ctx):
+    """AutoAttack "standard" through pyautoattack, one stage at a time so that each stage's accuracy is known.
+
+    Each stage runs on the points of the batch that every earlier stage left robust, with the same seed,
+    as pyautoattack's own cascade does; run stage by stage, we also keep the robust mask and the time
+    after every stage (the Square check of `trust` reads them).
+    """
+    from pyautoattack import AutoAttack
+
+    aa = AutoAttack(model, norm=_AA_NORMS[ctx.norm], eps=ctx.eps, version="standard", device=ctx.device, seed=ctx.seed)
+    with torch.no_grad():
+        logits = model(x)  # (B, K)
+    robust = logits.argmax(1) == y
+    n_targets = min(9, logits.shape[1] - 1)  # the standard 9 target classes; fewer only with < 10 classes
+    aa.apgd_targeted.n_target_classes = aa.fab.n_target_classes = n_targets
+    x_adv, stages = x.clone(), {}
+    collect = _Collect()
+    aa_logger = logging.getLogger("auto-attack")
+    aa_logger.addHandler(collect)
+    # pyautoattack reseeds torch's global RNG with its seed; fork_rng gives the caller its RNG state back.
+    devices = [x.device.index or 0] if x.device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=devices):
+            for stage in AUTOATTACK_STAGES:
+                idx = robust.nonzero().squeeze(1)
+                _sync(x.device)
+                t0 = time.perf_counter()
+                if len(idx):
+                    aa.attacks_to_run = [stage]
+                    adv, _ = aa.run_standard_evaluation(x[idx], y[idx], batch_size=len(idx))
+                    with torch.no_grad():
+                        fooled = model(adv).argmax(1) != y[idx]
+                    x_adv[idx[fooled]] = adv[fooled].to(x_adv.dtype)
+                    robust[idx[fooled]] = False
+                _sync(x.device)
+                stages[stage] = (robust.clone(), time.perf_counter() - t0)
+    finally:
+        aa_logger.removeHandler(collect)
+    return x_adv, {"stages": stages, "warnings": collect.messages}
+
+
+def _autoattack_params(ctx):
+    return {"version": "standard", "stages": list(AUTOATTACK_STAGES), "seed": ctx.seed,
+            "package": "pyautoattack", "apgd_iterations": 100, "target_classes": 9, "square_queries": 5000}
+
+
+ATTACKS: dict[str, Attack] = {
+    "clean": Attack("clean", "natural accuracy, no attack", lambda model, x, y, ctx: x, lambda ctx: {}),
+    "fgsm": Attack("fgsm", "FGSM: one step of size eps on cross-entropy, no random start",
+                   lambda model, x, y, ctx: fgsm(model, x, y, eps=ctx.eps, norm=ctx.norm),
+                   lambda ctx: {"steps": 1, "alpha": ctx.eps, "loss": "ce", "random_start": False}),
+    "pgd20": _pgd_attack("pgd20", 20, "ce", "PGD-20 on cross-entropy, random start"),
+    "pgd100": _pgd_attack("pgd100", 100, "ce", "PGD-100 on cross-entropy, random start"),
+    "cw20": _pgd_attack("cw20", 20, "cw", "PGD-20 on the CW margin max_{j!=y} z_j - z_y (CW-inf of the paper)"),
+    "autoattack": Attack("autoattack", "AutoAttack standard (APGD-CE, APGD-T, FAB-T, Square) via pyautoattack",
+                         _autoattack, _autoattack_params),
+}
+
+# The paper's table, in its column order.
+PROTOCOL = ("clean", "fgsm", "pgd20", "pgd100", "cw20", "autoattack")
+
+
+def resolve_attacks(names: str | Iterable[str]) -> list[str]:
+    """Attack names (a comma-separated string or a list) checked against ATTACKS, duplicates dropped.
+
+    UserError (one line, with the closest known name) for an unknown one."""
+    if isinstance(names, str):
+        names = names.split(",")
+    out: list[str] = []
+    for raw in names:
+        name = raw.strip().lower()
+        if not name:
+            continue
+        if name not in ATTACKS:
+            close = difflib.get_close_matches(name, list(ATTACKS), n=1, cutoff=0.5)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise UserError(f"unknown attack {raw.strip()!r}: {hint}known attacks: {', '.join(ATTACKS)}")
+        if name not in out:
+            out.append(name)
+    if not out:
+        raise UserError(f"no attack given: choose from {', '.join(ATTACKS)}")
+    return out
+
+
+def _attack_seed(seed: int, name: str) -> int:
+    """A seed per (evaluation seed, attack): each attack's randomness is independent of the others'."""
+    return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def evaluate(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    norm: str,
+    eps: float,
+    attacks: str | Sequence[str] = PROTOCOL,
+    alpha: float | None = None,
+    batch_size: int = 256,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    progress: bool | None = True,
+    checks: bool = True,
+    checks_n: int = 200,
+) -> dict:
+    """Accuracy of `model` on (x, y) under each attack of `attacks`, plus the worst case over them and the
+    trust checks of `flatrobust.trust`.
+
+    Args:
+        model: maps images in [0, 1] to logits; evaluated in eval mode (its modes are restored after) and
+            moved to `device`.
+        x, y: images (N, C, H, W) in [0, 1] and labels (N,), on any device (moved batch by batch).
+        norm, eps: the threat model, "linf" or "l2", eps in pixel units (e.g. 8/255).
+        attacks: names from ATTACKS (list or comma-separated string); default the whole PROTOCOL.
+        alpha: PGD step size; default `default_alpha(norm, eps)` (2/255 at L-inf 8/255, 15/255 at L2 128/255).
+        batch_size: examples per attack call.
+        seed: seeds every attack's randomness; same seed, batch size and device -> same numbers.
+        device: where to run; None: the device of the model's parameters.
+        progress: tqdm bar over (attack, batch); None shows it only on a terminal.
+        checks: run the trust checks on a fixed subset of `checks_n` examples (seeded by `seed`).
+
+    Returns a JSON-ready dict:
+        {"n", "norm", "eps", "alpha", "seed", "batch_size", "device",
+         "attacks": {name: {"accuracy", "correct", "seconds", "params", "max_perturbation",
+                            "outside_threat_model",
+                            ["stages": {stage: {"accuracy", "correct", "seconds"}}, "warnings": [str]]}},
+         "worst_case": {"accuracy", "correct", "over": [names]},  # correct clean and under every attack
+         "checks": [{"name", "passed", "detail", "suggests"}] or None, "checks_n", "seconds"}
+    """
+    names = resolve_attacks(attacks)
+    if "autoattack" in names:
+        require_autoattack()
+    if norm not in ("linf", "l2"):
+        raise UserError(f"unknown norm {norm!r}: use 'linf' or 'l2'")
+    if not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
+        raise UserError(f"eps must be a finite number >= 0, got {eps!r}")
+    alpha = default_alpha(norm, eps) if alpha is None else alpha
+    if not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha < 0:
+        raise UserError(f"alpha must be a finite number >= 0, got {alpha!r}")
+    if batch_size < 1:
+        raise UserError(f"batch size must be >= 1, got {batch_size}")
+    n = len(y)
+    if n < 1 or x.shape[0] != n:
+        raise UserError(f"need at least one example and as many labels as images, got {x.shape[0]} images and {n} labels")
+    if device is None:
+        device = next(model.parameters(), torch.empty(0)).device
+    device = torch.device(device)
+    model.to(device)
+    ball = threat_model(norm, eps)
+    from tqdm.auto import tqdm
+
+    start_all = time.perf_counter()
+    result: dict[str, Any] = {"n": n, "norm": norm, "eps": float(eps), "alpha": float(alpha), "seed": seed,
+                              "batch_size": batch_size, "device": str(device), "attacks": {}}
+    robust_all = {}
+    n_batches = math.ceil(n / batch_size)
+    bar = tqdm(total=len(names) * n_batches, desc="eval", unit="batch", disable=None if progress is None else not progress)
+    with train_mode(model, False):
+        for name in names:
+            attack = ATTACKS[name]
+            s = _attack_seed(seed, name)
+            ctx = AttackContext(norm, float(eps), float(alpha), s, torch.Generator(device).manual_seed(s), device)
+            robust = torch.zeros(n, dtype=torch.bool)
+            stages = {}
+            warnings: list[str] = []
+            max_pert, outside, seconds = 0.0, 0, 0.0
+            bar.set_description(f"eval {name}")
+            for lo in range(0, n, batch_size):
+                xb = x[lo : lo + batch_size].to(device)  # (B, C, H, W)
+                yb = y[lo : lo + batch_size].to(device)  # (B,)
+                _sync(device)
+                t0 = time.perf_counter()
+                out = attack.run(model, xb, yb, ctx)
+                x_adv, extras = out if isinstance(out, tuple) else (out, {})
+                with torch.no_grad():
+                    correct = model(x_adv).argmax(1) == yb
+                _sync(device)
+                seconds += time.perf_counter() - t0
+                robust[lo : lo + batch_size] = correct.cpu()
+                dist = ball.norm(x_adv - xb)  # (B,)
+                bad = (dist > eps + 1e-5) | (x_adv.flatten(1).amin(1) < 0) | (x_adv.flatten(1).amax(1) > 1)
+                max_pert = max(max_pert, float(dist.max()))
+                outside += int(bad.sum())
+                for stage, (mask, secs) in extras.get("stages", {}).items():
+                    masks, total = stages.get(stage, ([], 0.0))
+                    stages[stage] = (masks + [mask.cpu()], total + secs)
+                warnings += [w for w in extras.get("warnings", []) if w not in warnings]
+                bar.update(1)
+            robust_all[name] = robust
+            res = {"accuracy": robust.float().mean().item(), "correct": int(robust.sum()), "seconds": round(seconds, 3),
+                   "params": attack.params(ctx), "max_perturbation": max_pert, "outside_threat_model": outside}
+            if stages:
+                res["stages"] = {k: {"accuracy": torch.cat(m).float().mean().item(), "correct": int(torch.cat(m).sum()),
+                                     "seconds": round(secs, 3)} for k, (m, secs) in stages.items()}
+                res["warnings"] = warnings
+            result["attacks"][name] = res
+        bar.close()
+        if "clean" not in robust_all:  # the worst case also asks for a correct clean prediction
+            with torch.no_grad():
+                robust_all["clean"] = torch.cat([model(x[lo : lo + batch_size].to(device)).argmax(1).cpu()
+                                                 for lo in range(0, n, batch_size)]) == y.cpu()
+        worst = torch.stack(list(robust_all.values())).all(0)  # robust only if every attack failed on it
+        result["worst_case"] = {"accuracy": worst.float().mean().item(), "correct": int(worst.sum()), "over": names}
+        result["checks"], result["checks_n"] = None, 0
+        if checks:
+            from . import trust
+
+            g = torch.Generator().manual_seed(seed)
+            idx = torch.randperm(n, generator=g)[:checks_n].sort().values  # a fixed subset for this seed
+            result["checks"] = trust.run_checks(model, x[idx.to(x.device)], y[idx.to(y.device)], norm=norm, eps=eps,
+                                                alpha=alpha, results=result, seed=seed, batch_size=batch_size, device=device)
+            result["checks_n"] = len(idx)
+    result["seconds"] = round(time.perf_counter() - start_all, 3)
+    return result
+
+
+def format_table(result: dict) -> str:
+    """The results of `evaluate` as a plain-text table, one row per attack plus the worst case."""
+    n = result["n"]
+    rows = [f"{'attack':<12} {'accuracy':>9} {'correct':>12} {'seconds':>9}"]
+    for name, r in result["attacks"].items():
+        rows.append(f"{name:<12} {100 * r['accuracy']:>8.2f}% {r['correct']:>6}/{n:<5} {r['seconds']:>9.2f}")
+        for stage, st in r.get("stages", {}).items():
+            rows.append(f"{'  ' + stage:<12} {100 * st['accuracy']:>8.2f}% {st['correct']:>6}/{n:<5} {st['seconds']:>9.2f}")
+    w = result["worst_case"]
+    if len(result["attacks"]) > 1:
+        rows.append(f"{'worst case':<12} {100 * w['accuracy']:>8.2f}% {w['correct']:>6}/{n:<5} {'':>9}")
+    return "\n".join(rows)
