@@ -115,21 +115,21 @@ def test_resume_in_process_equals_uninterrupted(tmp_path):
 
 def test_sigkill_mid_epoch_then_resume_is_bit_identical(tmp_path):
     """A real training process killed with SIGKILL, restarted with --resume, ends exactly as an uninterrupted one."""
-    over = [*TINY, "epochs=3", "checkpoint_every=1", f"out_dir={tmp_path}", "--quiet"]
+    # 8 epochs of 4 steps: an epoch takes ~0.1 s on an idle CPU, so the kill lands with most of the run ahead
+    over = [*TINY, "epochs=8", "checkpoint_every=1", f"out_dir={tmp_path}", "--quiet"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "flatrobust", "train", "recipes/digits_at_awp.yaml"]
     subprocess.run(cmd + over + ["name=full"], check=True, env=env, timeout=300)
     proc = subprocess.Popen(cmd + over + ["name=killed"], env=env)
     run = tmp_path / "killed"
     deadline = time.time() + 120
-    while time.time() < deadline:  # kill once a mid-epoch checkpoint of epoch >= 2 exists
+    while time.time() < deadline:  # kill as soon as epoch 1 is done: somewhere in epoch 2 or 3
         if (run / "metrics.jsonl").exists() and (run / "metrics.jsonl").read_text().count("\n") >= 1:
-            time.sleep(0.3)
             break
-        time.sleep(0.05)
+        time.sleep(0.01)
     assert proc.poll() is None, "the run finished before it could be killed: make it longer"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert not (run / "metrics.jsonl").read_text().count("\n") == 3
+    assert (run / "metrics.jsonl").read_text().count("\n") < 8
     subprocess.run(cmd[:4] + ["--resume", str(run), "--quiet"], check=True, env=env, timeout=300)
     _assert_same(_final(tmp_path / "full"), _final(run))

@@ -156,6 +156,8 @@ def _coerce(key: str, value: Any, typ: type) -> Any:
     if typ is str:
         if isinstance(value, (dict, list)) or value is None:
             raise UserError(f"{key} must be a string, got {value!r}")
+        if isinstance(value, bool):  # YAML reads a bare off/on as a boolean
+            return "on" if value else "off"
         return str(value)
     raise AssertionError(typ)
 

@@ -28,6 +28,8 @@ class Autocast(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
+        if self.dtype == torch.float32:  # channels_last alone: no autocast region at all
+            return self.inner(x)
         with torch.autocast(self.device_type, dtype=self.dtype):
             return self.inner(x).float()
 

@@ -84,12 +84,52 @@ def lr_at(step: int, total_steps: int, cfg: RunConfig) -> float:
     return base
 
 
-def resolve_device(spec: str) -> torch.device:
+def resolve_device(spec: str, local_rank: int = 0) -> torch.device:
     if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        spec = "cuda" if torch.cuda.is_available() else "cpu"
     if spec.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"device={spec} but no CUDA device is available: use device=cpu or device=auto")
+    if spec == "cuda":  # one GPU per process under torchrun
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
     return torch.device(spec)
+
+
+@dataclass
+class Dist:
+    """This process's place in a torchrun/DDP job (rank 0 of 1 when run alone)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def all_sum(self, values: list[float], device: torch.device) -> list[float]:
+        if self.world == 1:
+            return values
+        t = torch.tensor(values, dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(t)
+        return t.tolist()
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            torch.distributed.barrier()
+
+
+def init_distributed(cfg: RunConfig) -> Dist:
+    """Join the process group when started by torchrun (WORLD_SIZE > 1): NCCL on CUDA, gloo on CPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    if cfg.checkpoint_every:
+        raise UserError("checkpoint_every is not supported with several processes: checkpoints are written at epoch ends")
+    if not torch.distributed.is_initialized():
+        cuda = cfg.device != "cpu" and torch.cuda.is_available()
+        torch.distributed.init_process_group("nccl" if cuda else "gloo")
+    return Dist(torch.distributed.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0")))
 
 
 @torch.no_grad()
@@ -97,18 +137,24 @@ def _accuracy(model, x, y) -> float:
     return (model(x).argmax(1) == y).float().sum().item()
 
 
-def robust_accuracy(model: nn.Module, data: TensorData, attack: AttackConfig, *, batch_size: int, seed: int) -> tuple[float, float]:
-    """(clean, PGD) accuracy in eval mode on `data`, PGD with a fixed random start (seeded)."""
+def robust_accuracy(model: nn.Module, data: TensorData, attack: AttackConfig, *, batch_size: int, seed: int,
+                    dist: Dist | None = None) -> tuple[float, float]:
+    """(clean, PGD) accuracy in eval mode on `data`, PGD with a fixed random start (seeded).
+
+    Under DDP each process evaluates every `world`-th batch and the counts are summed.
+    """
+    dist = dist or Dist()
     model_was_training = model.training
     model.eval()
-    g = torch.Generator(device=data.x.device).manual_seed(seed)
+    g = torch.Generator(device=data.x.device).manual_seed(seed + dist.rank)
     clean = robust = 0.0
-    for i in range(0, len(data), batch_size):
+    for i in range(dist.rank * batch_size, len(data), batch_size * dist.world):
         xb, yb = data.x[i:i + batch_size], data.y[i:i + batch_size]
         clean += _accuracy(model, xb, yb)
         xa = pgd(model, xb, yb, eps=attack.eps, alpha=attack.alpha, steps=attack.steps, norm=attack.norm, generator=g)
         robust += _accuracy(model, xa, yb)
     model.train(model_was_training)
+    clean, robust = dist.all_sum([clean, robust], data.x.device)
     return clean / len(data), robust / len(data)
 
 
@@ -148,10 +194,13 @@ class Run:
     objective: Objective
     optimizer: torch.optim.Optimizer
     awp: AWP | None
+    dist: Dist
+    local_forward: nn.Module  # `forward` without DDP: evaluation runs per process with no collective in the forward
 
 
-def build(cfg: RunConfig) -> Run:
-    device = resolve_device(cfg.device)
+def build(cfg: RunConfig, dist: Dist | None = None) -> Run:
+    dist = dist or Dist()
+    device = resolve_device(cfg.device, dist.local_rank)
     info = DATASETS[cfg.data.name]
     try:
         train = load_dataset(cfg.data.name, "train", root=cfg.data.root, download=cfg.data.download)
@@ -171,12 +220,19 @@ def build(cfg: RunConfig) -> Run:
     o = cfg.optim
     optimizer = torch.optim.SGD(model.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay,
                                 nesterov=o.nesterov and o.momentum > 0)
-    forward = accelerate(model, device, amp=cfg.speed.amp, channels_last=cfg.speed.channels_last, compile=cfg.speed.compile)
-    awp = AWP(forward, gamma=cfg.awp.gamma) if cfg.awp.gamma > 0 else None
-    return Run(cfg, device, train.to(device), eval_train, eval_test, model, forward, objective, optimizer, awp)
+    local = accelerate(model, device, amp=cfg.speed.amp, channels_last=cfg.speed.channels_last)
+    wrapped = local
+    if dist.world > 1:  # AWP's ascent runs on wrapped.module (no reducer involved) and all-reduces its gradient
+        wrapped = nn.parallel.DistributedDataParallel(local, device_ids=[device.index] if device.type == "cuda" else None)
+    awp = AWP(wrapped, gamma=cfg.awp.gamma) if cfg.awp.gamma > 0 else None
+    forward = torch.compile(wrapped) if cfg.speed.compile else wrapped
+    # Evaluation runs in every process on its own share, with no collective inside the forward.
+    eval_forward = forward if dist.world == 1 else (torch.compile(local) if cfg.speed.compile else local)
+    return Run(cfg, device, train.to(device), eval_train, eval_test, model, forward, objective, optimizer, awp, dist,
+               eval_forward)
 
 
-def _epoch_generators(cfg: RunConfig, epoch: int, device: torch.device) -> tuple[torch.Generator, torch.Generator]:
+def _epoch_generators(cfg: RunConfig, epoch: int, device: torch.device, rank: int = 0) -> tuple[torch.Generator, torch.Generator]:
     """(order, noise): the data order and the augmentation/attack noise of one epoch, from (seed, epoch).
 
     Deriving them from (seed, epoch) instead of carrying one stream across epochs makes every epoch
@@ -184,7 +240,7 @@ def _epoch_generators(cfg: RunConfig, epoch: int, device: torch.device) -> tuple
     """
     base = (cfg.seed * 1_000_003 + epoch) % (2**63)
     order = torch.Generator(device=device).manual_seed(base)
-    noise = torch.Generator(device=device).manual_seed(base ^ 0x5DEECE66D)
+    noise = torch.Generator(device=device).manual_seed(base ^ 0x5DEECE66D ^ (rank << 40))  # own noise per process
     return order, noise
 
 
@@ -230,26 +286,39 @@ def fit(cfg: RunConfig, *, resume_dir: str | Path | None = None, overwrite: bool
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    run = build(cfg)  # everything that can fail on bad input fails here, before any file is written
+    dist = init_distributed(cfg)
+    run = build(cfg, dist)  # everything that can fail on bad input fails here, before any file is written
     state: dict[str, Any] | None = None
     if resume_dir is not None:
         run_dir = Path(resume_dir)
         if (run_dir / "last.pt").exists():
             state = load_checkpoint(run_dir / "last.pt", map_location=run.device)
-    else:
+    elif dist.main:
         run_dir = prepare_run_dir(cfg, overwrite=overwrite)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    (run_dir / "env.json").write_text(json.dumps(environment(cfg, run.device), indent=2) + "\n")
-    return _loop(run, run_dir, state, progress=progress, stop_after_steps=stop_after_steps)
+    else:
+        run_dir = Path(cfg.out_dir) / cfg.name
+    if dist.main:  # one process writes files under torchrun
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        env = environment(cfg, run.device) | {"world_size": dist.world}
+        (run_dir / "env.json").write_text(json.dumps(env, indent=2) + "\n")
+    dist.barrier()
+    try:
+        return _loop(run, run_dir, state, progress=progress and dist.main, stop_after_steps=stop_after_steps)
+    finally:
+        if dist.world > 1 and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 def _loop(run: Run, run_dir: Path, state: dict | None, *, progress: bool, stop_after_steps: int | None) -> Path:
     from tqdm import tqdm
 
-    cfg, model, optimizer, device = run.cfg, run.model, run.optimizer, run.device
+    cfg, model, optimizer, device, dist = run.cfg, run.model, run.optimizer, run.device, run.dist
     n = len(run.train)
-    steps_per_epoch = math.ceil(n / cfg.batch_size)
+    # Under DDP every process takes its share of each global batch of batch_size; the last, incomplete
+    # batch is dropped so that no process is left without examples.
+    drop_last = dist.world > 1
+    steps_per_epoch = n // cfg.batch_size if drop_last else math.ceil(n / cfg.batch_size)
     total_steps = cfg.epochs * steps_per_epoch
     aug = _augment_args(cfg)
     eval_attack = AttackConfig(eps=cfg.attack.eps, alpha=cfg.eval.alpha or cfg.attack.alpha, steps=cfg.eval.steps, norm=cfg.attack.norm)
@@ -266,11 +335,13 @@ def _loop(run: Run, run_dir: Path, state: dict | None, *, progress: bool, stop_a
         torch.set_rng_state(state["torch_rng"])
         if device.type == "cuda" and state.get("cuda_rng") is not None:
             torch.cuda.set_rng_state(state["cuda_rng"], device)
-        history = _truncate_metrics(metrics_path, start_epoch)
+        history = _truncate_metrics(metrics_path, start_epoch) if dist.main else []
     else:
-        history = _truncate_metrics(metrics_path, 0)
+        history = _truncate_metrics(metrics_path, 0) if dist.main else []
 
     def checkpoint(path: Path, epoch: int, batch: int, noise: torch.Generator | None, sums: dict | None) -> None:
+        if not dist.main:
+            return
         save_checkpoint({
             "config": cfg.to_dict(), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "epoch": epoch, "batch": batch, "best": best, "skipped": skipped_total,
@@ -283,8 +354,8 @@ def _loop(run: Run, run_dir: Path, state: dict | None, *, progress: bool, stop_a
     steps_done = 0
     t_run = time.time()
     for epoch in range(start_epoch, cfg.epochs):
-        order, noise = _epoch_generators(cfg, epoch, device)
-        index_batches = list(batches(n, cfg.batch_size, shuffle=True, generator=order))
+        order, noise = _epoch_generators(cfg, epoch, device, dist.rank)
+        index_batches = [idx[dist.rank::dist.world] for idx in batches(n, cfg.batch_size, shuffle=True, generator=order, drop_last=drop_last)]
         first = 0
         sums = {"loss": 0.0, "correct": 0.0, "seen": 0, "skipped": 0, "time": 0.0}
         if epoch == start_epoch and start_batch > 0:  # continue inside the epoch where the checkpoint was taken
@@ -323,8 +394,9 @@ def _loop(run: Run, run_dir: Path, state: dict | None, *, progress: bool, stop_a
                 return run_dir
         bar.close()
         t_eval = time.time()
-        test_clean, test_rob = robust_accuracy(run.forward, run.eval_test, eval_attack, batch_size=cfg.eval.batch_size, seed=cfg.seed)
-        train_clean, train_rob = robust_accuracy(run.forward, run.eval_train, eval_attack, batch_size=cfg.eval.batch_size, seed=cfg.seed + 1)
+        test_clean, test_rob = robust_accuracy(run.local_forward, run.eval_test, eval_attack, batch_size=cfg.eval.batch_size, seed=cfg.seed, dist=dist)
+        train_clean, train_rob = robust_accuracy(run.local_forward, run.eval_train, eval_attack, batch_size=cfg.eval.batch_size, seed=cfg.seed + 1, dist=dist)
+        sums["loss"], sums["correct"], sums["seen"] = dist.all_sum([sums["loss"], sums["correct"], sums["seen"]], device)
         record = {
             "epoch": epoch + 1, "step": (epoch + 1) * steps_per_epoch, "lr": lr_at((epoch + 1) * steps_per_epoch - 1, total_steps, cfg),
             "awp_active": awp_on, "train_loss": sums["loss"] / max(sums["seen"], 1),
@@ -340,7 +412,8 @@ def _loop(run: Run, run_dir: Path, state: dict | None, *, progress: bool, stop_a
             best = test_rob
         # Order matters for a crash between writes: metrics, then best.pt, then last.pt. A resume starts
         # from last.pt, drops metric lines it does not cover and recomputes that epoch identically.
-        _write_json_line(metrics_path, record)
+        if dist.main:
+            _write_json_line(metrics_path, record)
         if is_best:
             checkpoint(run_dir / "best.pt", epoch + 1, 0, None, None)
         checkpoint(run_dir / "last.pt", epoch + 1, 0, None, None)

@@ -18,7 +18,6 @@ COMMANDS = {
     "landscape": ("landscape", "1-D / 2-D weight loss landscape of a checkpoint (filter-normalized)"),
     "flatness": ("flatness", "average- and worst-case flatness of a checkpoint (Stutz et al.)"),
     "report": ("report", "Markdown report with figures comparing run directories"),
-    "bench": ("bench", "time training steps and evaluation (see bench/)"),
 }
 
 
