@@ -107,3 +107,35 @@ def model_from_checkpoint(path: str | os.PathLike, device: str | torch.device = 
     except RuntimeError as e:
         raise CheckpointError(f"{path}: weights do not fit model {cfg['model']!r} ({str(e).splitlines()[0][:120]})") from None
     return model.to(device).eval(), state
+
+
+def load_weights(model: nn.Module, path: str | os.PathLike) -> None:
+    """Load pre-trained weights into `model` (fine-tuning): a flatrobust checkpoint or run directory, or a
+    plain state_dict file (optionally under a 'state_dict' or 'model' key, DDP's 'module.' prefix allowed).
+
+    Always `weights_only=True`; the keys and shapes must match `model` exactly (CheckpointError otherwise).
+    """
+    p = Path(path)
+    if p.is_dir() or not p.exists():
+        weights = load_checkpoint(p)["model"]
+    else:
+        try:
+            state = torch.load(p, map_location="cpu", weights_only=True)
+        except Exception:  # noqa: BLE001 - load_checkpoint turns the failure into one line
+            state = load_checkpoint(p)
+        if isinstance(state, dict) and state.get("format") == FORMAT:
+            state = load_checkpoint(p)
+        weights = state.get("model", state.get("state_dict", state)) if isinstance(state, dict) else state
+        if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
+            raise CheckpointError(f"{p} holds no state_dict of tensors: pass a flatrobust checkpoint or a file saved with torch.save(model.state_dict())")
+        weights = {k.removeprefix("module."): v for k, v in weights.items()}
+    missing, unexpected = sorted(set(model.state_dict()) - set(weights)), sorted(set(weights) - set(model.state_dict()))
+    if missing or unexpected:
+        raise CheckpointError(f"{p} does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]} "
+                              "(same architecture and dataset needed)")
+    own = model.state_dict()
+    bad = [k for k, v in weights.items() if v.shape != own[k].shape]
+    if bad:
+        raise CheckpointError(f"{p} does not fit the model: {bad[0]} has shape {tuple(weights[bad[0]].shape)}, "
+                              f"the model expects {tuple(own[bad[0]].shape)} (same architecture and number of classes needed)")
+    model.load_state_dict(weights)

@@ -83,6 +83,7 @@ class RunConfig:
     nonfinite: str = "stop"  # stop | skip: what a non-finite loss or AWP gradient does
     deterministic: bool = True  # torch.use_deterministic_algorithms (exact resume on CPU)
     checkpoint_every: int = 0  # > 0: also checkpoint every N steps inside an epoch
+    init_from: str = ""  # fine-tuning: start from the weights of this checkpoint / run directory / state_dict file
     data: DataConfig = field(default_factory=DataConfig)
     attack: AttackSpec = field(default_factory=AttackSpec)
     eval: EvalSpec = field(default_factory=EvalSpec)

@@ -27,7 +27,7 @@ from torch import nn
 from . import models
 from .attacks import pgd
 from .awp import AWP
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, load_weights, save_checkpoint
 from .config import RunConfig, config_from_dict
 from .data import DATASETS, DataError, TensorData, augment, batches, load_dataset
 from .errors import UserError
@@ -215,6 +215,11 @@ def build(cfg: RunConfig, dist: Dist | None = None) -> Run:
     torch.manual_seed(cfg.seed)
     model = models.create(cfg.model, num_classes=info.num_classes, in_channels=info.in_channels,
                           mean=info.mean, std=info.std).to(device)
+    if cfg.init_from:  # fine-tuning: pre-trained weights, fresh optimizer and schedule
+        try:
+            load_weights(model, cfg.init_from)
+        except UserError as e:
+            raise UserError(f"init_from: {e}") from None
     a = cfg.attack
     objective = create_objective(cfg.method, AttackConfig(eps=a.eps, alpha=a.alpha, steps=a.steps, norm=a.norm), beta=cfg.beta)
     o = cfg.optim
