@@ -1,4 +1,4 @@
-# `make demo`: set up and run the main job (AT vs AT-AWP on digits: train, evaluate, report).
+# `make demo`: set up and run the main job (AT vs AT-AWP on digits: train, evaluate, landscape, flatness, report).
 # `make test`: set up and run the test suite (what .ci/run calls).
 # Both create .venv from scratch with the pinned torch/torchvision of constraints.txt when it is missing.
 PYTHON ?= python3
@@ -29,6 +29,10 @@ demo: $(STAMP)
 	$(FR) train recipes/digits_at_awp.yaml out_dir=$(RUNS) --overwrite
 	$(FR) eval $(RUNS)/digits_at/best.pt --attacks clean,fgsm,pgd20,cw20,autoattack --n 100
 	$(FR) eval $(RUNS)/digits_at_awp/best.pt --attacks clean,fgsm,pgd20,cw20,autoattack --n 100
+	$(FR) landscape $(RUNS)/digits_at/best.pt --alphas=-1:1:11 --directions 2
+	$(FR) landscape $(RUNS)/digits_at_awp/best.pt --alphas=-1:1:11 --directions 2
+	$(FR) flatness $(RUNS)/digits_at/best.pt
+	$(FR) flatness $(RUNS)/digits_at_awp/best.pt
 	$(FR) report $(RUNS)/digits_at $(RUNS)/digits_at_awp --out $(RUNS)/report
 
 bench: $(STAMP)

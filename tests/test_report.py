@@ -136,3 +136,31 @@ def test_bad_run_dir_exits_2_with_one_line(tmp_path, capsys, breakage, message):
     assert main(["report", str(good), str(bad), "--out", str(tmp_path / "rep")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("flatrobust: error:") and message in err and err.count("\n") == 1
+
+
+def test_report_checks_awp_against_its_baseline(tmp_path):
+    """The AWP-vs-baseline table states, from the runs' own figures, which of the paper's expectations held."""
+    at = _fake_run(tmp_path / "at", "at", [0.30, 0.42, 0.38, 0.33], [0.35, 0.50, 0.60, 0.70])
+    awp = _fake_run(tmp_path / "at_awp", "at_awp", [0.31, 0.44, 0.45, 0.44], [0.33, 0.47, 0.50, 0.52])
+    other = _fake_run(tmp_path / "other_awp", "other_awp", [0.2, 0.1], [0.3, 0.4])
+    cfg = yaml.safe_load((other / "config.yaml").read_text())
+    cfg["attack"]["eps"] = 0.3  # another setting: no baseline to compare with
+    (other / "config.yaml").write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "rep"
+    assert main(["report", str(at), str(awp), str(other), "--out", str(out)]) == 0
+    md = (out / "report.md").read_text()
+    section = md.split("## AWP against its baseline")[1].split("\n## ")[0]
+    assert "**at_awp** (AWP gamma 0.01) against **at**" in section and "other_awp" not in section
+    assert "| test robust accuracy @last (%) | higher | 33.00 | 44.00 | 11.00 | yes |" in section
+    assert "| robust generalization gap @last (pts) | lower | 37.00 | 8.00 | -29.00 | yes |" in section
+    assert "| test robust accuracy @best (%) | higher | 42.00 | 45.00 | 3.00 | yes |" in section
+    assert "4 of 4 held" in section
+
+    # the other way round: the same figures with the roles swapped do not hold
+    for run, g in ((at, 0.01), (awp, 0.0)):
+        cfg = yaml.safe_load((run / "config.yaml").read_text())
+        cfg["awp"]["gamma"] = g
+        (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["report", str(at), str(awp), "--out", str(out)]) == 0
+    section = (out / "report.md").read_text().split("## AWP against its baseline")[1]
+    assert "0 of 4 held" in section
