@@ -1,4 +1,5 @@
 # `make demo`: set up and run the main job (AT vs AT-AWP on digits: train, evaluate, landscape, flatness, report).
+# To stay within ~5 minutes on 2 CPU cores it monitors, and analyses, fixed subsets of 200 images.
 # `make test`: set up and run the test suite (what .ci/run calls).
 # Both create .venv from scratch with the pinned torch/torchvision of constraints.txt when it is missing.
 PYTHON ?= python3
@@ -25,14 +26,14 @@ test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
 
 demo: $(STAMP)
-	$(FR) train recipes/digits_at.yaml out_dir=$(RUNS) --overwrite
-	$(FR) train recipes/digits_at_awp.yaml out_dir=$(RUNS) --overwrite
+	$(FR) train recipes/digits_at.yaml out_dir=$(RUNS) data.eval_subset=200 --overwrite
+	$(FR) train recipes/digits_at_awp.yaml out_dir=$(RUNS) data.eval_subset=200 --overwrite
 	$(FR) eval $(RUNS)/digits_at/best.pt --attacks clean,fgsm,pgd20,cw20,autoattack --n 100
 	$(FR) eval $(RUNS)/digits_at_awp/best.pt --attacks clean,fgsm,pgd20,cw20,autoattack --n 100
-	$(FR) landscape $(RUNS)/digits_at/best.pt --alphas=-1:1:11 --directions 2
-	$(FR) landscape $(RUNS)/digits_at_awp/best.pt --alphas=-1:1:11 --directions 2
-	$(FR) flatness $(RUNS)/digits_at/best.pt
-	$(FR) flatness $(RUNS)/digits_at_awp/best.pt
+	$(FR) landscape $(RUNS)/digits_at/best.pt --n 200 --alphas=-1:1:11 --directions 2
+	$(FR) landscape $(RUNS)/digits_at_awp/best.pt --n 200 --alphas=-1:1:11 --directions 2
+	$(FR) flatness $(RUNS)/digits_at/best.pt --n 200
+	$(FR) flatness $(RUNS)/digits_at_awp/best.pt --n 200
 	$(FR) report $(RUNS)/digits_at $(RUNS)/digits_at_awp --out $(RUNS)/report
 
 bench: $(STAMP)
