@@ -64,7 +64,7 @@ def train_step(
         model.train()
         loss, logits_adv = objective.loss_and_logits(model, x, x_adv, y)  # the training loss at w + v
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"training loss is {float(loss)}")
+            raise FloatingPointError(f"training loss is {float(loss.detach())}")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()  # momentum and weight decay act at w + v, as in the official code
