@@ -15,6 +15,7 @@ def test_there_is_a_recipe_per_paper_row():
     for method in ("at", "trades", "mart"):
         assert {f"cifar10_wrn34_10_{method}", f"cifar10_wrn34_10_{method}_awp"} <= names
     assert {"digits_at", "digits_at_awp", "fashion_mnist_at", "fashion_mnist_at_awp"} <= names
+    assert {"cifar10_wrn28_10_rst", "cifar10_wrn28_10_rst_awp"} <= names
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
@@ -26,6 +27,6 @@ def test_recipe_validates(path):
     if path.stem.startswith(("cifar", "svhn")):
         assert any(line.startswith("# Reproduces:") for line in header)
         assert any(line.startswith("# Target (paper):") for line in header)
-        assert cfg.epochs == 200 and cfg.batch_size == 128
+        assert cfg.epochs == 200 and cfg.batch_size == (256 if "_rst" in path.stem else 128)
     assert (cfg.awp.gamma > 0) == path.stem.endswith("_awp")
     assert set(read_yaml(path)) <= set(cfg.to_dict())

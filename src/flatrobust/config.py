@@ -28,6 +28,8 @@ class DataConfig:
     augment: str = "default"  # default (the dataset's usual: crop_flip for CIFAR) | crop_flip | none
     eval_subset: int = 1000  # fixed test subset AND train subset of this size, evaluated every epoch
     train_subset: int = 0  # > 0: train on a fixed subset of this many examples (quick experiments)
+    extra: str = ""  # RST: .npz of extra images with pseudo-labels (x, y), e.g. from `flatrobust pseudolabel`
+    extra_fraction: float = 0.5  # RST: share of every batch drawn from `extra` (Carmon et al.: half)
 
 
 @dataclass
@@ -108,7 +110,7 @@ CHOICES = {
 # key -> (lowest allowed, whether the bound itself is allowed)
 LOWER = {
     "epochs": (1, True), "batch_size": (1, True), "beta": (0, True), "checkpoint_every": (0, True),
-    "data.eval_subset": (1, True), "data.train_subset": (0, True),
+    "data.eval_subset": (1, True), "data.train_subset": (0, True), "data.extra_fraction": (0, True),
     "attack.eps": (0, True), "attack.alpha": (0, True), "attack.steps": (1, True),
     "eval.steps": (1, True), "eval.alpha": (0, True), "eval.batch_size": (1, True),
     "awp.gamma": (0, True), "awp.warmup": (0, True),
@@ -255,6 +257,8 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise UserError(f"device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
     if not re.fullmatch(r"[A-Za-z0-9._-]+", cfg.name):
         raise UserError(f"name {cfg.name!r} may only contain letters, digits, '.', '_' and '-' (it names the run directory)")
+    if not cfg.data.extra_fraction < 1:
+        raise UserError(f"data.extra_fraction must be < 1 (some labeled data in every batch), got {cfg.data.extra_fraction}")
     if cfg.optim.momentum >= 1:
         raise UserError(f"optim.momentum must be < 1, got {cfg.optim.momentum}")
     return cfg

@@ -379,3 +379,95 @@ def _load_digits(split: str) -> tuple[torch.Tensor, torch.Tensor]:
     idx = train_idx if split == "train" else test_idx
     x = torch.as_tensor(d.data[idx] / 16.0, dtype=torch.float32).view(-1, 1, 8, 8)
     return x, torch.as_tensor(d.target[idx], dtype=torch.int64)
+
+
+# ----------------------------------------------------------------------------- RST: extra pseudo-labeled data
+
+
+def images_to_tensor(x: np.ndarray, channels: int, what: str) -> torch.Tensor:
+    """Images as float32 (N, C, H, W) in [0, 1] from uint8 (N, H, W, C) / (N, C, H, W) / (N, H, W), or floats in [0, 1]."""
+    if x.ndim == 3:
+        x = x[:, None]
+    if x.ndim != 4:
+        raise DataError(f"{what}: images must have 3 or 4 dimensions (N, H, W[, C]), got shape {x.shape}")
+    if x.shape[1] != channels and x.shape[-1] == channels:  # channels last, as torchvision's CIFAR arrays
+        x = x.transpose(0, 3, 1, 2)
+    if x.dtype == np.uint8:
+        t = torch.from_numpy(np.ascontiguousarray(x)).float().div_(255)
+    elif np.issubdtype(x.dtype, np.floating):
+        t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+        if t.numel() and not (t.min() >= 0 and t.max() <= 1):
+            raise DataError(f"{what}: float images must lie in [0, 1], got [{t.min():.3g}, {t.max():.3g}]")
+    else:
+        raise DataError(f"{what}: images must be uint8 or float in [0, 1], got dtype {x.dtype}")
+    return t
+
+
+def read_npz(path: str | os.PathLike, what: str, hint: str) -> dict[str, np.ndarray]:
+    """Every array of an .npz file, read without pickle; DataError (one line, prefixed `what`) otherwise."""
+    import zipfile
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{what}: {path} does not exist: pass {hint}")
+    if not zipfile.is_zipfile(path):
+        raise DataError(f"{what}: {path} is not a readable .npz (zip) file: write it with numpy.savez")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except ValueError:  # object arrays need pickle
+        raise DataError(f"{what}: {path} holds pickled (object) arrays, refused for safety: save plain numeric arrays with numpy.savez") from None
+    except Exception as e:  # noqa: BLE001 - damaged members become one line
+        raise DataError(f"{what}: {path} is not a readable .npz ({type(e).__name__}): write it with numpy.savez") from None
+
+
+def load_extra(path: str | os.PathLike, like: TensorData) -> TensorData:
+    """Extra pseudo-labeled images for RST: an .npz with `x` (images) and `y` (labels), read without pickle.
+
+    The images must have the labeled data's channels and size, the labels its classes.
+    """
+    arrays = read_npz(path, "data.extra", hint="an .npz with arrays x and y (e.g. from `flatrobust pseudolabel`)")
+    if "x" not in arrays or "y" not in arrays:
+        raise DataError(f"data.extra: {path} must hold arrays 'x' (images) and 'y' (labels), it has {', '.join(arrays) or 'none'}")
+    x_np, y_np = arrays["x"], arrays["y"]
+    c, h, w = like.x.shape[1:]
+    x = images_to_tensor(x_np, c, f"data.extra {path}")
+    if tuple(x.shape[1:]) != (c, h, w):
+        raise DataError(f"data.extra: images of {path} are {tuple(x.shape[1:])} (C, H, W), the {like.info.name} data {(c, h, w)}")
+    if y_np.ndim != 1 or len(y_np) != len(x) or not np.issubdtype(y_np.dtype, np.integer):
+        raise DataError(f"data.extra: 'y' of {path} must be {len(x)} integer labels, got shape {y_np.shape} dtype {y_np.dtype}")
+    if len(y_np) and (y_np.min() < 0 or y_np.max() >= like.info.num_classes):
+        raise DataError(f"data.extra: labels of {path} must lie in 0..{like.info.num_classes - 1}, got {y_np.min()}..{y_np.max()}")
+    if len(x) == 0:
+        raise DataError(f"data.extra: {path} holds no images")
+    return TensorData(x, torch.from_numpy(y_np.astype(np.int64)), like.info)
+
+
+def mixed_batch_sizes(batch_size: int, extra_fraction: float) -> tuple[int, int]:
+    """(labeled, extra) examples per batch: round(batch_size * extra_fraction) extra, at least one labeled."""
+    n_extra = min(int(round(batch_size * extra_fraction)), batch_size - 1)
+    return batch_size - n_extra, n_extra
+
+
+def mixed_batches(
+    n_labeled: int, n_extra: int, batch_size: int, extra_fraction: float, *, generator: torch.Generator | None,
+    drop_last: bool = False,
+) -> list[torch.Tensor]:
+    """One epoch of RST batches as index tensors into cat([labeled, extra]).
+
+    Every labeled example appears once per epoch (shuffled, as `batches`); each batch is completed with
+    extra examples (indices n_labeled + j) drawn without replacement from a shuffled order of the extra
+    data, reshuffled whenever it runs out. Deterministic given `generator`.
+    """
+    per_lab, per_extra = mixed_batch_sizes(batch_size, extra_fraction)
+    labeled = list(batches(n_labeled, per_lab, shuffle=True, generator=generator, drop_last=drop_last))
+    device = generator.device if generator is not None else "cpu"
+    need = len(labeled) * per_extra
+    orders = [torch.randperm(n_extra, generator=generator, device=device) for _ in range(-(-need // n_extra))] if per_extra else []
+    pool = torch.cat(orders) + n_labeled if orders else torch.empty(0, dtype=torch.int64, device=device)
+    out, used = [], 0
+    for lab in labeled:  # a short last batch gets extra examples in proportion
+        k = per_extra if len(lab) == per_lab else int(round(len(lab) * per_extra / per_lab))
+        out.append(torch.cat([lab, pool[used:used + k]]))
+        used += k
+    return out

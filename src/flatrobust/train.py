@@ -29,7 +29,7 @@ from .attacks import pgd
 from .awp import AWP
 from .checkpoint import load_checkpoint, load_weights, save_checkpoint
 from .config import RunConfig, config_from_dict
-from .data import DATASETS, DataError, TensorData, augment, batches, load_dataset
+from .data import DATASETS, DataError, TensorData, augment, batches, load_dataset, load_extra, mixed_batch_sizes, mixed_batches
 from .errors import UserError
 from .objectives import AttackConfig, Objective, create_objective
 from .speed import accelerate
@@ -196,6 +196,7 @@ class Run:
     awp: AWP | None
     dist: Dist
     local_forward: nn.Module  # `forward` without DDP: evaluation runs per process with no collective in the forward
+    n_labeled: int  # the first n_labeled examples of `train` are labeled; the rest is RST's extra data
 
 
 def build(cfg: RunConfig, dist: Dist | None = None) -> Run:
@@ -209,6 +210,15 @@ def build(cfg: RunConfig, dist: Dist | None = None) -> Run:
         raise UserError(str(e)) from None
     if cfg.data.train_subset:
         train = train.subset(cfg.data.train_subset, seed=cfg.seed)
+    n_labeled = len(train)
+    if cfg.data.extra:  # RST: pseudo-labeled extra data after the labeled data, mixed into every batch
+        try:
+            extra = load_extra(cfg.data.extra, train)
+        except DataError as e:
+            raise UserError(str(e)) from None
+        train_all = TensorData(torch.cat([train.x, extra.x]), torch.cat([train.y, extra.y]), train.info)
+    else:
+        train_all = train
     # Fixed subsets of the same size for the per-epoch robust accuracy (and so the gap) on train and test.
     n_eval = min(cfg.data.eval_subset, len(test), len(train))
     eval_test, eval_train = test.subset(n_eval, seed=0).to(device), train.subset(n_eval, seed=1).to(device)
@@ -233,8 +243,8 @@ def build(cfg: RunConfig, dist: Dist | None = None) -> Run:
     forward = torch.compile(wrapped) if cfg.speed.compile else wrapped
     # Evaluation runs in every process on its own share, with no collective inside the forward.
     eval_forward = forward if dist.world == 1 else (torch.compile(local) if cfg.speed.compile else local)
-    return Run(cfg, device, train.to(device), eval_train, eval_test, model, forward, objective, optimizer, awp, dist,
-               eval_forward)
+    return Run(cfg, device, train_all.to(device), eval_train, eval_test, model, forward, objective, optimizer, awp, dist,
+               eval_forward, n_labeled)
 
 
 def _epoch_generators(cfg: RunConfig, epoch: int, device: torch.device, rank: int = 0) -> tuple[torch.Generator, torch.Generator]:
@@ -319,11 +329,13 @@ def _loop(run: Run, run_dir: Path, state: dict | None, *, progress: bool, stop_a
     from tqdm import tqdm
 
     cfg, model, optimizer, device, dist = run.cfg, run.model, run.optimizer, run.device, run.dist
-    n = len(run.train)
+    n, n_extra = run.n_labeled, len(run.train) - run.n_labeled
     # Under DDP every process takes its share of each global batch of batch_size; the last, incomplete
-    # batch is dropped so that no process is left without examples.
+    # batch is dropped so that no process is left without examples. With RST's extra data an epoch is one
+    # pass over the labeled data, each batch completed with extra examples.
     drop_last = dist.world > 1
-    steps_per_epoch = n // cfg.batch_size if drop_last else math.ceil(n / cfg.batch_size)
+    per_batch = mixed_batch_sizes(cfg.batch_size, cfg.data.extra_fraction)[0] if n_extra else cfg.batch_size
+    steps_per_epoch = n // per_batch if drop_last else math.ceil(n / per_batch)
     total_steps = cfg.epochs * steps_per_epoch
     aug = _augment_args(cfg)
     eval_attack = AttackConfig(eps=cfg.attack.eps, alpha=cfg.eval.alpha or cfg.attack.alpha, steps=cfg.eval.steps, norm=cfg.attack.norm)
@@ -360,7 +372,11 @@ def _loop(run: Run, run_dir: Path, state: dict | None, *, progress: bool, stop_a
     t_run = time.time()
     for epoch in range(start_epoch, cfg.epochs):
         order, noise = _epoch_generators(cfg, epoch, device, dist.rank)
-        index_batches = [idx[dist.rank::dist.world] for idx in batches(n, cfg.batch_size, shuffle=True, generator=order, drop_last=drop_last)]
+        if n_extra:
+            epoch_batches = mixed_batches(n, n_extra, cfg.batch_size, cfg.data.extra_fraction, generator=order, drop_last=drop_last)
+        else:
+            epoch_batches = batches(n, cfg.batch_size, shuffle=True, generator=order, drop_last=drop_last)
+        index_batches = [idx[dist.rank::dist.world] for idx in epoch_batches]
         first = 0
         sums = {"loss": 0.0, "correct": 0.0, "seen": 0, "skipped": 0, "time": 0.0}
         if epoch == start_epoch and start_batch > 0:  # continue inside the epoch where the checkpoint was taken

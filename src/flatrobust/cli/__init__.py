@@ -18,6 +18,7 @@ COMMANDS = {
     "landscape": ("landscape", "1-D / 2-D weight loss landscape of a checkpoint (filter-normalized)"),
     "flatness": ("flatness", "average- and worst-case flatness of a checkpoint (Stutz et al.)"),
     "report": ("report", "Markdown report with figures comparing run directories"),
+    "pseudolabel": ("pseudolabel", "pseudo-label extra images with a checkpoint, for robust self-training (RST)"),
 }
 
 

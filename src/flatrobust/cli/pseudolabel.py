@@ -1,0 +1,71 @@
+"""`flatrobust pseudolabel CHECKPOINT IMAGES.npz --out EXTRA.npz`: pseudo-labels for RST.
+
+Robust self-training (Carmon et al. 2019) labels unlabeled images with a standard (non-robust) classifier
+and mixes them into adversarial training (`data.extra=EXTRA.npz`, `data.extra_fraction=0.5`). This
+command runs a checkpoint's model in eval mode on the images of IMAGES.npz (array `x`, or the only array
+in the file; uint8 or floats in [0, 1], channels first or last) and writes `x` unchanged, `y` (the
+predicted labels) and `confidence` (the top softmax probability), read back without pickle.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..errors import UserError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", help="the labeling model: a .pt written by `flatrobust train`, or its run directory")
+    parser.add_argument("images", help=".npz with the unlabeled images as array x (or its only array)")
+    parser.add_argument("--out", required=True, help="the .npz to write (x, y, confidence): pass it as data.extra")
+    parser.add_argument("--batch-size", type=int, default=512, help="images per forward pass (default: 512)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: cuda when available")
+
+
+def run(args: argparse.Namespace) -> int:
+    import numpy as np
+    import torch
+    from tqdm import tqdm
+
+    from ..checkpoint import model_from_checkpoint
+    from ..data import DATASETS, DataError, images_to_tensor, read_npz
+
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
+    out = Path(args.out)
+    if out.suffix != ".npz":
+        raise UserError(f"--out must end in .npz, got {out}")
+    device = torch.device("cuda" if args.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+    if args.device == "cuda" and device.type != "cuda":
+        raise UserError("--device cuda but no CUDA device is available: use --device cpu")
+    model, ckpt = model_from_checkpoint(args.checkpoint, device)
+    info = DATASETS[ckpt["config"]["data"]["name"]]
+    try:
+        arrays = read_npz(args.images, "images", hint="an .npz holding the unlabeled images as array x")
+        if "x" not in arrays and len(arrays) != 1:
+            raise UserError(f"{args.images} holds {', '.join(arrays) or 'no arrays'}: name the images array x")
+        x_np = arrays["x"] if "x" in arrays else next(iter(arrays.values()))
+        x = images_to_tensor(x_np, info.in_channels, str(args.images))
+        want = (info.in_channels, info.image_size, info.image_size)
+        if tuple(x.shape[1:]) != want:
+            raise DataError(f"images of {args.images} are {tuple(x.shape[1:])} (C, H, W), the model's {info.name} data {want}")
+    except DataError as e:
+        raise UserError(str(e)) from None
+    labels, confidence = [], []
+    with torch.no_grad():
+        for i in tqdm(range(0, len(x), args.batch_size), desc="pseudo-labeling", unit="batch", leave=False):
+            p = model(x[i:i + args.batch_size].to(device)).float().softmax(1)
+            c, y = p.max(1)
+            labels.append(y.cpu())
+            confidence.append(c.cpu())
+    y = torch.cat(labels).numpy().astype(np.int64)
+    conf = torch.cat(confidence).numpy().astype(np.float32)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp.npz")
+    np.savez(tmp, x=x_np, y=y, confidence=conf)
+    tmp.replace(out)
+    counts = np.bincount(y, minlength=info.num_classes)
+    print(f"labeled {len(y)} images with {args.checkpoint} ({ckpt['config']['model']}, {info.name}): "
+          f"mean confidence {conf.mean():.3f}, per class {counts.min()}..{counts.max()}")
+    print(f"wrote {out}: train with data.extra={out}")
+    return 0
