@@ -83,7 +83,7 @@ def test_torchrun_training_two_processes(tmp_path):
     from flatrobust.train import build, robust_accuracy
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
-           "-m", "flatrobust", "train", "recipes/digits_at_awp.yaml", "data.train_subset=256", "data.eval_subset=60",
+           "-m", "flatrobust", "train", "recipes/digits_at_awp.yaml", "awp.warmup=0", "data.train_subset=256", "data.eval_subset=60",
            "batch_size=64", "eval.batch_size=16", "attack.steps=2", "eval.steps=2", "epochs=2", "device=cpu",
            f"out_dir={tmp_path}", "--quiet"]
     env = dict(os.environ, OMP_NUM_THREADS="1")

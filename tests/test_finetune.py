@@ -10,7 +10,7 @@ from flatrobust.config import load_config
 from flatrobust.train import build
 
 CFG = {"model": "smallcnn", "data": {"name": "digits"}}
-TINY = ["data.train_subset=128", "data.eval_subset=32", "batch_size=64", "attack.steps=2", "eval.steps=2", "epochs=1"]
+TINY = ["awp.warmup=0", "data.train_subset=128", "data.eval_subset=32", "batch_size=64", "attack.steps=2", "eval.steps=2", "epochs=1"]
 
 
 def _digits_cnn(seed):

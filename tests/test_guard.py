@@ -9,7 +9,7 @@ from flatrobust import objectives
 from flatrobust.config import load_config
 from flatrobust.train import NonFiniteError, fit
 
-TINY = ["data.train_subset=128", "data.eval_subset=32", "batch_size=64", "attack.steps=1", "eval.steps=1",
+TINY = ["awp.warmup=0", "data.train_subset=128", "data.eval_subset=32", "batch_size=64", "attack.steps=1", "eval.steps=1",
         "attack.eps=0.2", "attack.alpha=0.2", "awp.gamma=0.01", "epochs=3"]
 
 

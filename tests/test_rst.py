@@ -11,7 +11,7 @@ from flatrobust.config import load_config
 from flatrobust.data import load_dataset, mixed_batch_sizes, mixed_batches
 from flatrobust.train import fit
 
-TINY = ["data.train_subset=128", "data.eval_subset=32", "batch_size=32", "attack.steps=2", "eval.steps=2",
+TINY = ["awp.warmup=0", "data.train_subset=128", "data.eval_subset=32", "batch_size=32", "attack.steps=2", "eval.steps=2",
         "optim.lr=0.05"]
 
 

@@ -18,7 +18,7 @@ from flatrobust.config import load_config
 from flatrobust.train import TIMING_KEYS, fit, lr_at
 
 # A run that takes a few seconds: 256 digits, PGD-2, AWP on.
-TINY = ["data.train_subset=256", "data.eval_subset=64", "batch_size=64", "attack.steps=2", "attack.eps=0.2",
+TINY = ["awp.warmup=0", "data.train_subset=256", "data.eval_subset=64", "batch_size=64", "attack.steps=2", "attack.eps=0.2",
         "attack.alpha=0.1", "eval.steps=2", "awp.gamma=0.01", "optim.lr=0.05"]
 
 
