@@ -69,8 +69,13 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
             raise CheckpointError(f"{path} is a folder without best.pt or last.pt: pass a checkpoint file or a run directory")
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist: pass the path of a .pt file written by `flatrobust train`")
+    return _check_ours(_read(path, map_location), path)
+
+
+def _read(path: Path, map_location: str | torch.device = "cpu") -> Any:
+    """torch.load with weights_only=True; any failure becomes one CheckpointError line."""
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - every failure becomes one line
         found = re.search(r"GLOBAL ([\w.]+)", str(e))
         if found:  # the weights_only unpickler met a reference to Python code: never executed
@@ -78,6 +83,10 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
                                   "(loaded with weights_only=True): use a checkpoint written by `flatrobust train`") from None
         raise CheckpointError(f"{path} is truncated or corrupted and cannot be read ({type(e).__name__}): "
                               "use another checkpoint, e.g. the run's best.pt or last.pt") from None
+
+
+def _check_ours(state: Any, path: Path) -> dict[str, Any]:
+    """`state` if it is a complete flatrobust checkpoint this version can read; CheckpointError otherwise."""
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a flatrobust checkpoint (no 'format': 'flatrobust' entry): pass a file written by `flatrobust train`")
     if state.get("version", 0) > VERSION:
@@ -119,12 +128,9 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> None:
     if p.is_dir() or not p.exists():
         weights = load_checkpoint(p)["model"]
     else:
-        try:
-            state = torch.load(p, map_location="cpu", weights_only=True)
-        except Exception:  # noqa: BLE001 - load_checkpoint turns the failure into one line
-            state = load_checkpoint(p)
+        state = _read(p)  # the file is read once, whichever kind it is
         if isinstance(state, dict) and state.get("format") == FORMAT:
-            state = load_checkpoint(p)
+            state = _check_ours(state, p)
         weights = state.get("model", state.get("state_dict", state)) if isinstance(state, dict) else state
         if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
             raise CheckpointError(f"{p} holds no state_dict of tensors: pass a flatrobust checkpoint or a file saved with torch.save(model.state_dict())")

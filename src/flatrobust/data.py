@@ -384,14 +384,19 @@ def _load_digits(split: str) -> tuple[torch.Tensor, torch.Tensor]:
 # ----------------------------------------------------------------------------- RST: extra pseudo-labeled data
 
 
-def images_to_tensor(x: np.ndarray, channels: int, what: str) -> torch.Tensor:
-    """Images as float32 (N, C, H, W) in [0, 1] from uint8 (N, H, W, C) / (N, C, H, W) / (N, H, W), or floats in [0, 1]."""
+def images_to_tensor(x: np.ndarray, info: DatasetInfo, what: str) -> torch.Tensor:
+    """Images as float32 (N, C, H, W) in [0, 1] from uint8 (N, H, W, C) / (N, C, H, W) / (N, H, W), or floats in
+    [0, 1]; DataError unless they have the dataset's channels and size."""
+    channels = info.in_channels
     if x.ndim == 3:
         x = x[:, None]
     if x.ndim != 4:
         raise DataError(f"{what}: images must have 3 or 4 dimensions (N, H, W[, C]), got shape {x.shape}")
     if x.shape[1] != channels and x.shape[-1] == channels:  # channels last, as torchvision's CIFAR arrays
         x = x.transpose(0, 3, 1, 2)
+    want = (channels, info.image_size, info.image_size)
+    if tuple(x.shape[1:]) != want:
+        raise DataError(f"{what}: images are {tuple(x.shape[1:])} (C, H, W), the {info.name} data {want}")
     if x.dtype == np.uint8:
         t = torch.from_numpy(np.ascontiguousarray(x)).float().div_(255)
     elif np.issubdtype(x.dtype, np.floating):
@@ -430,10 +435,7 @@ def load_extra(path: str | os.PathLike, like: TensorData) -> TensorData:
     if "x" not in arrays or "y" not in arrays:
         raise DataError(f"data.extra: {path} must hold arrays 'x' (images) and 'y' (labels), it has {', '.join(arrays) or 'none'}")
     x_np, y_np = arrays["x"], arrays["y"]
-    c, h, w = like.x.shape[1:]
-    x = images_to_tensor(x_np, c, f"data.extra {path}")
-    if tuple(x.shape[1:]) != (c, h, w):
-        raise DataError(f"data.extra: images of {path} are {tuple(x.shape[1:])} (C, H, W), the {like.info.name} data {(c, h, w)}")
+    x = images_to_tensor(x_np, like.info, f"data.extra {path}")
     if y_np.ndim != 1 or len(y_np) != len(x) or not np.issubdtype(y_np.dtype, np.integer):
         raise DataError(f"data.extra: 'y' of {path} must be {len(x)} integer labels, got shape {y_np.shape} dtype {y_np.dtype}")
     if len(y_np) and (y_np.min() < 0 or y_np.max() >= like.info.num_classes):

@@ -45,16 +45,19 @@ def run(args: argparse.Namespace) -> int:
         if "x" not in arrays and len(arrays) != 1:
             raise UserError(f"{args.images} holds {', '.join(arrays) or 'no arrays'}: name the images array x")
         x_np = arrays["x"] if "x" in arrays else next(iter(arrays.values()))
-        x = images_to_tensor(x_np, info.in_channels, str(args.images))
-        want = (info.in_channels, info.image_size, info.image_size)
-        if tuple(x.shape[1:]) != want:
-            raise DataError(f"images of {args.images} are {tuple(x.shape[1:])} (C, H, W), the model's {info.name} data {want}")
+        images_to_tensor(x_np[:1], info, str(args.images))  # layout, size and dtype checked once, up front
+        if len(x_np) == 0:
+            raise UserError(f"{args.images} holds no images")
     except DataError as e:
         raise UserError(str(e)) from None
     labels, confidence = [], []
-    with torch.no_grad():
-        for i in tqdm(range(0, len(x), args.batch_size), desc="pseudo-labeling", unit="batch", leave=False):
-            p = model(x[i:i + args.batch_size].to(device)).float().softmax(1)
+    with torch.no_grad():  # converted batch by batch: 500K CIFAR images as float32 would take 6 GiB
+        for i in tqdm(range(0, len(x_np), args.batch_size), desc="pseudo-labeling", unit="batch", leave=False):
+            try:
+                xb = images_to_tensor(x_np[i:i + args.batch_size], info, str(args.images))
+            except DataError as e:  # a float image outside [0, 1] further down the file
+                raise UserError(str(e)) from None
+            p = model(xb.to(device)).float().softmax(1)
             c, y = p.max(1)
             labels.append(y.cpu())
             confidence.append(c.cpu())
