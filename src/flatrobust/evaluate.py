@@ -26,6 +26,7 @@ from torch import nn
 from .attacks import fgsm, pgd, threat_model
 from .errors import UserError
 from .modes import train_mode
+from .progress import Progress
 
 __all__ = [
     "ATTACKS", "AUTOATTACK_STAGES", "PROTOCOL", "Attack", "AttackContext", "default_alpha", "evaluate",
@@ -49,6 +50,7 @@ class AttackContext:
     seed: int  # this attack's seed, derived from evaluate's seed and the attack's name
     generator: torch.Generator  # on `device`, seeded with `seed`, consumed batch after batch
     device: torch.device
+    note: Callable[[str], None] | None = None  # where a long attack says which stage it is in (progress display)
 
 
 @dataclass(frozen=True)
@@ -127,6 +129,8 @@ def _autoattack(model, x, y, ctx):
     try:
         with torch.random.fork_rng(devices=devices):
             for stage in AUTOATTACK_STAGES:
+                if ctx.note is not None:
+                    ctx.note(stage)
                 idx = robust.nonzero().squeeze(1)
                 _sync(x.device)
                 t0 = time.perf_counter()
@@ -209,7 +213,7 @@ def evaluate(
     batch_size: int = 256,
     seed: int = 0,
     device: str | torch.device | None = None,
-    progress: bool | None = True,
+    progress: bool = True,
     checks: bool = True,
     checks_n: int = 200,
 ) -> dict:
@@ -226,7 +230,9 @@ def evaluate(
         batch_size: examples per attack call.
         seed: seeds every attack's randomness; same seed, batch size and device -> same numbers.
         device: where to run; None: the device of the model's parameters.
-        progress: tqdm bar over (attack, batch); None shows it only on a terminal.
+        progress: report progress over (attack, batch) and the trust checks on stderr, as
+            `flatrobust.progress` does everywhere: a bar on a terminal, otherwise a heartbeat line every
+            30 s (with AutoAttack's current stage); False: silent.
         checks: run the trust checks on a fixed subset of `checks_n` examples (seeded by `seed`).
 
     Returns a JSON-ready dict:
@@ -257,24 +263,25 @@ def evaluate(
     device = torch.device(device)
     model.to(device)
     ball = threat_model(norm, eps)
-    from tqdm.auto import tqdm
-
     start_all = time.perf_counter()
     result: dict[str, Any] = {"n": n, "norm": norm, "eps": float(eps), "alpha": float(alpha), "seed": seed,
                               "batch_size": batch_size, "device": str(device), "attacks": {}}
     robust_all = {}
     n_batches = math.ceil(n / batch_size)
-    bar = tqdm(total=len(names) * n_batches, desc="eval", unit="batch", disable=None if progress is None else not progress)
-    with train_mode(model, False):
+    enabled = progress is not False  # None, the former "only on a terminal", is what True now means
+    bar = Progress(total=len(names) * n_batches, desc="eval", unit="batch", enabled=enabled)
+    with train_mode(model, False), bar:  # the bar is closed after the attacks, or on an exception
         for name in names:
             attack = ATTACKS[name]
             s = _attack_seed(seed, name)
-            ctx = AttackContext(norm, float(eps), float(alpha), s, torch.Generator(device).manual_seed(s), device)
+            ctx = AttackContext(norm, float(eps), float(alpha), s, torch.Generator(device).manual_seed(s), device,
+                                note=bar.set_postfix_str)
             robust = torch.zeros(n, dtype=torch.bool)
             stages = {}
             warnings: list[str] = []
             max_pert, outside, seconds = 0.0, 0, 0.0
             bar.set_description(f"eval {name}")
+            bar.set_postfix_str("")
             for lo in range(0, n, batch_size):
                 xb = x[lo : lo + batch_size].to(device)  # (B, C, H, W)
                 yb = y[lo : lo + batch_size].to(device)  # (B,)
@@ -318,7 +325,8 @@ def evaluate(
             g = torch.Generator().manual_seed(seed)
             idx = torch.randperm(n, generator=g)[:checks_n].sort().values  # a fixed subset for this seed
             result["checks"] = trust.run_checks(model, x[idx.to(x.device)], y[idx.to(y.device)], norm=norm, eps=eps,
-                                                alpha=alpha, results=result, seed=seed, batch_size=batch_size, device=device)
+                                                alpha=alpha, results=result, seed=seed, batch_size=batch_size, device=device,
+                                                progress=enabled)
             result["checks_n"] = len(idx)
     result["seconds"] = round(time.perf_counter() - start_all, 3)
     return result

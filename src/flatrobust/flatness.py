@@ -27,10 +27,10 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from .attacks import threat_model
 from .landscape import _check_data, check_attack, perturbed_parameters, robust_loss
+from .progress import Progress
 
 __all__ = ["average_flatness", "relative_sphere_sample", "worst_flatness"]
 
@@ -77,7 +77,7 @@ def average_flatness(
         xi: relative radius, ||nu_l|| = xi * ||w_l|| (Stutz et al.: 0.5).
         draws: number of random nu (Stutz et al.: 10).
         seed: nu from `torch.Generator().manual_seed(seed)`; PGD random starts reseeded with `seed`.
-        progress: tqdm bar over the draws.
+        progress: report progress over the draws on stderr (`flatrobust.progress`).
 
     Returns a JSON-ready dict: "average_flatness" (nats), "robust_loss" rho(w) and "robust_accuracy" at w,
     "perturbed_losses" / "perturbed_accuracies" (one per draw), their mean, "standard_error" of the mean
@@ -95,7 +95,7 @@ def average_flatness(
     rho_w, acc_w = robust_loss(net, x, y, attack=attack, batch_size=batch_size, seed=seed)
     generator = torch.Generator().manual_seed(seed)
     losses, accs = [], []
-    for _ in tqdm(range(draws), desc="average flatness", unit="draw", disable=None if progress else True):
+    for _ in Progress(range(draws), desc="average flatness", unit="draw", enabled=progress):
         nu = relative_sphere_sample(w0, xi, generator)
         with torch.no_grad():
             for p, w, v in zip(params, w0, nu):
@@ -184,7 +184,7 @@ def worst_flatness(
     x_adv = ball.random_init(x, generator)  # (N, C, H, W)
     nu = [torch.zeros_like(w) for w in w0]
     n = x.shape[0]
-    for _ in tqdm(range(steps), desc="worst flatness", unit="step", disable=None if progress else True):
+    for _ in Progress(range(steps), desc="worst flatness", unit="step", enabled=progress):
         grads = [torch.zeros_like(w) for w in w0]
         for start in range(0, n, batch_size):
             xb, yb = x[start : start + batch_size], y[start : start + batch_size]

@@ -25,10 +25,10 @@ from typing import Any, Iterable, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from .attacks import pgd
 from .modes import train_mode
+from .progress import Progress
 
 __all__ = [
     "DEFAULT_ALPHAS",
@@ -184,7 +184,8 @@ def landscape_1d(
             `torch.Generator().manual_seed(seed)`).
         batch_size: examples per PGD batch.
         seed: directions and PGD random starts (the PGD generator is reseeded with `seed` for every model).
-        progress: show a tqdm bar over the perturbed models (on stderr, hidden when it is not a terminal).
+        progress: report progress over the perturbed models on stderr (`flatrobust.progress`: a bar on a
+            terminal, a heartbeat line every 30 s otherwise).
 
     Returns a JSON-ready dict: "alphas"; "losses" and "accuracies", K lists of len(alphas) (robust CE loss
     in nats, robust accuracy as a fraction); "mean_loss", "mean_accuracy" over directions; "loss_at_w"
@@ -203,24 +204,23 @@ def landscape_1d(
     dirs = [filter_normalized_direction(net, generator) for _ in range(directions)]
 
     nonzero = [a for a in alphas if a != 0]
-    bar = tqdm(total=1 + directions * len(nonzero), desc="landscape 1-D", unit="model", disable=None if progress else True)
-    loss_w, acc_w = robust_loss(net, x, y, attack=attack, batch_size=batch_size, seed=seed)  # g(0) = rho(w)
-    bar.update()
-    losses, accuracies = [], []
-    for d in dirs:
-        row_loss, row_acc = [], []
-        for a in alphas:
-            if a == 0:
-                loss, acc = loss_w, acc_w
-            else:
-                _set_weights(params, w0, [(a, d)])
-                loss, acc = robust_loss(net, x, y, attack=attack, batch_size=batch_size, seed=seed)
-                bar.update()
-            row_loss.append(loss)
-            row_acc.append(acc)
-        losses.append(row_loss)
-        accuracies.append(row_acc)
-    bar.close()
+    with Progress(total=1 + directions * len(nonzero), desc="landscape 1-D", unit="model", enabled=progress) as bar:
+        loss_w, acc_w = robust_loss(net, x, y, attack=attack, batch_size=batch_size, seed=seed)  # g(0) = rho(w)
+        bar.update()
+        losses, accuracies = [], []
+        for d in dirs:
+            row_loss, row_acc = [], []
+            for a in alphas:
+                if a == 0:
+                    loss, acc = loss_w, acc_w
+                else:
+                    _set_weights(params, w0, [(a, d)])
+                    loss, acc = robust_loss(net, x, y, attack=attack, batch_size=batch_size, seed=seed)
+                    bar.update()
+                row_loss.append(loss)
+                row_acc.append(acc)
+            losses.append(row_loss)
+            accuracies.append(row_acc)
     return {
         "kind": "1d",
         "alphas": alphas,
@@ -265,22 +265,21 @@ def landscape_2d(
     d1 = filter_normalized_direction(net, generator)
     d2 = filter_normalized_direction(net, generator)
 
-    bar = tqdm(total=len(alphas) * len(betas), desc="landscape 2-D", unit="model", disable=None if progress else True)
-    loss_w = acc_w = None
-    loss, accuracy = [], []
-    for a in alphas:
-        row_loss, row_acc = [], []
-        for b in betas:
-            _set_weights(params, w0, [(a, d1), (b, d2)])
-            lo, ac = robust_loss(net, x, y, attack=attack, batch_size=batch_size, seed=seed)
-            bar.update()
-            if a == 0 and b == 0:
-                loss_w, acc_w = lo, ac
-            row_loss.append(lo)
-            row_acc.append(ac)
-        loss.append(row_loss)
-        accuracy.append(row_acc)
-    bar.close()
+    with Progress(total=len(alphas) * len(betas), desc="landscape 2-D", unit="model", enabled=progress) as bar:
+        loss_w = acc_w = None
+        loss, accuracy = [], []
+        for a in alphas:
+            row_loss, row_acc = [], []
+            for b in betas:
+                _set_weights(params, w0, [(a, d1), (b, d2)])
+                lo, ac = robust_loss(net, x, y, attack=attack, batch_size=batch_size, seed=seed)
+                bar.update()
+                if a == 0 and b == 0:
+                    loss_w, acc_w = lo, ac
+                row_loss.append(lo)
+                row_acc.append(ac)
+            loss.append(row_loss)
+            accuracy.append(row_acc)
     if loss_w is None:  # the grid misses (0, 0): evaluate w itself for reference
         _set_weights(params, w0, [])
         loss_w, acc_w = robust_loss(net, x, y, attack=attack, batch_size=batch_size, seed=seed)

@@ -32,6 +32,7 @@ from .config import RunConfig, config_from_dict
 from .data import DATASETS, DataError, TensorData, augment, batches, load_dataset, load_extra, mixed_batch_sizes, mixed_batches
 from .errors import UserError
 from .objectives import AttackConfig, Objective, create_objective
+from .progress import Progress
 from .speed import accelerate
 
 TIMING_KEYS = ("epoch_time_s", "images_per_s", "elapsed_s")  # metrics that differ between identical runs
@@ -326,8 +327,6 @@ def fit(cfg: RunConfig, *, resume_dir: str | Path | None = None, overwrite: bool
 
 
 def _loop(run: Run, run_dir: Path, state: dict | None, *, progress: bool, stop_after_steps: int | None) -> Path:
-    from tqdm import tqdm
-
     cfg, model, optimizer, device, dist = run.cfg, run.model, run.optimizer, run.device, run.dist
     n, n_extra = run.n_labeled, len(run.train) - run.n_labeled
     # Under DDP every process takes its share of each global batch of batch_size; the last, incomplete
@@ -384,8 +383,8 @@ def _loop(run: Run, run_dir: Path, state: dict | None, *, progress: bool, stop_a
             noise.set_state(resume_noise)
             sums = dict(epoch_sums)
         awp_on = run.awp is not None and epoch >= cfg.awp.warmup
-        bar = tqdm(range(first, len(index_batches)), total=len(index_batches), initial=first, disable=not progress,
-                   desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", leave=False, dynamic_ncols=True)
+        bar = Progress(range(first, len(index_batches)), total=len(index_batches), initial=first, enabled=progress,
+                       desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch")
         for b in bar:
             t0 = time.time()
             step = epoch * steps_per_epoch + b

@@ -26,6 +26,7 @@ from torch import nn
 from .attacks import fgsm, pgd, threat_model
 from .evaluate import default_alpha
 from .modes import train_mode
+from .progress import Progress
 
 __all__ = ["AUTOATTACK_CHECK", "CHECKS", "NOISE_DRAWS", "Probe", "SLACK_FRACTION", "format_checks", "run_checks", "slack"]
 
@@ -280,12 +281,13 @@ def run_checks(
     batch_size: int = 256,
     device: str | torch.device | None = None,
     names: Iterable[str] | None = None,
+    progress: bool = False,
 ) -> list[dict]:
     """Run the checks of CHECKS on (x, y), a small subset (100-200 examples is enough), in eval mode.
 
     `results` is `evaluate`'s dict for the full evaluation when there is one: its FGSM/PGD-20/PGD-100
     numbers, AutoAttack's Square stage and warnings, and the attacks' distances join the checks.
-    `names` runs only those checks (default: all). Returns [{"name", "passed", "detail", "suggests"}] in
+    `names` runs only those checks (default: all); `progress` reports them on stderr (`flatrobust.progress`). Returns [{"name", "passed", "detail", "suggests"}] in
     CHECKS order (+ "autoattack_flags" when AutoAttack ran); `suggests` says what a failure means.
     """
     if device is None:
@@ -304,9 +306,12 @@ def run_checks(
     out = []
     with train_mode(model, False):
         p = Probe(model, x.to(device), y.to(device), norm, float(eps), float(alpha), seed, batch_size, results)
-        for name, fn, suggests in checks:
-            passed, detail = fn(p)
-            out.append({"name": name, "passed": bool(passed), "detail": detail, "suggests": suggests})
+        with Progress(total=len(checks), desc="trust checks", unit="check", enabled=progress) as bar:
+            for name, fn, suggests in checks:
+                bar.set_postfix_str(name)
+                passed, detail = fn(p)
+                out.append({"name": name, "passed": bool(passed), "detail": detail, "suggests": suggests})
+                bar.update()
     return out
 
 

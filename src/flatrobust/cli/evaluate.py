@@ -160,7 +160,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"evaluating {ckpt_file} ({cfg['model']}, {data_cfg['name']} test, {len(test)} examples) "
           f"under {norm} eps={eps:.6g} on {device}", flush=True)
     result = evaluate(model, test.x, test.y, attacks=names, norm=norm, eps=eps, alpha=alpha, batch_size=args.batch_size,
-                      seed=args.seed, device=device, progress=None, checks=not args.no_checks, checks_n=args.checks_n)
+                      seed=args.seed, device=device, progress=True, checks=not args.no_checks, checks_n=args.checks_n)
 
     print(format_table(result))
     if result["checks"] is not None:

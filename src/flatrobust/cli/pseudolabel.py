@@ -25,9 +25,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
-    from tqdm import tqdm
 
     from ..checkpoint import model_from_checkpoint
+    from ..progress import Progress
     from ..data import DATASETS, DataError, images_to_tensor, read_npz
 
     if args.batch_size < 1:
@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(str(e)) from None
     labels, confidence = [], []
     with torch.no_grad():  # converted batch by batch: 500K CIFAR images as float32 would take 6 GiB
-        for i in tqdm(range(0, len(x_np), args.batch_size), desc="pseudo-labeling", unit="batch", leave=False):
+        for i in Progress(range(0, len(x_np), args.batch_size), desc="pseudo-labeling", unit="batch"):
             try:
                 xb = images_to_tensor(x_np[i:i + args.batch_size], info, str(args.images))
             except DataError as e:  # a float image outside [0, 1] further down the file
