@@ -133,3 +133,36 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(tmp_path):
     assert (run / "metrics.jsonl").read_text().count("\n") < 8
     subprocess.run(cmd[:4] + ["--resume", str(run), "--quiet"], check=True, env=env, timeout=300)
     _assert_same(_final(tmp_path / "full"), _final(run))
+
+
+def test_awp_that_never_starts_is_warned_about_and_epoch_lines_show_awp(tmp_path, capsys):
+    tiny = [a for a in TINY if not a.startswith("awp.warmup")]
+    assert main(["train", "recipes/digits_at_awp.yaml", *tiny, "epochs=1", f"out_dir={tmp_path}"]) == 0  # warm-up 5
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == ("flatrobust: warning: awp.warmup=5 >= epochs=1: AWP (gamma 0.01) is never active, so this run "
+                      "trains plain AT; lower awp.warmup (e.g. awp.warmup=0) or raise epochs")
+    assert "AWP off (warm-up: epochs 1-5)" in err[1]
+    assert _metrics(tmp_path / "digits_at_awp")[0]["awp_active"] is False
+    assert main(["train", "recipes/digits_at_awp.yaml", *tiny, "epochs=2", "awp.warmup=1", f"out_dir={tmp_path}",
+                 "name=w1"]) == 0
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith(("epoch", "flatrobust"))]
+    assert len(err) == 2 and "AWP off (warm-up: epoch 1)" in err[0] and err[1].split("gap")[1].split()[1:3] == ["AWP", "on"]
+    assert main(["train", "recipes/digits_at.yaml", *TINY, "awp.gamma=0", "epochs=1", f"out_dir={tmp_path}"]) == 0
+    assert "AWP" not in capsys.readouterr().err  # no AWP asked, nothing said about it
+
+
+def test_resume_of_a_finished_run_says_there_is_nothing_to_do(tmp_path, capsys):
+    run = tmp_path / "digits_at_awp"
+    assert main(["train", "recipes/digits_at_awp.yaml", *TINY, "epochs=2", f"out_dir={tmp_path}", "--quiet"]) == 0
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run)]) == 0
+    out, err = capsys.readouterr()
+    assert out == "" and err == (f"flatrobust: {run} has finished its 2 epochs: nothing to do. To train it longer, resume "
+                                 f"with more epochs, e.g. flatrobust train --resume {run} epochs=4 (the lr schedule is "
+                                 "recomputed for the new length)\n")
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before  # nothing rewritten
+    assert main(["train", "--resume", str(run), "epochs=1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "has trained 2 epochs, more than epochs=1: a run cannot be shortened" in err
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before

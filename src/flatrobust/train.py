@@ -296,6 +296,23 @@ def prepare_run_dir(cfg: RunConfig, *, overwrite: bool) -> Path:
     return run_dir
 
 
+def _finished(run_dir: Path, state: dict[str, Any], cfg: RunConfig) -> bool:
+    """Whether the checkpoint already covers all `cfg.epochs`; UserError if it covers more (no shortening)."""
+    done = state["epoch"]
+    if done > cfg.epochs or (done == cfg.epochs and state["batch"] > 0):
+        raise UserError(f"{run_dir} has trained {done} epochs, more than epochs={cfg.epochs}: a run cannot be shortened; "
+                        f"resume with epochs={done} or more, or start a new run from it with init_from={run_dir}")
+    return done == cfg.epochs
+
+
+def awp_warmup_warning(cfg: RunConfig) -> str | None:
+    """One line when AWP is asked for (gamma > 0) but its warm-up leaves it off for every epoch of the run."""
+    if cfg.awp.gamma > 0 and cfg.awp.warmup >= cfg.epochs:
+        return (f"awp.warmup={cfg.awp.warmup} >= epochs={cfg.epochs}: AWP (gamma {cfg.awp.gamma:g}) is never active, "
+                f"so this run trains plain {cfg.method.upper()}; lower awp.warmup (e.g. awp.warmup=0) or raise epochs")
+    return None
+
+
 def fit(cfg: RunConfig, *, resume_dir: str | Path | None = None, overwrite: bool = False, progress: bool = True,
         stop_after_steps: int | None = None) -> Path:
     """Train `cfg`; returns the run directory. `resume_dir` continues a stopped run from its last.pt."""
@@ -309,10 +326,21 @@ def fit(cfg: RunConfig, *, resume_dir: str | Path | None = None, overwrite: bool
         run_dir = Path(resume_dir)
         if (run_dir / "last.pt").exists():
             state = load_checkpoint(run_dir / "last.pt", map_location=run.device)
+            if _finished(run_dir, state, cfg):
+                if dist.main:
+                    print(f"flatrobust: {run_dir} has finished its {cfg.epochs} epochs: nothing to do. To train it longer, "
+                          f"resume with more epochs, e.g. flatrobust train --resume {run_dir} epochs={2 * cfg.epochs} "
+                          "(the lr schedule is recomputed for the new length)", file=sys.stderr)
+                if dist.world > 1 and torch.distributed.is_initialized():
+                    torch.distributed.destroy_process_group()
+                return run_dir
     elif dist.main:
         run_dir = prepare_run_dir(cfg, overwrite=overwrite)
     else:
         run_dir = Path(cfg.out_dir) / cfg.name
+    warning = awp_warmup_warning(cfg)
+    if warning and dist.main:
+        print(f"flatrobust: warning: {warning}", file=sys.stderr)
     if dist.main:  # one process writes files under torchrun
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
@@ -423,6 +451,7 @@ def _loop(run: Run, run_dir: Path, state: dict | None, *, progress: bool, stop_a
             "train_batch_adv_acc": sums["correct"] / max(sums["seen"], 1),  # on the training batches, at w + v
             "train_clean_acc": train_clean, "train_robust_acc": train_rob,
             "test_clean_acc": test_clean, "test_robust_acc": test_rob, "gap": train_rob - test_rob,
+            "eval_n": len(run.eval_test),  # images in each of the fixed test and train monitoring subsets
             "skipped_batches": sums["skipped"], "epoch_time_s": sums["time"], "eval_time_s": time.time() - t_eval,
             "images_per_s": sums["seen"] / max(sums["time"], 1e-9),
         }
@@ -438,9 +467,11 @@ def _loop(run: Run, run_dir: Path, state: dict | None, *, progress: bool, stop_a
             checkpoint(run_dir / "best.pt", epoch + 1, 0, None, None)
         checkpoint(run_dir / "last.pt", epoch + 1, 0, None, None)
         if progress:
+            warmup = "epoch 1" if cfg.awp.warmup == 1 else f"epochs 1-{cfg.awp.warmup}"
+            awp_text = "" if run.awp is None else "  AWP on" if awp_on else f"  AWP off (warm-up: {warmup})"
             print(f"epoch {epoch + 1:>3}/{cfg.epochs}  loss {record['train_loss']:.4f}  test clean {test_clean:.2%}  "
                   f"test PGD-{cfg.eval.steps} {test_rob:.2%}  train PGD-{cfg.eval.steps} {train_rob:.2%}  gap {record['gap']:+.2%}"
-                  f"{'  (best)' if is_best else ''}", file=sys.stderr)
+                  f"{awp_text}{'  (best)' if is_best else ''}", file=sys.stderr)
     if progress:
         print_summary(run_dir, history, time.time() - t_run)
     return run_dir
