@@ -30,8 +30,8 @@ demo: $(STAMP)
 	$(FR) train recipes/digits_at_awp.yaml out_dir=$(RUNS) data.eval_subset=200 --overwrite
 	$(FR) eval $(RUNS)/digits_at/best.pt --attacks clean,fgsm,pgd20,cw20,autoattack --n 100
 	$(FR) eval $(RUNS)/digits_at_awp/best.pt --attacks clean,fgsm,pgd20,cw20,autoattack --n 100
-	$(FR) landscape $(RUNS)/digits_at/best.pt --n 200 --alphas=-1:1:11 --directions 2
-	$(FR) landscape $(RUNS)/digits_at_awp/best.pt --n 200 --alphas=-1:1:11 --directions 2
+	$(FR) landscape $(RUNS)/digits_at/best.pt --n 200 --alphas -1:1:11 --directions 2
+	$(FR) landscape $(RUNS)/digits_at_awp/best.pt --n 200 --alphas -1:1:11 --directions 2
 	$(FR) flatness $(RUNS)/digits_at/best.pt --n 200
 	$(FR) flatness $(RUNS)/digits_at_awp/best.pt --n 200
 	$(FR) report $(RUNS)/digits_at $(RUNS)/digits_at_awp --out $(RUNS)/report

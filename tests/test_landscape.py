@@ -195,6 +195,30 @@ def test_cli_out_folder_and_comma_alphas(tmp_path):
     assert res["data"]["split"] == "train"
 
 
+@pytest.mark.parametrize("alphas, expected", [("-1:1:3", [-1.0, 0.0, 1.0]), ("-.5,0.5", [-0.5, 0.5])])
+def test_cli_alphas_starting_with_a_minus_work_with_a_space(tmp_path, alphas, expected):
+    ckpt = _checkpoint(tmp_path)
+    results = []
+    for form in (["--alphas", alphas], [f"--alphas={alphas}"]):
+        out = tmp_path / form[0]
+        assert main(["landscape", str(ckpt), "--n", "8", *form, "--directions", "1", "--steps", "1", "--out", str(out)]) == 0
+        results.append(json.loads((out / "landscape.json").read_text())["1d"])
+    assert results[0]["alphas"] == expected and results[0]["mean_loss"] == results[1]["mean_loss"]
+
+
+def test_only_options_that_take_a_value_get_the_minus_value_attached():
+    import argparse
+
+    from flatrobust.cli import _attach_dash_values
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--alphas")
+    p.add_argument("--two-d", action="store_true")
+    p.add_argument("rest", nargs="*")
+    assert _attach_dash_values(["--alphas", "-1:1:5", "--two-d", "-1"], p) == ["--alphas=-1:1:5", "--two-d", "-1"]
+    assert _attach_dash_values(["--alphas", "--two-d"], p) == ["--alphas", "--two-d"]  # argparse's own error follows
+
+
 @pytest.mark.parametrize("args, message", [
     (["--alphas", "1:2"], "--alphas"),
     (["--alphas", "a,b"], "--alphas"),

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import re
 import sys
 
 from ..errors import UserError
@@ -26,6 +27,26 @@ def _module(name: str):
     return importlib.import_module(f"{__name__}.{COMMANDS[name][0]}")
 
 
+_DASH_VALUE = re.compile(r"-\.?\d")  # a value such as -1:1:21, -1,0,1 or -.5 (argparse reads it as an option)
+
+
+def _attach_dash_values(argv: list[str], parser: argparse.ArgumentParser) -> list[str]:
+    """`--alphas -1:1:5` -> `--alphas=-1:1:5` for every option of `parser` that takes a value.
+
+    argparse takes an argument that starts with '-' for an option unless it is a plain negative number.
+    """
+    out, i = [], 0
+    while i < len(argv):
+        action = parser._option_string_actions.get(argv[i])  # noqa: SLF001 - argparse has no public lookup
+        if action is not None and action.nargs is None and i + 1 < len(argv) and _DASH_VALUE.match(argv[i + 1]):
+            out.append(f"{argv[i]}={argv[i + 1]}")
+            i += 2
+        else:
+            out.append(argv[i])
+            i += 1
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="flatrobust", description="Adversarial training with Adversarial Weight Perturbation (AWP).")
@@ -43,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
                 if e.name == f"{__name__}.{COMMANDS[name][0]}":
                     parser.error(f"subcommand {name!r} is not available in this version")
                 raise
+            argv = _attach_dash_values(argv, p)
     args, extra = parser.parse_known_args(argv)
     # key=value overrides may come after options (`train r.yaml --quiet epochs=3`): argparse leaves them over
     overrides = [a for a in extra if "=" in a and not a.startswith("-")]

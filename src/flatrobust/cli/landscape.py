@@ -45,7 +45,7 @@ def parse_alphas(text: str) -> list[float]:
         else:
             values = [number(v) for v in text.split(",")]
     except (ValueError, UserError):
-        raise UserError(f"--alphas {text!r}: write START:STOP:NUM (e.g. --alphas=-1:1:21) or a comma list (e.g. --alphas=-1,0,1)") from None
+        raise UserError(f"--alphas {text!r}: write START:STOP:NUM (e.g. --alphas -1:1:21) or a comma list (e.g. --alphas -1,0,1)") from None
     if not values or not all(math.isfinite(v) for v in values):
         raise UserError(f"--alphas {text!r}: the values must be finite numbers")
     return values
@@ -149,7 +149,7 @@ def write_json(path: Path, obj: dict[str, Any]) -> None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_common_arguments(parser, n_default=1000)
     parser.add_argument("--alphas", default="-1:1:21",
-                        help="START:STOP:NUM or a comma list; write --alphas=-1:1:21 (with '=') when it starts with '-' (default: -1:1:21)")
+                        help="START:STOP:NUM (both ends included) or a comma list, e.g. --alphas -0.5:0.5:11 (default: -1:1:21)")
     parser.add_argument("--directions", type=int, default=3, help="random filter-normalized directions for the 1-D curves (default: 3)")
     parser.add_argument("--2d", dest="two_d", action="store_true",
                         help="also compute the 2-D surface on the grid alphas x alphas (len(alphas)^2 PGD runs)")
