@@ -43,15 +43,30 @@ def test_crash_during_write_keeps_previous_file(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temporary file left behind
 
 
-@pytest.mark.parametrize("damage", ["truncate", "garbage", "empty"])
+@pytest.mark.parametrize("damage", ["truncate", "flipped", "empty"])
 def test_corrupted_file_gives_one_line(tmp_path, damage):
     path = tmp_path / "c.pt"
     save_checkpoint(_state(), path)
     data = path.read_bytes()
-    path.write_bytes({"truncate": data[: len(data) // 2], "garbage": b"\x00not a checkpoint at all" * 80, "empty": b""}[damage])
+    flipped = data[:200] + bytes(b ^ 0xFF for b in data[200:400]) + data[400:]  # torch.save's header, damaged inside
+    path.write_bytes({"truncate": data[: len(data) // 2], "flipped": flipped, "empty": b""}[damage])
     with pytest.raises(CheckpointError, match="truncated or corrupted") as e:
         load_checkpoint(path)
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("content, what", [
+    (b"hello world\nthis is a text file renamed .pt\n", "it is a text file (first line 'hello world')"),
+    (b"model:\n  lr: 0.1\n", "it is a text file (first line 'model:')"),
+    (b"\x00not a checkpoint at all" * 80, "its first bytes are b'\\x00not a c'"),
+])
+def test_a_file_that_is_not_a_torch_file_is_not_a_checkpoint(tmp_path, content, what):
+    path = tmp_path / "notes.pt"
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(path)
+    assert str(e.value) == (f"{path} is not a checkpoint: {what}, not a file written by torch.save; pass a .pt file "
+                            "written by `flatrobust train` (or its run directory)")
 
 
 class _Payload:

@@ -178,6 +178,10 @@ def test_cli_missing_or_corrupt_checkpoint(tmp_path, capsys):
     bad.write_bytes(b"not a checkpoint at all")
     assert main(["eval", str(bad), "--attacks", "clean"]) == 2
     err = capsys.readouterr().err.strip()
+    assert f"{bad} is not a checkpoint: it is a text file" in err and "\n" not in err
+    bad.write_bytes(b"PK\x03\x04" + b"\x00" * 40)  # torch.save's zip format, cut short
+    assert main(["eval", str(bad), "--attacks", "clean"]) == 2
+    err = capsys.readouterr().err.strip()
     assert "truncated or corrupted" in err and "\n" not in err
 
 

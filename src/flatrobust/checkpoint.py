@@ -81,8 +81,33 @@ def _read(path: Path, map_location: str | torch.device = "cpu") -> Any:
         if found:  # the weights_only unpickler met a reference to Python code: never executed
             raise CheckpointError(f"{path} holds a pickled Python object ({found.group(1)}) and was refused for safety "
                                   "(loaded with weights_only=True): use a checkpoint written by `flatrobust train`") from None
+        not_torch = _not_a_torch_file(path)
+        if not_torch:
+            raise CheckpointError(f"{path} is not a checkpoint: {not_torch}, not a file written by torch.save; "
+                                  "pass a .pt file written by `flatrobust train` (or its run directory)") from None
         raise CheckpointError(f"{path} is truncated or corrupted and cannot be read ({type(e).__name__}): "
                               "use another checkpoint, e.g. the run's best.pt or last.pt") from None
+
+
+def _not_a_torch_file(path: Path) -> str | None:
+    """What the file is when its first bytes are not those of torch.save's formats (a zip archive since
+    PyTorch 1.6, a pickle before), e.g. "it is a text file (first line 'hello')"; None when they are (or
+    the file is empty or unreadable: then it is a damaged checkpoint)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096)
+    except OSError:
+        return None
+    if not head or head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
+        return None
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        text = None
+    if text is not None and "\x00" not in text:
+        first = text.strip().splitlines()[0][:40] if text.strip() else ""
+        return f"it is a text file (first line {first!r})"
+    return f"its first bytes are {head[:8]!r}"
 
 
 def _check_ours(state: Any, path: Path) -> dict[str, Any]:
