@@ -48,3 +48,16 @@ def test_bad_model_arguments():
         models.create("resnet9")
     with pytest.raises(ValueError, match="one per channel"):
         models.create("smallcnn", in_channels=3, mean=(0.5,), std=(0.2,))
+
+
+@pytest.mark.parametrize("name", sorted(models.REGISTRY))
+def test_a_channel_mismatch_is_an_error_for_every_model(name):
+    """models.create defaults to 3 channels; 1-channel images must not slip through the normalization's broadcasting."""
+    rgb = models.create(name, num_classes=10)
+    with pytest.raises(ValueError, match=r"expects images \(B, 3, H, W\) and got 1 channel, shape \(2, 1, 8, 8\)"):
+        rgb(torch.rand(2, 1, 8, 8))
+    grey = models.create(name, num_classes=10, in_channels=1)
+    with pytest.raises(ValueError, match=r"expects images \(B, 1, H, W\) and got 3 channels"):
+        grey(torch.rand(2, 3, 8, 8))
+    with pytest.raises(ValueError, match=r"and got shape \(1, 8, 8\)"):
+        grey(torch.rand(1, 8, 8))  # one image without its batch dimension

@@ -1,6 +1,7 @@
 """Model zoo of the AWP paper, plus a small CPU-friendly CNN.
 
-Every model takes inputs in [0, 1] of shape (B, C, H, W) and returns logits (B, num_classes).
+Every model takes inputs in [0, 1] of shape (B, C, H, W) and returns logits (B, num_classes); C must be the
+`in_channels` it was built with (default 3): other input raises ValueError.
 Per-channel normalization is the first layer inside the model (RobustBench convention), so attacks
 and their eps always live in pixel space.
 

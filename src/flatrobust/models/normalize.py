@@ -17,4 +17,10 @@ class Normalize(nn.Module):
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, C, H, W)
+        channels = self.mean.shape[1]
+        if x.dim() != 4 or x.shape[1] != channels:  # broadcasting would otherwise hide a wrong channel count
+            got = f"{x.shape[1]} channel{'s' if x.shape[1] != 1 else ''}, shape" if x.dim() == 4 else "shape"
+            raise ValueError(f"the model expects images (B, {channels}, H, W) and got {got} {tuple(x.shape)}: "
+                             f"build it for the data (models.create(..., in_channels=C, mean=..., std=...)) "
+                             "or convert the images")
         return (x - self.mean) / self.std
