@@ -47,9 +47,14 @@ def test_bad_values_one_line_error(overrides, match):
     assert "\n" not in str(e.value)
 
 
-def test_bad_recipe_files(tmp_path):
+def test_bad_recipe_files(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="does not exist"):
         load_config(tmp_path / "missing.yaml")
+    (tmp_path / "recipes").mkdir()
+    (tmp_path / "recipes" / "mine_trades.yaml").write_text("method: trades\n")
+    monkeypatch.chdir(tmp_path)  # a recipe of the user's own ./recipes is suggested too
+    with pytest.raises(UserError, match=r"^recipe mine_trade does not exist: did you mean recipes/mine_trades\.yaml\?$"):
+        load_config("mine_trade")
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: [unclosed\n")
     with pytest.raises(UserError, match="not valid YAML"):

@@ -17,7 +17,7 @@ def batch():
 def test_trades_loss_matches_its_formula(batch):
     model, x, y = batch
     x_adv = (x + 0.03 * torch.randn_like(x)).clamp(0, 1)
-    obj = TRADES(beta=6.0)
+    obj = TRADES(AttackConfig(eps=0.1), beta=6.0)
     m = copy.deepcopy(model)
     ln, la = m(x), m(x_adv)
     kl = (F.softmax(ln, 1) * (F.log_softmax(ln, 1) - F.log_softmax(la, 1))).sum(1).mean()
@@ -29,7 +29,7 @@ def test_trades_ascent_loss_does_not_detach_natural_logits(batch):
     """The AWP ascent for TRADES differentiates through the natural logits too (PAPER.md)."""
     model, x, y = batch
     x_adv = (x + 0.03 * torch.randn_like(x)).clamp(0, 1)
-    obj = TRADES(beta=6.0)
+    obj = TRADES(AttackConfig(eps=0.1), beta=6.0)
     w = model.net.fc2.weight
     g_full = torch.autograd.grad(obj.ascent_loss(model, x, x_adv, y), w)[0]
     ln = model(x).detach()
@@ -73,3 +73,22 @@ def test_every_objective_trains_with_awp(name, batch):
 def test_unknown_method():
     with pytest.raises(ValueError, match="unknown method 'fat'"):
         create_objective("fat")
+
+
+@pytest.mark.parametrize("make", [lambda: TRADES(beta=6), lambda: MART(), lambda: AT(), lambda: create_objective("trades")])
+def test_objectives_require_their_training_attack(make):
+    """No silent 8/255: the radius depends on the data, so the objectives have no default attack."""
+    with pytest.raises(TypeError, match=r"needs its training attack, e\.g\. \w+\(AttackConfig\(eps=8/255\)\)"):
+        make()
+
+
+def test_attack_config_needs_eps_and_derives_the_step_from_it():
+    with pytest.raises(TypeError, match="eps"):
+        AttackConfig()
+    assert AttackConfig(eps=8 / 255).alpha == pytest.approx(2 / 255)  # the paper's eps / 4
+    assert AttackConfig(eps=0.2).alpha == pytest.approx(0.05)
+    assert AttackConfig(eps=128 / 255, norm="l2").alpha == pytest.approx(15 / 255)
+    assert AttackConfig(eps=0.2, alpha=0.1, steps=3).alpha == 0.1
+    for bad in (dict(eps=-0.1), dict(eps=0.1, norm="l1"), dict(eps=0.1, steps=0), dict(eps=float("nan"))):
+        with pytest.raises(ValueError, match="AttackConfig"):
+            AttackConfig(**bad)

@@ -66,7 +66,9 @@ def test_piecewise_schedule_per_iteration():
         (["recipes/digits_at.yaml", "attack.eps=-1"], "attack.eps must be >= 0"),
         (["recipes/digits_at.yaml", "optim.lr=0"], "optim.lr must be > 0"),
         (["recipes/digits_at.yaml", "method=fat"], "method must be one of"),
-        (["recipes/nope.yaml"], "recipe recipes/nope.yaml does not exist"),
+        (["recipes/nope.yaml"], "recipe recipes/nope.yaml does not exist: pass a YAML file"),
+        (["digits_at"], "recipe digits_at does not exist: did you mean recipes/digits_at.yaml?"),
+        (["recipes/digits_atawp.yml"], "did you mean recipes/digits_at_awp.yaml?"),
         (["recipes/digits_at.yaml", "data.name=cifar10", "data.root=/nonexistent"], "not found"),
     ],
 )

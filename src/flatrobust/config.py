@@ -274,10 +274,37 @@ def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def _close_recipe(path: Path) -> str | None:
+    """The recipe file a missing `path` most likely meant ("digits_at" -> "recipes/digits_at.yaml"), looked
+    for beside `path`, in ./recipes and in the recipes/ folder of this source tree; None if none is close."""
+    folders = [path.parent, Path("recipes"), Path(__file__).resolve().parents[2] / "recipes"]
+    found: dict[Path, Path] = {}
+    for folder in folders:
+        if folder.is_dir():
+            for f in sorted(folder.glob("*.y*ml")):
+                found.setdefault(f.resolve(), f)
+    if not found:
+        return None
+    stem = path.name.removesuffix(".yaml").removesuffix(".yml")
+    by_stem: dict[str, Path] = {}
+    for f in found.values():
+        by_stem.setdefault(f.stem, f)
+    close = difflib.get_close_matches(stem, list(by_stem), n=1, cutoff=0.6)
+    if not close:
+        return None
+    best = by_stem[close[0]]
+    try:
+        return str(best.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(best)
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"recipe {path} does not exist: pass a YAML file, e.g. recipes/digits_at_awp.yaml")
+        close = _close_recipe(path)
+        hint = f"did you mean {close}?" if close else "pass a YAML file, e.g. recipes/digits_at_awp.yaml"
+        raise UserError(f"recipe {path} does not exist: {hint}")
     try:
         tree = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:

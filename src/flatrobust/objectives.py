@@ -17,6 +17,7 @@ A training step with any objective and AWP::
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -28,19 +29,44 @@ from .attacks import pgd
 
 @dataclass
 class AttackConfig:
-    """The training attack: PGD-`steps` with step `alpha` in the `norm` ball of radius `eps` (pixel units)."""
+    """The training attack: PGD-`steps` with step `alpha` in the `norm` ball of radius `eps` (pixel units).
 
-    eps: float = 8 / 255
-    alpha: float = 2 / 255
+    `eps` has no default: it depends on the data (CIFAR L-inf 8/255, L2 128/255; digits 0.2). `alpha`
+    defaults to the paper's ratio to eps, `flatrobust.evaluate.default_alpha` (eps/4 for L-inf, so 2/255 at
+    8/255; eps * 15/128 for L2).
+    """
+
+    eps: float
+    alpha: float | None = None
     steps: int = 10
     norm: str = "linf"
 
+    def __post_init__(self) -> None:
+        if self.norm not in ("linf", "l2"):
+            raise ValueError(f"AttackConfig norm must be 'linf' or 'l2', got {self.norm!r}")
+        if not isinstance(self.eps, (int, float)) or not math.isfinite(self.eps) or self.eps < 0:
+            raise ValueError(f"AttackConfig eps must be a finite number >= 0 (pixel units, e.g. 8/255), got {self.eps!r}")
+        if self.alpha is None:
+            from .evaluate import default_alpha
+
+            self.alpha = default_alpha(self.norm, self.eps)
+        if not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha) or self.alpha < 0:
+            raise ValueError(f"AttackConfig alpha must be a finite number >= 0, got {self.alpha!r}")
+        if not isinstance(self.steps, int) or self.steps < 1:
+            raise ValueError(f"AttackConfig steps must be an integer >= 1, got {self.steps!r}")
+
 
 class Objective:
+    """An adversarial training objective. The training attack is required: its radius depends on the data."""
+
     name = "objective"
 
     def __init__(self, attack: AttackConfig | None = None):
-        self.attack_config = attack or AttackConfig()
+        if not isinstance(attack, AttackConfig):
+            cls = type(self).__name__
+            raise TypeError(f"{cls} needs its training attack, e.g. {cls}(AttackConfig(eps=8/255)) for CIFAR L-inf: "
+                            f"eps depends on the data, so there is no default (got {attack!r})")
+        self.attack_config = attack
 
     def attack(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, generator=None) -> torch.Tensor:
         raise NotImplementedError
@@ -127,6 +153,7 @@ OBJECTIVES = {"at": AT, "trades": TRADES, "mart": MART}
 
 
 def create_objective(name: str, attack: AttackConfig | None = None, beta: float = 6.0) -> Objective:
+    """The objective `name` ("at", "trades", "mart") with its training attack (required) and beta (TRADES, MART)."""
     if name not in OBJECTIVES:
         raise ValueError(f"unknown method {name!r}: choose one of {', '.join(OBJECTIVES)}")
     return AT(attack) if name == "at" else OBJECTIVES[name](attack, beta=beta)
