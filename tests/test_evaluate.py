@@ -148,6 +148,21 @@ def test_cli_writes_eval_json_and_prints_the_table(checkpoint, capsys):
         assert name in out
 
 
+def test_eval_json_command_and_config_agree_on_the_checks(checkpoint, tmp_path):
+    """--checks-n larger than --n: the checks run on all n examples, and both the command and the config say n."""
+    import shlex
+
+    assert main(["eval", str(checkpoint), "--attacks", "clean,pgd20", "--n", "12", "--checks-n", "200"]) == 0
+    first = json.loads((checkpoint.parent / "eval.json").read_text())
+    assert first["config"]["checks_n"] == 12 and "--checks-n 12" in first["command"]
+    again = tmp_path / "again.json"
+    assert main(shlex.split(first["command"])[1:] + ["--out", str(again)]) == 0  # the recorded command repeats it
+    second = json.loads(again.read_text())
+    assert second["config"] == first["config"] and second["command"] == first["command"]
+    assert [(c["name"], c["passed"], c["detail"]) for c in second["checks"]] == \
+        [(c["name"], c["passed"], c["detail"]) for c in first["checks"]]
+
+
 def test_cli_threat_model_from_the_checkpoint_and_out_file(checkpoint, tmp_path, capsys):
     out = tmp_path / "elsewhere" / "e.json"
     assert main(["eval", str(checkpoint.parent), "--attacks", "clean,pgd20", "--n", "8", "--no-checks",

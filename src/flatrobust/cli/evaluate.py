@@ -175,7 +175,9 @@ def run(args: argparse.Namespace) -> int:
     command = ["flatrobust", "eval", str(ckpt_file), "--attacks", ",".join(names), "--norm", norm, "--eps", repr(eps),
                "--alpha", repr(result["alpha"]), "--seed", str(args.seed), "--batch-size", str(args.batch_size)]
     command += ["--n", str(args.n)] if args.n is not None else []
-    command += ["--no-checks"] if args.no_checks else ["--checks-n", str(args.checks_n)]
+    # the number of examples the checks ran on: --checks-n, or all n when that is fewer (so the command and
+    # config.checks_n agree and the command repeats the same checks)
+    command += ["--no-checks"] if args.no_checks else ["--checks-n", str(result["checks_n"])]
     command += ["--data-root", str(args.data_root)] if args.data_root is not None else []
     report = {
         "format": "flatrobust-eval",
