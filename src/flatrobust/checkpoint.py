@@ -129,13 +129,13 @@ def model_from_checkpoint(path: str | os.PathLike, device: str | torch.device = 
     `config["data"]["name"]` the dataset whose classes, channels and normalization it uses.
     """
     from . import models
-    from .data import DATASETS
+    from .data import DATASETS, DatasetInfo
 
     state = load_checkpoint(path, map_location=device)
     cfg = state["config"]
-    info = DATASETS[cfg["data"]["name"]]
+    info = DatasetInfo.from_dict(state["data_info"]) if state.get("data_info") else DATASETS[cfg["data"]["name"]]
     model = models.create(cfg["model"], num_classes=info.num_classes, in_channels=info.in_channels,
-                          mean=info.mean, std=info.std)
+                          mean=info.mean, std=info.std, **(cfg.get("model_args") or {}))
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as e:

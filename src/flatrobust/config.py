@@ -22,8 +22,9 @@ from .errors import UserError
 
 @dataclass
 class DataConfig:
-    name: str = "digits"  # cifar10 | cifar100 | svhn | fashion_mnist | digits
-    root: str = "./data"  # where torchvision-format files live (or are downloaded to)
+    name: str = "digits"  # cifar10 | cifar100 | svhn | fashion_mnist | digits | imagefolder
+    root: str = "./data"  # where torchvision-format files live (or are downloaded to); imagefolder: ROOT/{train,test}/<class>/*
+    image_size: int = 0  # imagefolder: resize every image to image_size x image_size (0: keep; all must agree)
     download: bool = False
     augment: str = "default"  # default (the dataset's usual: crop_flip for CIFAR) | crop_flip | none
     eval_subset: int = 1000  # fixed test subset AND train subset of this size, evaluated every epoch
@@ -79,6 +80,7 @@ class RunConfig:
     method: str = "at"  # at | trades | mart
     beta: float = 6.0  # TRADES / MART trade-off
     model: str = "smallcnn"
+    model_args: dict = field(default_factory=dict)  # keyword arguments of the model's builder, e.g. {width: 16}
     epochs: int = 10
     batch_size: int = 128
     out_dir: str = "runs"  # the run directory is out_dir/name
@@ -99,7 +101,7 @@ class RunConfig:
 
 CHOICES = {
     "method": ("at", "trades", "mart"),
-    "data.name": ("cifar10", "cifar100", "svhn", "fashion_mnist", "digits"),
+    "data.name": ("cifar10", "cifar100", "svhn", "fashion_mnist", "digits", "imagefolder"),
     "data.augment": ("default", "crop_flip", "none"),
     "attack.norm": ("linf", "l2"),
     "optim.schedule": ("piecewise", "cosine", "constant"),
@@ -110,7 +112,7 @@ CHOICES = {
 # key -> (lowest allowed, whether the bound itself is allowed)
 LOWER = {
     "epochs": (1, True), "batch_size": (1, True), "beta": (0, True), "checkpoint_every": (0, True),
-    "data.eval_subset": (1, True), "data.train_subset": (0, True), "data.extra_fraction": (0, True),
+    "data.eval_subset": (1, True), "data.train_subset": (0, True), "data.image_size": (0, True), "data.extra_fraction": (0, True),
     "attack.eps": (0, True), "attack.alpha": (0, True), "attack.steps": (1, True),
     "eval.steps": (1, True), "eval.alpha": (0, True), "eval.batch_size": (1, True),
     "awp.gamma": (0, True), "awp.warmup": (0, True),
@@ -156,6 +158,10 @@ def _coerce(key: str, value: Any, typ: type) -> Any:
         if not math.isfinite(out):
             raise UserError(f"{key} must be finite, got {value!r}")
         return out
+    if typ is dict:
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise UserError(f"{key} must be a mapping of names to values, e.g. {{width: 16}}, got {value!r}")
+        return dict(value)
     if typ is str:
         if isinstance(value, (dict, list)) or value is None:
             raise UserError(f"{key} must be a string, got {value!r}")
@@ -267,7 +273,7 @@ def validate(cfg: RunConfig) -> RunConfig:
 def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
     out = {}
     for k, v in tree.items():
-        if isinstance(v, dict):
+        if isinstance(v, dict) and f"{prefix}{k}" != "model_args":
             out.update(_flatten(v, f"{prefix}{k}."))
         else:
             out[prefix + k] = v

@@ -84,6 +84,16 @@ class DatasetInfo:
     default_augment: Literal["crop_flip", "none"]
     train_size: int
     test_size: int
+    classes: tuple[str, ...] = ()  # class names, when the data has them (image folders)
+
+    def to_dict(self) -> dict:
+        from dataclasses import asdict
+
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DatasetInfo":
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
 DATASETS: dict[str, DatasetInfo] = {
@@ -107,6 +117,7 @@ _TITLES = {
     "svhn": "SVHN",
     "fashion_mnist": "Fashion-MNIST",
     "digits": "digits",
+    "imagefolder": "image folder",
 }
 
 
@@ -141,6 +152,7 @@ def load_dataset(
     split: Literal["train", "test"] = "train",
     root: str | os.PathLike | None = None,
     download: bool = False,
+    image_size: int = 0,
 ) -> TensorData:
     """Load a whole split of a registered dataset as CPU tensors (see `TensorData`).
 
@@ -149,10 +161,12 @@ def load_dataset(
     read from FASHION_MNIST_SYSTEM_DIR (Debian's dataset-fashion-mnist) when the root has none.
     `download=True` lets torchvision fetch what is missing; digits ships with scikit-learn.
     """
-    if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    if name == "imagefolder":
+        return load_imagefolder(root, split, image_size=image_size)
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}, imagefolder")
     info = DATASETS[name]
     root = Path(DEFAULT_ROOT if root is None else root)
     if name in ("cifar10", "cifar100"):
@@ -379,6 +393,113 @@ def _load_digits(split: str) -> tuple[torch.Tensor, torch.Tensor]:
     idx = train_idx if split == "train" else test_idx
     x = torch.as_tensor(d.data[idx] / 16.0, dtype=torch.float32).view(-1, 1, 8, 8)
     return x, torch.as_tensor(d.target[idx], dtype=torch.int64)
+
+
+# ----------------------------------------------------------------------------- your own images: a folder per class
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("FLATROBUST_CACHE", Path.home() / ".cache" / "flatrobust")) / "imagefolder"
+
+
+def _split_dir(root: Path, split: str) -> Path:
+    names = ("train",) if split == "train" else ("test", "val")
+    for n in names:
+        if (root / n).is_dir():
+            return root / n
+    raise DataError(f"image folder {root} has no {' or '.join(names)}/ subfolder: lay it out as {root}/train/<class>/*, {root}/test/<class>/*")
+
+
+def _list_images(folder: Path) -> tuple[list[str], list[tuple[Path, int]]]:
+    classes = sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+    files = []
+    for c, name in enumerate(classes):
+        for f in sorted((folder / name).rglob("*")):
+            if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES:
+                files.append((f, c))
+    return classes, files
+
+
+def _decode_images(files: list[tuple[Path, int]], image_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 (N, C, H, W) and int64 labels; C = 1 when every image is greyscale, else 3 (RGB)."""
+    from PIL import Image
+
+    arrays, grey = [], True
+    for path, _ in files:
+        try:
+            with Image.open(path) as im:
+                im.load()
+                grey = grey and im.mode in ("1", "L", "I;16", "I")
+                im = im.convert("RGB")
+                if image_size:
+                    im = im.resize((image_size, image_size), Image.BILINEAR)
+                arrays.append(np.asarray(im, dtype=np.uint8))
+        except (OSError, ValueError) as e:
+            raise DataError(f"{path} is not a readable image ({type(e).__name__}): remove or replace it") from None
+        if arrays[-1].shape != arrays[0].shape:
+            raise DataError(f"{path} is {arrays[-1].shape[1]}x{arrays[-1].shape[0]} but {files[0][0]} is "
+                            f"{arrays[0].shape[1]}x{arrays[0].shape[0]}: set data.image_size to resize every image")
+    x = np.stack(arrays).transpose(0, 3, 1, 2)
+    if grey:
+        x = x[:, :1]
+    return np.ascontiguousarray(x), np.array([c for _, c in files], dtype=np.int64)
+
+
+def _imagefolder_arrays(root: Path, split: str, image_size: int) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """(class names, uint8 images, labels) of one split, decoded once and cached.
+
+    The cache key hashes every file's path, size and modification time (and `image_size`), so any change
+    to the folder makes a new cache entry: a stale cache is never read.
+    """
+    folder = _split_dir(root, split)
+    classes, files = _list_images(folder)
+    if not files:
+        raise DataError(f"{folder} holds no images ({', '.join(IMAGE_SUFFIXES)}) in class subfolders: add some")
+    h = hashlib.sha256(f"v1|{folder.resolve()}|{image_size}|{classes}".encode())
+    for path, c in files:
+        st = path.stat()
+        h.update(f"{path.relative_to(folder)}|{c}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    cache = _cache_dir() / f"{h.hexdigest()[:32]}.npz"
+    if cache.is_file():
+        try:
+            with np.load(cache, allow_pickle=False) as z:
+                return classes, z["x"], z["y"]
+        except Exception:  # noqa: BLE001 - a damaged cache entry is rebuilt
+            pass
+    x, y = _decode_images(files, image_size)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_suffix(f".tmp{os.getpid()}.npz")
+    np.savez(tmp, x=x, y=y)
+    os.replace(tmp, cache)
+    return classes, x, y
+
+
+def load_imagefolder(root: str | os.PathLike | None, split: str, image_size: int = 0) -> TensorData:
+    """A split of a folder-per-class image tree (torchvision ImageFolder layout: ROOT/train/<class>/*,
+    ROOT/test/<class>/* or ROOT/val/<class>/*). Normalization statistics come from the training split."""
+    root = Path(DEFAULT_ROOT if root is None else root)
+    if not root.is_dir():
+        raise DataError(f"image folder {root} does not exist: set data.root to a folder holding train/ and test/")
+    classes, x, y = _imagefolder_arrays(root, "train", image_size)
+    xf = torch.from_numpy(x)
+    c = xf.shape[1]
+    mean = tuple(float(xf[:, i].double().mean() / 255) for i in range(c))
+    std = tuple(float(xf[:, i].double().std(unbiased=False) / 255) for i in range(c))
+    n_train = len(y)
+    if split == "test":
+        test_classes, x, y = _imagefolder_arrays(root, "test", image_size)
+        unknown = sorted(set(test_classes) - set(classes))
+        if unknown:
+            raise DataError(f"{_split_dir(root, 'test')}/{unknown[0]} is a class with no training images: add it to train/ or remove it")
+        if x.shape[1:] != xf.shape[1:]:
+            raise DataError(f"test images are {x.shape[1:]} (C, H, W), training images {tuple(xf.shape[1:])}: set data.image_size")
+        y = np.array([classes.index(test_classes[v]) for v in range(len(test_classes))], dtype=np.int64)[y]
+        xf = torch.from_numpy(x)
+    info = DatasetInfo("imagefolder", len(classes), c, xf.shape[-1], mean, std, "none", n_train,
+                       len(y) if split == "test" else 0, tuple(classes))
+    return TensorData(_uint8_to_float(xf), torch.from_numpy(y), info)
 
 
 # ----------------------------------------------------------------------------- RST: extra pseudo-labeled data

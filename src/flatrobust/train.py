@@ -197,18 +197,19 @@ class Run:
     awp: AWP | None
     dist: Dist
     local_forward: nn.Module  # `forward` without DDP: evaluation runs per process with no collective in the forward
-    n_labeled: int  # the first n_labeled examples of `train` are labeled; the rest is RST's extra data
+    n_labeled: int
+    info: Any = None  # the training data's DatasetInfo, saved in checkpoints (rebuilds the model)  # the first n_labeled examples of `train` are labeled; the rest is RST's extra data
 
 
 def build(cfg: RunConfig, dist: Dist | None = None) -> Run:
     dist = dist or Dist()
     device = resolve_device(cfg.device, dist.local_rank)
-    info = DATASETS[cfg.data.name]
     try:
-        train = load_dataset(cfg.data.name, "train", root=cfg.data.root, download=cfg.data.download)
-        test = load_dataset(cfg.data.name, "test", root=cfg.data.root, download=cfg.data.download)
+        train = load_dataset(cfg.data.name, "train", root=cfg.data.root, download=cfg.data.download, image_size=cfg.data.image_size)
+        test = load_dataset(cfg.data.name, "test", root=cfg.data.root, download=cfg.data.download, image_size=cfg.data.image_size)
     except DataError as e:
         raise UserError(str(e)) from None
+    info = train.info  # built-in sets: their registry entry; image folders: classes, channels, size, statistics
     if cfg.data.train_subset:
         train = train.subset(cfg.data.train_subset, seed=cfg.seed)
     n_labeled = len(train)
@@ -224,8 +225,11 @@ def build(cfg: RunConfig, dist: Dist | None = None) -> Run:
     n_eval = min(cfg.data.eval_subset, len(test), len(train))
     eval_test, eval_train = test.subset(n_eval, seed=0).to(device), train.subset(n_eval, seed=1).to(device)
     torch.manual_seed(cfg.seed)
-    model = models.create(cfg.model, num_classes=info.num_classes, in_channels=info.in_channels,
-                          mean=info.mean, std=info.std).to(device)
+    try:
+        model = models.create(cfg.model, num_classes=info.num_classes, in_channels=info.in_channels,
+                              mean=info.mean, std=info.std, **cfg.model_args).to(device)
+    except ValueError as e:
+        raise UserError(f"model: {e}") from None
     if cfg.init_from:  # fine-tuning: pre-trained weights, fresh optimizer and schedule
         try:
             load_weights(model, cfg.init_from)
@@ -245,7 +249,7 @@ def build(cfg: RunConfig, dist: Dist | None = None) -> Run:
     # Evaluation runs in every process on its own share, with no collective inside the forward.
     eval_forward = forward if dist.world == 1 else (torch.compile(local) if cfg.speed.compile else local)
     return Run(cfg, device, train_all.to(device), eval_train, eval_test, model, forward, objective, optimizer, awp, dist,
-               eval_forward, n_labeled)
+               eval_forward, n_labeled, info)
 
 
 def _epoch_generators(cfg: RunConfig, epoch: int, device: torch.device, rank: int = 0) -> tuple[torch.Generator, torch.Generator]:
@@ -261,7 +265,8 @@ def _epoch_generators(cfg: RunConfig, epoch: int, device: torch.device, rank: in
 
 
 def _augment_args(cfg: RunConfig) -> dict[str, Any]:
-    kind = DATASETS[cfg.data.name].default_augment if cfg.data.augment == "default" else cfg.data.augment
+    default = DATASETS[cfg.data.name].default_augment if cfg.data.name in DATASETS else "none"
+    kind = default if cfg.data.augment == "default" else cfg.data.augment
     return {"crop_padding": 4, "flip": True} if kind == "crop_flip" else {"crop_padding": 0, "flip": False}
 
 
@@ -393,6 +398,7 @@ def _loop(run: Run, run_dir: Path, state: dict | None, *, progress: bool, stop_a
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
             "awp": run.awp.state_dict() if run.awp is not None else None,
+            "data_info": run.info.to_dict() if run.info is not None else None,
         }, path)
 
     steps_done = 0

@@ -151,7 +151,7 @@ def run(args: argparse.Namespace) -> int:
 
     root = args.data_root if args.data_root is not None else data_cfg.get("root")
     try:
-        test = load_dataset(data_cfg["name"], "test", root=root, download=bool(data_cfg.get("download", False)))
+        test = load_dataset(data_cfg["name"], "test", root=root, download=bool(data_cfg.get("download", False)), image_size=int(data_cfg.get("image_size") or 0))
     except DataError as e:
         raise UserError(str(e)) from None
     if args.n is not None:

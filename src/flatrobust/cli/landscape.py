@@ -109,7 +109,7 @@ def load_for_analysis(args: argparse.Namespace):
     attack = resolve_attack(cfg, args)
     data_cfg = cfg.get("data") or {}
     try:
-        data = load_dataset(data_cfg["name"], args.data, root=data_cfg.get("root"), download=False)
+        data = load_dataset(data_cfg["name"], args.data, root=data_cfg.get("root"), download=False, image_size=int(data_cfg.get("image_size") or 0))
     except DataError as e:
         raise UserError(str(e)) from None
     data = data.subset(args.n, args.seed).to(device)

@@ -22,8 +22,8 @@ from .wideresnet import WideResNet
 
 # name -> builder(num_classes, in_channels) returning the un-normalized network. A plain dict that the
 # tests enumerate; add a model by adding an entry.
-REGISTRY: dict[str, Callable[[int, int], nn.Module]] = {
-    "preactresnet18": lambda num_classes, in_channels: PreActResNet18(num_classes, in_channels),
+REGISTRY: dict[str, Callable[..., nn.Module]] = {
+    "preactresnet18": lambda num_classes, in_channels, **kw: PreActResNet18(num_classes, in_channels, **kw),
     "wrn34_10": lambda num_classes, in_channels: WideResNet(34, 10, num_classes, in_channels),
     "wrn28_10": lambda num_classes, in_channels: WideResNet(28, 10, num_classes, in_channels),
     "vgg19": lambda num_classes, in_channels: VGG19(num_classes, in_channels),
@@ -46,10 +46,12 @@ def create(
     in_channels: int = 3,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
+    **model_args,
 ) -> nn.Module:
     """Build model `name` from `REGISTRY` with normalization by (mean, std) inside.
 
-    mean/std default to 0 and 1 per channel (identity normalization).
+    mean/std default to 0 and 1 per channel (identity normalization). `model_args` go to the builder
+    (e.g. `width=16, stem_stride=2` for preactresnet18).
     """
     if name not in REGISTRY:
         raise ValueError(f"unknown model {name!r}: choose one of {', '.join(sorted(REGISTRY))}")
@@ -61,7 +63,14 @@ def create(
     std = tuple(std) if std is not None else (1.0,) * in_channels
     if len(mean) != in_channels or len(std) != in_channels:
         raise ValueError(f"mean and std need {in_channels} values each (one per channel), got {mean} and {std}")
-    return NormalizedModel(Normalize(mean, std), REGISTRY[name](num_classes, in_channels))
+    try:
+        net = REGISTRY[name](num_classes, in_channels, **model_args)
+    except TypeError as e:
+        if model_args and "unexpected keyword" in str(e):
+            raise ValueError(f"model {name!r} does not take {str(e).split('argument')[-1].strip()}: "
+                             f"remove it from model_args") from None
+        raise
+    return NormalizedModel(Normalize(mean, std), net)
 
 
 __all__ = ["REGISTRY", "create", "Normalize", "NormalizedModel", "PreActResNet18", "WideResNet", "VGG19", "SmallCNN"]

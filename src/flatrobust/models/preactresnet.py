@@ -28,21 +28,28 @@ class PreActBlock(nn.Module):
 
 
 class PreActResNet18(nn.Module):
-    """11.17M parameters for 10 classes; input (B, C, 32, 32) (any size >= 8 works via global pooling)."""
+    """11.17M parameters for 10 classes; input (B, C, 32, 32) (any size >= 8 works via global pooling).
 
-    def __init__(self, num_classes: int = 10, in_channels: int = 3):
+    `width` (64 in the paper) scales every stage (width, 2, 4, 8 x width channels; parameters grow as its
+    square); `stem_stride=2` makes the first convolution stride 2, so every stage runs at half the
+    resolution: about 4x fewer operations, the same parameters. Both are CPU-scale knobs (docs/RESULTS.md).
+    """
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 3, width: int = 64, stem_stride: int = 1):
         super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False)
-        layers, in_planes = [], 64
-        for planes, stride in [(64, 1), (128, 2), (256, 2), (512, 2)]:
+        if width < 1 or stem_stride not in (1, 2):
+            raise ValueError(f"width must be >= 1 and stem_stride 1 or 2, got width={width}, stem_stride={stem_stride}")
+        self.conv1 = nn.Conv2d(in_channels, width, 3, stem_stride, 1, bias=False)
+        layers, in_planes = [], width
+        for planes, stride in [(width, 1), (2 * width, 2), (4 * width, 2), (8 * width, 2)]:
             layers += [PreActBlock(in_planes, planes, stride), PreActBlock(planes, planes, 1)]
             in_planes = planes
         self.layers = nn.Sequential(*layers)
-        self.bn = nn.BatchNorm2d(512)
-        self.linear = nn.Linear(512, num_classes)
+        self.bn = nn.BatchNorm2d(8 * width)
+        self.linear = nn.Linear(8 * width, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.layers(self.conv1(x))
         out = F.relu(self.bn(out))
-        out = F.adaptive_avg_pool2d(out, 1).flatten(1)  # (B, 512)
+        out = F.adaptive_avg_pool2d(out, 1).flatten(1)  # (B, 8 * width)
         return self.linear(out)
