@@ -61,3 +61,24 @@ def test_a_channel_mismatch_is_an_error_for_every_model(name):
         grey(torch.rand(2, 3, 8, 8))
     with pytest.raises(ValueError, match=r"and got shape \(1, 8, 8\)"):
         grey(torch.rand(1, 8, 8))  # one image without its batch dimension
+def test_preactresnet18_width_and_stem_knobs():
+    """model_args reach the builder: width scales every stage (parameters ~ width^2), stem_stride halves the resolution."""
+    import torch
+
+    from flatrobust import models
+
+    full = models.create("preactresnet18")
+    small = models.create("preactresnet18", width=16, stem_stride=2)
+    n_full, n_small = (sum(p.numel() for p in m.parameters()) for m in (full, small))
+    assert abs(n_full / n_small - 16) < 0.2  # (64 / 16)^2, up to the classifier and BN
+    assert small(torch.rand(2, 3, 32, 32)).shape == (2, 10)
+    assert small.net.conv1.stride == (2, 2)
+
+
+def test_unknown_model_args_are_one_line_errors():
+    import pytest
+
+    from flatrobust import models
+
+    with pytest.raises(ValueError, match="does not take 'depth'"):
+        models.create("preactresnet18", depth=3)

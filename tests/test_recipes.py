@@ -1,11 +1,14 @@
 """Every recipe loads and validates, names what it reproduces and the command that runs it."""
+import sys
 from pathlib import Path
 
 import pytest
 
 from flatrobust.config import load_config, read_yaml
 
-RECIPES = sorted(Path(__file__).resolve().parents[1].joinpath("recipes").glob("*.yaml"))
+REPO = Path(__file__).resolve().parents[1]
+RECIPES = sorted(REPO.joinpath("recipes").glob("*.yaml"))
+STUDY = sorted(REPO.joinpath("recipes", "study").glob("*.yaml"))  # docs/RESULTS.md's rows (bench/study.py)
 
 
 def test_there_is_a_recipe_per_paper_row():
@@ -18,15 +21,30 @@ def test_there_is_a_recipe_per_paper_row():
     assert {"cifar10_wrn28_10_rst", "cifar10_wrn28_10_rst_awp"} <= names
 
 
-@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", RECIPES + STUDY, ids=lambda p: str(p.relative_to(REPO / "recipes")))
 def test_recipe_validates(path):
     cfg = load_config(path)
     assert cfg.name == path.stem, "the run directory is named after the recipe"
     header = path.read_text().split("\n")
-    assert any(f"flatrobust train recipes/{path.name}" in line for line in header if line.startswith("#"))
+    assert any(f"flatrobust train {path.relative_to(REPO).as_posix()}" in line for line in header if line.startswith("#"))
     if path.stem.startswith(("cifar", "svhn")):
         assert any(line.startswith("# Reproduces:") for line in header)
         assert any(line.startswith("# Target (paper):") for line in header)
         assert cfg.epochs == 200 and cfg.batch_size == (256 if "_rst" in path.stem else 128)
     assert (cfg.awp.gamma > 0) == path.stem.endswith("_awp")
     assert set(read_yaml(path)) <= set(cfg.to_dict())
+
+
+def test_study_rows_are_the_recipes():
+    """bench/study.py runs exactly the study recipes; every AWP row has its baseline (same recipe without AWP)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("study", REPO / "bench" / "study.py")
+    study = importlib.util.module_from_spec(spec)
+    sys.modules["study"] = study  # dataclasses look their module up there
+    spec.loader.exec_module(study)
+    assert {row.recipe for row in study.ROWS} == {p.stem for p in STUDY}
+    for path in STUDY:
+        if path.stem.endswith("_awp"):
+            base, awp = read_yaml(path.with_name(path.stem[:-4] + ".yaml")), read_yaml(path)
+            assert {k: v for k, v in base.items() if k not in ("name", "awp")} == {k: v for k, v in awp.items() if k not in ("name", "awp")}

@@ -1,0 +1,224 @@
+"""The AWP study behind docs/RESULTS.md: every row and seed, run, resumed, evaluated and reported.
+
+    python bench/study.py run [--jobs 2] [--rows at,at_awp] [--stages train,pgd] [--dry-run]
+    python bench/study.py status
+    python bench/study.py report            # rebuilds docs/RESULTS.md and docs/results/*.png
+
+`run` works through a fixed list of tasks (train every run, then the final evaluations, then AutoAttack,
+flatness and landscapes), `--jobs` at a time, each a `flatrobust` command on one thread. A task whose output
+exists is skipped; an interrupted training is continued with `flatrobust train --resume`, so the command can
+be stopped at any time and started again (in a later session too). Run directories live in
+results/c10jpeg/<run>/ and are committed without their checkpoints (*.pt) and logs; `report` reads only them.
+
+The data: "CIFAR-10 (JPEG q75 copy)", extracted as recipes/study/*.yaml say (data/cifar10-jpeg-q75).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = ROOT / "recipes" / "study"
+OUT = ROOT / "results" / "c10jpeg"
+N_AUTOATTACK = 1000  # standard AutoAttack on a fixed subset of this many test images (seed 0)
+N_ANALYSIS = 500  # flatness and landscape on a fixed subset of this many test images
+
+
+@dataclass(frozen=True)
+class Row:
+    key: str
+    label: str
+    recipe: str
+    seeds: tuple[int, ...]
+    overrides: tuple[str, ...] = ()
+    suffix: str = ""  # run name = recipe + suffix + _sSEED
+
+    def run_name(self, seed: int) -> str:
+        return f"{self.recipe}{self.suffix}_s{seed}"
+
+
+# In priority order: the main comparison first, the gamma curve (seed 0) and TRADES after.
+ROWS = [
+    Row("at", "AT", "c10jpeg_at", (0, 1, 2)),
+    Row("at_awp", "AT-AWP", "c10jpeg_at_awp", (0, 1, 2)),
+    Row("trades", "TRADES", "c10jpeg_trades", (0, 1)),
+    Row("trades_awp", "TRADES-AWP", "c10jpeg_trades_awp", (0, 1)),
+    *[Row(f"gamma_{g}", f"AT-AWP gamma {g}", "c10jpeg_at_awp", (0,), (f"awp.gamma={g}",), f"_g{g}")
+      for g in ("0.0025", "0.005", "0.02")],
+]
+GAMMA_CURVE = [("0", "at"), ("0.0025", "gamma_0.0025"), ("0.005", "gamma_0.005"), ("0.01", "at_awp"), ("0.02", "gamma_0.02")]
+
+
+@dataclass
+class Task:
+    run: str
+    stage: str
+    argv: list[str]
+    output: Path  # done when it exists
+    needs: str | None = None  # the stage of the same run that must be done first
+    done: bool = False
+    running: bool = False
+    extra: dict = field(default_factory=dict)
+
+
+def _train_done(run_dir: Path) -> bool:
+    cfg = run_dir / "config.yaml"
+    if not (cfg.is_file() and (run_dir / "metrics.jsonl").is_file()):
+        return False
+    import yaml
+
+    epochs = yaml.safe_load(cfg.read_text())["epochs"]
+    lines = [ln for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+    return len(lines) >= epochs and (run_dir / "last.pt").is_file()
+
+
+def tasks(rows: list[Row]) -> list[Task]:
+    fr = [sys.executable, "-m", "flatrobust"]
+    out: list[Task] = []
+    stages: dict[str, list[Task]] = {s: [] for s in ("train", "pgd", "aa", "flatness", "landscape")}
+    for row in rows:
+        for seed in row.seeds:
+            name = row.run_name(seed)
+            d = OUT / name
+            stages["train"].append(Task(name, "train", [*fr, "train", str(RECIPES / f"{row.recipe}.yaml"), f"seed={seed}", f"name={name}",
+                                                         f"out_dir={OUT}", *row.overrides], d / "metrics.jsonl"))
+            for ck in ("best", "last"):
+                pt = str(d / f"{ck}.pt")
+                stages["pgd"].append(Task(name, f"pgd_{ck}", [*fr, "eval", pt, "--attacks", "clean,pgd20", "--no-checks",
+                                                               "--out", str(d / f"eval_{ck}.json")], d / f"eval_{ck}.json", "train"))
+                stages["aa"].append(Task(name, f"aa_{ck}", [*fr, "eval", pt, "--attacks", "clean,autoattack", "--n", str(N_AUTOATTACK),
+                                                             "--checks-n", "100", "--out", str(d / f"aa_{ck}.json")], d / f"aa_{ck}.json", "train"))
+                stages["flatness"].append(Task(name, f"flatness_{ck}", [*fr, "flatness", pt, "--n", str(N_ANALYSIS), "--out", str(d / f"flatness_{ck}")],
+                                               d / f"flatness_{ck}" / "flatness.json", "train"))
+                stages["landscape"].append(Task(name, f"landscape_{ck}", [*fr, "landscape", pt, "--n", str(N_ANALYSIS), "--alphas=-1:1:11",
+                                                                           "--directions", "2", "--out", str(d / f"landscape_{ck}")],
+                                                d / f"landscape_{ck}" / "landscape.json", "train"))
+    for s in ("train", "pgd", "flatness", "landscape", "aa"):
+        out += stages[s]
+    for t in out:
+        t.done = _train_done(OUT / t.run) if t.stage == "train" else t.output.is_file()
+    return out
+
+
+def _busy(run_dir: Path) -> bool:
+    """Another process (a second `study.py run`, or a training started by hand) holds this run's lock."""
+    lock = run_dir / "logs" / "lock"
+    try:
+        os.kill(int(lock.read_text().split()[0]), 0)
+        return True
+    except (OSError, ValueError, IndexError):
+        return False
+
+
+def _command(t: Task, dry: bool) -> int:
+    d = OUT / t.run
+    argv = list(t.argv)
+    if t.stage == "train" and (d / "last.pt").is_file():
+        argv = [*argv[:3], "train", "--resume", str(d)]  # continue where it stopped
+    elif t.stage == "train" and d.exists():
+        argv.append("--overwrite")  # a run directory without a checkpoint: nothing to keep
+    print(f"[{time.strftime('%H:%M:%S')}] {t.run} {t.stage}: {' '.join(argv[2:])}", flush=True)
+    if dry:
+        return 0
+    (d / "logs").mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=str(ROOT / "src"))
+    with open(d / "logs" / f"{t.stage}.log", "a") as log:
+        proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        (d / "logs" / "lock").write_text(f"{proc.pid} {t.stage}\n")
+        rc = proc.wait()
+        (d / "logs" / "lock").unlink(missing_ok=True)
+    print(f"[{time.strftime('%H:%M:%S')}] {t.run} {t.stage}: exit {rc}", flush=True)
+    return rc
+
+
+def run(rows: list[Row], stages: set[str], jobs: int, dry: bool) -> int:
+    todo = [t for t in tasks(rows) if t.stage.split("_")[0] in stages]
+    state = {(t.run, t.stage): t for t in tasks(rows)}
+    lock, failed = threading.Lock(), []
+
+    def next_task() -> Task | None:
+        with lock:
+            for t in todo:
+                if t.done or t.running or _busy(OUT / t.run):
+                    continue
+                if t.needs and not state[(t.run, t.needs)].done:
+                    continue
+                t.running = True
+                return t
+            return None
+
+    def worker() -> None:
+        while True:
+            t = next_task()
+            if t is None:
+                with lock:
+                    if not any(x.running for x in todo):
+                        return  # nothing runs, nothing is ready: done (or blocked by a failed training)
+                time.sleep(5)  # a task may become ready when a running training ends
+                continue
+            rc = _command(t, dry)
+            with lock:
+                t.running = False
+                t.done = rc == 0 and (dry or (_train_done(OUT / t.run) if t.stage == "train" else t.output.is_file()))
+                state[(t.run, t.stage)].done = t.done
+                if not t.done:
+                    failed.append(f"{t.run} {t.stage}")
+                    todo.remove(t)
+
+    threads = [threading.Thread(target=worker) for _ in range(jobs)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    if failed:
+        print("failed (see results/c10jpeg/RUN/logs/):", ", ".join(failed), file=sys.stderr)
+    return 1 if failed else 0
+
+
+def status(rows: list[Row]) -> None:
+    by_run: dict[str, list[str]] = {}
+    for t in tasks(rows):
+        by_run.setdefault(t.run, []).append(("+" if t.done else "-") + t.stage)
+    for run_name, marks in by_run.items():
+        m = OUT / run_name / "metrics.jsonl"
+        epochs = len(m.read_text().splitlines()) if m.is_file() else 0
+        print(f"{run_name:32s} epochs {epochs:3d}  {' '.join(marks)}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="run what is not done yet (resumable)")
+    r.add_argument("--jobs", type=int, default=2, help="tasks at a time, one thread each (default 2)")
+    r.add_argument("--rows", default=",".join(row.key for row in ROWS), help="comma-separated row keys (default: all)")
+    r.add_argument("--stages", default="train,pgd,flatness,landscape,aa", help="comma-separated: train,pgd,aa,flatness,landscape")
+    r.add_argument("--dry-run", action="store_true", help="print the commands only")
+    sub.add_parser("status", help="what is done")
+    rep = sub.add_parser("report", help="rebuild docs/RESULTS.md and its figures from results/c10jpeg")
+    rep.add_argument("--out", default=str(ROOT / "docs"), help="docs folder (default: docs/)")
+    args = p.parse_args(argv)
+    if args.cmd == "status":
+        status(ROWS)
+        return 0
+    if args.cmd == "report":
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import study_report
+
+        study_report.write(OUT, Path(args.out), ROWS, GAMMA_CURVE)
+        return 0
+    keys = args.rows.split(",")
+    unknown = [k for k in keys if k not in {row.key for row in ROWS}]
+    if unknown:
+        p.error(f"unknown row {unknown[0]!r}: choose from {', '.join(row.key for row in ROWS)}")
+    return run([row for row in ROWS if row.key in keys], set(args.stages.split(",")), args.jobs, args.dry_run)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,454 @@
+"""docs/RESULTS.md and docs/results/*.png from the study's run directories alone (`python bench/study.py report`).
+
+Reads results/c10jpeg/<run>/{config.yaml, metrics.jsonl, eval_{best,last}.json, aa_{best,last}.json,
+flatness_{best,last}/flatness.json, landscape_{best,last}/landscape.json}; whatever is missing is shown as
+missing (with how many seeds each number rests on), never filled in.
+"""
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CKPTS = ("best", "last")
+
+
+@dataclass
+class RunData:
+    name: str
+    row: str
+    seed: int
+    cfg: dict
+    metrics: list[dict]
+    evals: dict[str, dict] = field(default_factory=dict)  # eval_best, eval_last, aa_best, aa_last
+    flatness: dict[str, dict] = field(default_factory=dict)  # best, last
+    landscape: dict[str, dict] = field(default_factory=dict)
+
+    @property
+    def finished(self) -> bool:
+        return len(self.metrics) >= self.cfg["epochs"]
+
+    @property
+    def best(self) -> dict:  # the epoch best.pt holds: highest monitored test PGD-20 (first of ties)
+        return max(self.metrics, key=lambda m: m["test_robust_acc"])
+
+    @property
+    def last(self) -> dict:
+        return self.metrics[-1]
+
+    def acc(self, kind: str, ck: str, attack: str) -> float | None:
+        e = self.evals.get(f"{kind}_{ck}")
+        a = (e or {}).get("attacks", {}).get(attack)
+        return 100 * a["accuracy"] if a else None
+
+    def flat(self, ck: str, measure: str) -> float | None:
+        f = self.flatness.get(ck) or {}
+        m = f.get(measure) or {}
+        v = m.get(f"{measure}_flatness")
+        return v if isinstance(v, (int, float)) and math.isfinite(v) else None
+
+    def gap(self, ck: str) -> float:
+        m = self.best if ck == "best" else self.last
+        return 100 * (m["train_robust_acc"] - m["test_robust_acc"])
+
+    def hours(self) -> float:
+        return sum(m.get("epoch_time_s", 0) + m.get("eval_time_s", 0) for m in self.metrics) / 3600
+
+
+def _json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def load(out: Path, rows) -> dict[str, list[RunData]]:
+    by_row: dict[str, list[RunData]] = {}
+    for row in rows:
+        for seed in row.seeds:
+            d = out / row.run_name(seed)
+            if not (d / "config.yaml").is_file() or not (d / "metrics.jsonl").is_file():
+                continue
+            by_epoch = {}
+            for ln in (d / "metrics.jsonl").read_text().splitlines():
+                if ln.strip():
+                    r = json.loads(ln)
+                    by_epoch[r["epoch"]] = r
+            if not by_epoch:
+                continue
+            run = RunData(d.name, row.key, seed, yaml.safe_load((d / "config.yaml").read_text()), [by_epoch[k] for k in sorted(by_epoch)])
+            for kind in ("eval", "aa"):
+                for ck in CKPTS:
+                    if (j := _json(d / f"{kind}_{ck}.json")) is not None:
+                        run.evals[f"{kind}_{ck}"] = j
+            for ck in CKPTS:
+                if (j := _json(d / f"flatness_{ck}" / "flatness.json")) is not None:
+                    run.flatness[ck] = j
+                if (j := _json(d / f"landscape_{ck}" / "landscape.json")) is not None:
+                    run.landscape[ck] = j
+            by_row.setdefault(row.key, []).append(run)
+    return by_row
+
+
+def _ms(values: list[float | None], digits: int = 1) -> str:
+    """mean ± std (sample std over seeds) and, when not every seed has it, how many it rests on."""
+    v = [x for x in values if x is not None]
+    if not v:
+        return "—"
+    if len(v) == 1:
+        s = f"{v[0]:.{digits}f}"
+    else:
+        s = f"{statistics.mean(v):.{digits}f} ± {statistics.stdev(v):.{digits}f}"
+    return s + (f" (n={len(v)})" if len(v) != len(values) or len(v) == 1 else "")
+
+
+def _mean(values: list[float | None]) -> float | None:
+    v = [x for x in values if x is not None]
+    return statistics.mean(v) if v else None
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|",
+            *["| " + " | ".join(r) + " |" for r in rows], ""]
+
+
+def _spearman(x: list[float], y: list[float]) -> tuple[float, float] | None:
+    if len(x) < 4:
+        return None
+    from scipy.stats import spearmanr
+
+    r = spearmanr(x, y)
+    return float(r.statistic), float(r.pvalue)
+
+
+# ----------------------------------------------------------------------------------------------- figures
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+COLORS = {"at": "tab:blue", "at_awp": "tab:red", "trades": "tab:green", "trades_awp": "tab:purple"}
+
+
+def fig_curves(runs: dict[str, list[RunData]], keys: list[str], path: Path) -> bool:
+    have = [(k, r) for k in keys for r in runs.get(k, [])]
+    if not have:
+        return False
+    plt = _plt()
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for k, r in have:
+        ep = [m["epoch"] for m in r.metrics]
+        label = f"{r.name}"
+        c = COLORS.get(k, "gray")
+        ax1.plot(ep, [100 * m["test_robust_acc"] for m in r.metrics], color=c, lw=1.2, label=f"{label} test")
+        ax1.plot(ep, [100 * m["train_robust_acc"] for m in r.metrics], color=c, lw=1.2, ls="--", label=f"{label} train")
+        ax2.plot(ep, [100 * m["gap"] for m in r.metrics], color=c, lw=1.2, label=label)
+    e = have[0][1].cfg["epochs"]
+    for ax in (ax1, ax2):
+        for frac in (0.5, 0.75):
+            ax.axvline(frac * e, color="k", lw=0.5, ls=":")
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    ax1.set_ylabel("PGD-20 accuracy (%), 500 fixed images")
+    ax1.set_title("robust accuracy: train (dashed) and test (solid)")
+    ax2.set_ylabel("train - test PGD-20 accuracy (points)")
+    ax2.set_title("robust generalization gap")
+    ax1.legend(fontsize=6, ncol=2)
+    ax2.legend(fontsize=6)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def fig_landscapes(pairs: list[tuple[str, RunData]], path: Path) -> bool:
+    have = [(lab, r) for lab, r in pairs if any(isinstance(r.landscape.get(ck, {}).get("1d"), dict) for ck in CKPTS)]
+    if not have:
+        return False
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for ax, ck in zip(axes, CKPTS):
+        for lab, r in have:
+            res = (r.landscape.get(ck) or {}).get("1d")
+            if isinstance(res, dict):
+                ax.plot(res["alphas"], res["mean_loss"], label=f"{lab} ({r.name})", color=COLORS.get(r.row, "gray"))
+        ax.set_title(f"{ck} checkpoint")
+        ax.set_xlabel("alpha (filter-normalized direction)")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("robust (PGD) loss, mean over directions")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def fig_scatter(points: list[dict], measure: str, path: Path) -> bool:
+    pts = [p for p in points if p[measure] is not None]
+    if not pts:
+        return False
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.5, 4.2))
+    for p in pts:
+        ax.scatter(p[measure], p["gap"], color=COLORS.get(p["row"], "gray"), marker="o" if p["ck"] == "best" else "^", s=30)
+    for row, c in COLORS.items():
+        ax.scatter([], [], color=c, label=row.replace("_", "-").upper().replace("-AWP", "-AWP"))
+    ax.scatter([], [], color="k", marker="o", label="best epoch")
+    ax.scatter([], [], color="k", marker="^", label="last epoch")
+    ax.set_xlabel(f"{measure}-case flatness (nats; lower is flatter)")
+    ax.set_ylabel("robust generalization gap (points)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+# ----------------------------------------------------------------------------------------------- text
+
+
+def write(out: Path, docs: Path, rows, gamma_curve) -> Path:
+    runs = load(out, rows)
+    figs = docs / "results"
+    figs.mkdir(parents=True, exist_ok=True)
+    labels = {row.key: row.label for row in rows}
+    L: list[str] = []
+    L += ["# Does AWP help? Evidence from this project's own runs", "",
+          "Generated by `python bench/study.py report` from the run directories in `results/c10jpeg/` (committed without "
+          "checkpoints); do not edit by hand. Every number below is read from those files.", ""]
+    L += _setting(runs, rows)
+    L += _status(runs, rows)
+    L += _main_table(runs, rows, labels)
+    if fig_curves(runs, ["at", "at_awp"], figs / "curves_at.png"):
+        L += ["## Robust overfitting and what AWP does to it", "",
+              "Per-epoch PGD-20 accuracy on the fixed 500 training and 500 test images (`metrics.jsonl`); dotted lines: "
+              "the learning-rate decays (50% and 75% of training).", "", "![AT vs AT-AWP curves](results/curves_at.png)", ""]
+    if fig_curves(runs, ["trades", "trades_awp"], figs / "curves_trades.png"):
+        L += ["![TRADES vs TRADES-AWP curves](results/curves_trades.png)", ""]
+    pairs = [(labels[k], runs[k][0]) for k in ("at", "at_awp", "trades", "trades_awp") if runs.get(k)]
+    if fig_landscapes(pairs, figs / "landscapes.png"):
+        L += ["## Weight loss landscapes", "", "`flatrobust landscape` (1-D, 2 filter-normalized directions, 500 test images) "
+              "of the first seed of each row, best and last checkpoint.", "", "![landscapes](results/landscapes.png)", ""]
+    L += _gamma(runs, gamma_curve, figs)
+    L += _scatter(runs, figs)
+    L += _claims(runs)
+    L += _commands()
+    path = docs / "RESULTS.md"
+    path.write_text("\n".join(L).rstrip() + "\n")
+    print(f"wrote {path}")
+    return path
+
+
+def _setting(runs, rows) -> list[str]:
+    return ["## The setting", "",
+            "Data: **CIFAR-10 (JPEG q75 copy)**, the lossy JPEG re-encoding of CIFAR-10 in `../shared/data/` (not CIFAR-10: "
+            "these numbers are never to be compared with published CIFAR-10 results). Train on a fixed random subset of "
+            "3,000 of its 50,000 training images (drawn per seed), test on its 10,000 test images.", "",
+            f"Model: PreActResNet-18, the paper's model, at width 16 (stages of 16/32/64/128 channels) with a stride-2 first "
+            f"convolution: {_params(runs)} parameters. Training: the paper's AT / TRADES recipe scaled to CPU: 40 epochs, SGD lr 0.1 "
+            "momentum 0.9 weight decay 5e-4, lr /10 at 50% and /100 at 75% of training, batch 128, crop + flip, L-inf "
+            "eps 8/255, PGD-10 step 2/255 (TRADES: KL attack, beta 6); AWP gamma 0.01 from epoch 0 (AT-AWP), 0.005 from "
+            "epoch 2 (TRADES-AWP: the paper's 10 of 200 epochs, scaled). Every method has the same budget, schedule and "
+            "(no) tuning. Per epoch: PGD-20 on 500 fixed training and 500 fixed test images (the robust generalization "
+            "gap); best.pt is the epoch with the highest monitored test PGD-20.", "",
+            "Why this setting: robust overfitting (Rice et al. 2020) needs a model that can memorize the adversarial "
+            "training set, and epochs after the learning-rate decay to do it in. On this 2-core CPU a run has about an "
+            "hour and a half on one thread. SmallCNN (0.1M parameters) on digits barely overfits (README), so this study "
+            "takes the paper's own architecture, made CPU-sized by its width and a stride-2 stem (every stage at half "
+            "the resolution: about 4x fewer operations at the same parameters), and a small natural-image training set, "
+            "so that memorization comes within 20 epochs after the first decay. The wall time of every run is in the "
+            "table below.", ""]
+
+
+def _params(runs) -> str:
+    for rs in runs.values():
+        for r in rs:
+            from flatrobust import models
+
+            m = models.create(r.cfg["model"], num_classes=10, in_channels=3, **(r.cfg.get("model_args") or {}))
+            return f"{sum(p.numel() for p in m.parameters()) / 1e6:.2f}M"
+    return "?"
+
+
+def _status(runs, rows) -> list[str]:
+    out = ["## What has been run", ""]
+    hdr = ["row", "seeds planned", "trained", "PGD-20 full test", "AutoAttack", "flatness", "landscape", "CPU hours (train + monitor)"]
+    tab = []
+    for row in rows:
+        rs = runs.get(row.key, [])
+        fin = [r for r in rs if r.finished]
+        tab.append([row.label, ", ".join(map(str, row.seeds)),
+                    f"{len(fin)}" + (f" (+{len(rs) - len(fin)} in progress)" if len(rs) > len(fin) else ""),
+                    str(sum("eval_best" in r.evals and "eval_last" in r.evals for r in rs)),
+                    str(sum("aa_best" in r.evals and "aa_last" in r.evals for r in rs)),
+                    str(sum(len(r.flatness) == 2 for r in rs)), str(sum(len(r.landscape) == 2 for r in rs)),
+                    " + ".join(f"{r.hours():.2f}" for r in rs) or "—"])
+    return out + _table(hdr, tab) + ["Runs in progress appear in the curves but not in the tables below, which use finished runs only.", ""]
+
+
+def _main_table(runs, rows, labels) -> list[str]:
+    out = ["## Results (mean ± std over seeds)", "",
+           "Accuracies in %. *Monitored* = the per-epoch PGD-20 on 500 fixed test images; *full test* = `flatrobust eval` "
+           "PGD-20 on all 10,000 test images of the best and last checkpoints; AutoAttack = standard AutoAttack "
+           "(`pyautoattack`) on 1,000 fixed test images. Gap = monitored train minus test PGD-20 accuracy (points). "
+           "Flatness: `flatrobust flatness` on 500 test images (nats, lower is flatter).", ""]
+    hdr = ["row", "seeds", "best epoch", "monitored best", "monitored last", "best - last", "gap last",
+           "PGD-20 best", "PGD-20 last", "clean best", "clean last", "AA best", "AA last",
+           "avg flat. best", "avg flat. last", "worst flat. best", "worst flat. last"]
+    tab = []
+    for row in rows:
+        rs = [r for r in runs.get(row.key, []) if r.finished]
+        if not rs:
+            continue
+        tab.append([labels[row.key], str(len(rs)), _ms([r.best["epoch"] for r in rs], 0),
+                    _ms([100 * r.best["test_robust_acc"] for r in rs]), _ms([100 * r.last["test_robust_acc"] for r in rs]),
+                    _ms([100 * (r.best["test_robust_acc"] - r.last["test_robust_acc"]) for r in rs]),
+                    _ms([r.gap("last") for r in rs]),
+                    _ms([r.acc("eval", "best", "pgd20") for r in rs]), _ms([r.acc("eval", "last", "pgd20") for r in rs]),
+                    _ms([r.acc("eval", "best", "clean") for r in rs]), _ms([r.acc("eval", "last", "clean") for r in rs]),
+                    _ms([r.acc("aa", "best", "autoattack") for r in rs]), _ms([r.acc("aa", "last", "autoattack") for r in rs]),
+                    _ms([r.flat("best", "average") for r in rs], 3), _ms([r.flat("last", "average") for r in rs], 3),
+                    _ms([r.flat("best", "worst") for r in rs], 3), _ms([r.flat("last", "worst") for r in rs], 3)])
+    return out + (_table(hdr, tab) if tab else ["No run has finished yet.", ""])
+
+
+def _gamma(runs, gamma_curve, figs) -> list[str]:
+    pts = []
+    for g, key in gamma_curve:
+        r = next((r for r in runs.get(key, []) if r.seed == 0 and r.finished), None)
+        if r is not None:
+            pts.append((float(g), r))
+    if len(pts) < 2:
+        return ["## Gamma", "", f"Not yet: {len(pts)} of {len(gamma_curve)} gamma values (seed 0) have finished.", ""]
+    plt = _plt()
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    g = [p[0] for p in pts]
+    axes[0].plot(g, [100 * r.best["test_robust_acc"] for _, r in pts], "o-", label="monitored best")
+    axes[0].plot(g, [100 * r.last["test_robust_acc"] for _, r in pts], "s-", label="monitored last")
+    axes[0].set_ylabel("test PGD-20 (%)")
+    axes[1].plot(g, [r.gap("last") for _, r in pts], "o-")
+    axes[1].set_ylabel("gap at the last epoch (points)")
+    for measure, mk in (("average", "o-"), ("worst", "s-")):
+        axes[2].plot(g, [r.flat("last", measure) for _, r in pts], mk, label=f"{measure} (last)")
+    axes[2].set_ylabel("flatness (nats)")
+    for ax in axes:
+        ax.set_xlabel("gamma")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    axes[2].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(figs / "gamma.png", dpi=110)
+    plt.close(fig)
+    tab = [[f"{gv:g}", r.name, f"{100 * r.best['test_robust_acc']:.1f}", f"{100 * r.last['test_robust_acc']:.1f}",
+            f"{r.gap('last'):.1f}", *(f"{v:.3f}" if (v := r.flat('last', m)) is not None else "—" for m in ("average", "worst"))]
+           for gv, r in pts]
+    return ["## Gamma (AT-AWP, seed 0)", "", "![gamma](results/gamma.png)", "",
+            *_table(["gamma", "run", "monitored best", "monitored last", "gap last", "avg flat. last", "worst flat. last"], tab)]
+
+
+def _points(runs) -> list[dict]:
+    pts = []
+    for key, rs in runs.items():
+        for r in rs:
+            if not r.finished:
+                continue
+            for ck in CKPTS:
+                pts.append({"row": key if key in COLORS else "at_awp", "run": r.name, "ck": ck, "gap": r.gap(ck),
+                            "average": r.flat(ck, "average"), "worst": r.flat(ck, "worst")})
+    return pts
+
+
+def _scatter(runs, figs) -> list[str]:
+    pts = _points(runs)
+    out = ["## Flatness against the robust generalization gap", ""]
+    any_fig = False
+    for measure in ("average", "worst"):
+        have = [p for p in pts if p[measure] is not None]
+        if fig_scatter(pts, measure, figs / f"scatter_{measure}.png"):
+            any_fig = True
+            rho = _spearman([p[measure] for p in have], [p["gap"] for p in have])
+            out += [f"![{measure}](results/scatter_{measure}.png)", "",
+                    f"{measure}-case flatness vs gap over {len(have)} checkpoints (every finished run, best and last epoch): "
+                    + (f"Spearman rank correlation {rho[0]:+.2f} (p = {rho[1]:.2g})." if rho else "too few points for a rank correlation."), ""]
+    return out if any_fig else out + ["No flatness measured yet.", ""]
+
+
+def _claims(runs) -> list[str]:
+    at = [r for r in runs.get("at", []) if r.finished]
+    awp = [r for r in runs.get("at_awp", []) if r.finished]
+    out = ["## The paper's claims, here", "",
+           "Each marked *held*, *did not hold* or *not measured yet*, with the numbers (means over finished seeds; AT vs AT-AWP).", ""]
+
+    def line(claim: str, verdict: str, numbers: str) -> None:
+        out.append(f"- **{claim}**: {verdict}. {numbers}")
+
+    if at:
+        drops = [100 * (r.best["test_robust_acc"] - r.last["test_robust_acc"]) for r in at]
+        rising = [100 * (r.last["train_robust_acc"] - r.best["train_robust_acc"]) for r in at]
+        ok = statistics.mean(drops) >= 3 and statistics.mean(rising) > 0
+        line("Robust overfitting exists here (AT: last epoch >= 3 points under the best while train robust accuracy rises)",
+             "held" if ok else "did not hold",
+             f"AT best - last monitored test PGD-20: {', '.join(f'{d:.1f}' for d in drops)} points; train PGD-20 from the best "
+             f"to the last epoch: {', '.join(f'{d:+.1f}' for d in rising)} points ({len(at)} seeds).")
+    else:
+        line("Robust overfitting exists here", "not measured yet", "No AT run has finished.")
+    if not (at and awp):
+        for c in ("AWP flattens the landscape", "AWP narrows the gap", "AWP raises last-epoch robustness",
+                  "AWP raises best-epoch robustness", "AutoAttack agrees with PGD-20"):
+            line(c, "not measured yet", "Needs finished AT and AT-AWP runs.")
+        return out + [""]
+
+    def cmp(claim: str, get, higher_better: bool, unit: str = "points") -> None:
+        a, b = [get(r) for r in at], [get(r) for r in awp]
+        a, b = [x for x in a if x is not None], [x for x in b if x is not None]
+        if not a or not b:
+            line(claim, "not measured yet", f"({len(a)} AT and {len(b)} AT-AWP values so far).")
+            return
+        ma, mb = statistics.mean(a), statistics.mean(b)
+        sd = math.sqrt((statistics.variance(a) if len(a) > 1 else 0) / len(a) + (statistics.variance(b) if len(b) > 1 else 0) / len(b))
+        better = mb > ma if higher_better else mb < ma
+        noise = len(a) < 2 or len(b) < 2 or abs(mb - ma) <= 2 * sd
+        verdict = ("held" if better else "did not hold") + (" (within seed noise: |difference| <= 2 standard errors, or one seed)" if noise else "")
+        line(claim, verdict, f"AT {ma:.3g}, AT-AWP {mb:.3g} {unit} (difference {mb - ma:+.3g}; standard error {sd:.2g}; "
+                             f"{len(a)} and {len(b)} seeds).")
+
+    cmp("AWP flattens the landscape (average-case flatness of the last checkpoint, lower is flatter)", lambda r: r.flat("last", "average"), False, "nats")
+    cmp("AWP flattens the landscape (worst-case flatness of the last checkpoint)", lambda r: r.flat("last", "worst"), False, "nats")
+    cmp("AWP narrows the robust generalization gap (last epoch)", lambda r: r.gap("last"), False)
+    cmp("AWP raises last-epoch robustness (PGD-20, full test set)", lambda r: r.acc("eval", "last", "pgd20"), True)
+    cmp("AWP raises best-epoch robustness (PGD-20, full test set)", lambda r: r.acc("eval", "best", "pgd20"), True)
+    aa = [(r.acc("aa", ck, "autoattack"), r.acc("eval", ck, "pgd20")) for r in at + awp for ck in CKPTS]
+    aa = [(x, y) for x, y in aa if x is not None and y is not None]
+    if aa:
+        diffs = [y - x for x, y in aa]
+        line("AutoAttack agrees with PGD-20 (it is lower, by a steady margin, and ranks AT and AT-AWP alike)",
+             "see numbers", f"PGD-20 minus AutoAttack over {len(aa)} checkpoints: {min(diffs):.1f} to {max(diffs):.1f} points "
+                            "(AutoAttack on 1,000 images, PGD-20 on 10,000).")
+    else:
+        line("AutoAttack agrees with PGD-20", "not measured yet", "No AutoAttack evaluation has finished.")
+    return out + [""]
+
+
+def _commands() -> list[str]:
+    return ["## Commands", "",
+            "```bash",
+            "mkdir -p data/cifar10-jpeg-q75 && tar xzf ../shared/data/cifar10-jpeg-q75.tar.gz -C data/cifar10-jpeg-q75",
+            "python bench/study.py run --jobs 2     # every row and seed; skips what is done, resumes what was interrupted",
+            "python bench/study.py status           # what is done",
+            "python bench/study.py report           # this page and docs/results/*.png",
+            "```", "",
+            "One run by hand: `flatrobust train recipes/study/c10jpeg_at_awp.yaml seed=1 name=c10jpeg_at_awp_s1`; its "
+            "evaluations are the commands `python bench/study.py run --dry-run` prints.", ""]
