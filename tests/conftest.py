@@ -1,8 +1,14 @@
 """Shared fixtures: scikit-learn's digits as tensors, and a small CNN trained on them for a few seconds."""
 from __future__ import annotations
 
-import pytest
-import torch
+import os
+
+# Subprocesses the tests start (the CLI, torchrun) inherit this: on a loaded machine OpenMP threads that
+# spin-wait for each other make a multi-threaded process many times slower than a single-threaded one.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 import torch.nn.functional as F
 
 # One intra-op thread: the tests run tiny models, for which a second thread costs more in
