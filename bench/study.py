@@ -69,6 +69,7 @@ class Task:
 
 
 def _train_done(run_dir: Path) -> bool:
+    """metrics.jsonl covers every epoch (the checkpoints may be gone: they are not committed)."""
     cfg = run_dir / "config.yaml"
     if not (cfg.is_file() and (run_dir / "metrics.jsonl").is_file()):
         return False
@@ -76,35 +77,68 @@ def _train_done(run_dir: Path) -> bool:
 
     epochs = yaml.safe_load(cfg.read_text())["epochs"]
     lines = [ln for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()]
-    return len(lines) >= epochs and (run_dir / "last.pt").is_file()
+    return len(lines) >= epochs
+
+
+STAGES = ("train", "pgd_best", "pgd_last", "flatness_best", "flatness_last", "landscape_best", "landscape_last", "aa_best", "aa_last")
 
 
 def tasks(rows: list[Row]) -> list[Task]:
+    """Run by run (seed 0 of every row first), each run's stages in order: a run is evaluated as soon as it is
+    trained, while its checkpoints are on this machine (they are not committed)."""
     fr = [sys.executable, "-m", "flatrobust"]
     out: list[Task] = []
-    stages: dict[str, list[Task]] = {s: [] for s in ("train", "pgd", "aa", "flatness", "landscape")}
-    for row in rows:
-        for seed in row.seeds:
-            name = row.run_name(seed)
-            d = OUT / name
-            stages["train"].append(Task(name, "train", [*fr, "train", str(RECIPES / f"{row.recipe}.yaml"), f"seed={seed}", f"name={name}",
-                                                         f"out_dir={OUT}", *row.overrides], d / "metrics.jsonl"))
-            for ck in ("best", "last"):
-                pt = str(d / f"{ck}.pt")
-                stages["pgd"].append(Task(name, f"pgd_{ck}", [*fr, "eval", pt, "--attacks", "clean,pgd20", "--no-checks",
-                                                               "--out", str(d / f"eval_{ck}.json")], d / f"eval_{ck}.json", "train"))
-                stages["aa"].append(Task(name, f"aa_{ck}", [*fr, "eval", pt, "--attacks", "clean,autoattack", "--n", str(N_AUTOATTACK),
-                                                             "--checks-n", "100", "--out", str(d / f"aa_{ck}.json")], d / f"aa_{ck}.json", "train"))
-                stages["flatness"].append(Task(name, f"flatness_{ck}", [*fr, "flatness", pt, "--n", str(N_ANALYSIS), "--out", str(d / f"flatness_{ck}")],
-                                               d / f"flatness_{ck}" / "flatness.json", "train"))
-                stages["landscape"].append(Task(name, f"landscape_{ck}", [*fr, "landscape", pt, "--n", str(N_ANALYSIS), "--alphas=-1:1:11",
-                                                                           "--directions", "2", "--out", str(d / f"landscape_{ck}")],
-                                                d / f"landscape_{ck}" / "landscape.json", "train"))
-    for s in ("train", "pgd", "flatness", "landscape", "aa"):
-        out += stages[s]
+    order = sorted(((seed, i, row) for i, row in enumerate(rows) for seed in row.seeds), key=lambda t: (t[1] >= 4, t[0], t[1]))
+    for seed, _, row in order:
+        name = row.run_name(seed)
+        d = OUT / name
+        out.append(Task(name, "train", [*fr, "train", str(RECIPES / f"{row.recipe}.yaml"), f"seed={seed}", f"name={name}",
+                                        f"out_dir={OUT}", *row.overrides], d / "metrics.jsonl"))
+        for stage in STAGES[1:]:
+            kind, ck = stage.split("_")
+            pt = str(d / f"{ck}.pt")
+            if kind == "pgd":
+                argv, output = [*fr, "eval", pt, "--attacks", "clean,pgd20", "--no-checks", "--out", str(d / f"eval_{ck}.json")], d / f"eval_{ck}.json"
+            elif kind == "aa":
+                argv, output = ([*fr, "eval", pt, "--attacks", "clean,autoattack", "--n", str(N_AUTOATTACK), "--checks-n", "100",
+                                 "--out", str(d / f"aa_{ck}.json")], d / f"aa_{ck}.json")
+            elif kind == "flatness":
+                argv, output = [*fr, "flatness", pt, "--n", str(N_ANALYSIS), "--out", str(d / stage)], d / stage / "flatness.json"
+            else:
+                argv, output = ([*fr, "landscape", pt, "--n", str(N_ANALYSIS), "--alphas=-1:1:11", "--directions", "2",
+                                 "--out", str(d / stage)], d / stage / "landscape.json")
+            out.append(Task(name, stage, argv, output, "train"))
     for t in out:
         t.done = _train_done(OUT / t.run) if t.stage == "train" else t.output.is_file()
     return out
+
+
+def _metrics_without_timing(path: Path) -> list[dict]:
+    from flatrobust.train import TIMING_KEYS
+
+    rows = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS and not k.endswith("time_s")} for r in rows]
+
+
+def _restore_checkpoints(t: Task, train_argv: list[str], env: dict, log) -> int:
+    """A trained run whose checkpoints are gone (a fresh clone): train it again elsewhere, check that the new
+    metrics.jsonl equals the committed one (training is deterministic on the CPU), and move the checkpoints in."""
+    import shutil
+
+    d, tmp_out = OUT / t.run, OUT / ".restore"
+    argv = [a for a in train_argv if not a.startswith("out_dir=")] + [f"out_dir={tmp_out}", "--overwrite"]
+    print(f"[{time.strftime('%H:%M:%S')}] {t.run}: checkpoints missing, training again to restore them", flush=True)
+    rc = subprocess.call(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    if rc != 0:
+        return rc
+    if _metrics_without_timing(tmp_out / t.run / "metrics.jsonl") != _metrics_without_timing(d / "metrics.jsonl"):
+        print(f"{t.run}: the retrained run differs from its committed metrics.jsonl (other hardware or library versions?): "
+              f"kept in {tmp_out / t.run}, not used", file=sys.stderr)
+        return 1
+    for ck in ("best.pt", "last.pt"):
+        shutil.move(str(tmp_out / t.run / ck), str(d / ck))
+    shutil.rmtree(tmp_out / t.run)
+    return 0
 
 
 def _busy(run_dir: Path) -> bool:
@@ -117,7 +151,7 @@ def _busy(run_dir: Path) -> bool:
         return False
 
 
-def _command(t: Task, dry: bool) -> int:
+def _command(t: Task, dry: bool, train_argv: list[str]) -> int:
     d = OUT / t.run
     argv = list(t.argv)
     if t.stage == "train" and (d / "last.pt").is_file():
@@ -130,10 +164,15 @@ def _command(t: Task, dry: bool) -> int:
     (d / "logs").mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=str(ROOT / "src"))
     with open(d / "logs" / f"{t.stage}.log", "a") as log:
-        proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-        (d / "logs" / "lock").write_text(f"{proc.pid} {t.stage}\n")
-        rc = proc.wait()
-        (d / "logs" / "lock").unlink(missing_ok=True)
+        (d / "logs" / "lock").write_text(f"{os.getpid()} {t.stage}\n")
+        try:
+            rc = 0
+            if t.stage != "train" and not (d / "best.pt").is_file():
+                rc = _restore_checkpoints(t, train_argv, env, log)
+            if rc == 0:
+                rc = subprocess.call(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        finally:
+            (d / "logs" / "lock").unlink(missing_ok=True)
     print(f"[{time.strftime('%H:%M:%S')}] {t.run} {t.stage}: exit {rc}", flush=True)
     return rc
 
@@ -163,7 +202,7 @@ def run(rows: list[Row], stages: set[str], jobs: int, dry: bool) -> int:
                         return  # nothing runs, nothing is ready: done (or blocked by a failed training)
                 time.sleep(5)  # a task may become ready when a running training ends
                 continue
-            rc = _command(t, dry)
+            rc = _command(t, dry, state[(t.run, "train")].argv)
             with lock:
                 t.running = False
                 t.done = rc == 0 and (dry or (_train_done(OUT / t.run) if t.stage == "train" else t.output.is_file()))
