@@ -146,14 +146,32 @@ def test_pairing_errors():
 
 
 def test_non_finite_gradient_names_the_layer():
+    """No host sync in perturb: the verdict stays on the device, the bad layer gets no perturbation (so the
+    weights stay finite and restore is exact) and check() names it."""
     model, x, y = _setup()
-    awp = AWP(model)
+    before = copy.deepcopy(model.state_dict())
+    awp = AWP(model, gamma=0.05)
+    bad = awp.params[-1]  # only this layer's ascent gradient is non-finite
+
     def bad_loss(m):
-        out = m(x)
-        return F.cross_entropy(out, y) * float("inf")
-    with pytest.raises(FloatingPointError, match="conv1.weight|net"):
-        awp.perturb(bad_loss)
-    assert not awp.active
+        return F.cross_entropy(m(x), y) + bad.sum() * float("inf")
+
+    awp.perturb(bad_loss)
+    assert awp.finite.device == x.device and not bool(awp.finite)
+    assert awp.layer_finite.tolist() == [True] * (len(awp.params) - 1) + [False]
+    v = awp.perturbation()
+    assert torch.equal(v[-1], torch.zeros_like(bad))  # the bad layer is not perturbed
+    assert all(torch.isfinite(t).all() for t in v) and all(torch.isfinite(p).all() for p in model.parameters())
+    assert torch.allclose(v[0].norm(), 0.05 * before[awp.names[0]].norm(), rtol=1e-5)  # the others are
+    with pytest.raises(FloatingPointError, match=rf"not finite in layer '{awp.names[-1]}'"):
+        awp.check()
+    awp.restore()
+    for n, p in model.state_dict().items():
+        assert torch.allclose(p, before[n], atol=1e-7), n
+    awp.perturb(_loss_fn(x, y))  # a finite gradient clears the flag
+    assert bool(awp.finite)
+    awp.check()
+    awp.restore()
 
 
 def test_context_manager_restores_on_exception():

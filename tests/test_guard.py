@@ -56,3 +56,100 @@ def test_skip_mode_counts_skipped_batches(tmp_path, monkeypatch):
     rows = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["skipped_batches"] for r in rows] == [1, 1, 0]
     assert torch.load(run / "last.pt", weights_only=True)["skipped"] == 2
+
+
+def _count_steps(monkeypatch) -> dict:
+    """Count training steps (calls of train_step) as the loop makes them."""
+    from flatrobust import train as train_module
+
+    orig, calls = train_module.train_step, {"n": 0}
+
+    def counted(*args, **kwargs):
+        calls["n"] += 1
+        return orig(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "train_step", counted)
+    return calls
+
+
+def test_nonfinite_step_is_detected_at_the_next_read(tmp_path, monkeypatch):
+    """The flag stays on the device until the next read: the run stops at the first read after the bad step
+    (log.interval=3: after step 3), naming the bad step itself."""
+    _poison(monkeypatch, {2})
+    steps = _count_steps(monkeypatch)
+    over = ["data.train_subset=256", "batch_size=32", "log.interval=3", "awp.gamma=0", f"out_dir={tmp_path}"]
+    cfg = load_config("recipes/digits_at_awp.yaml", TINY + over)  # 8 steps per epoch
+    with pytest.raises(NonFiniteError, match=r"epoch 1, step 2 .*training loss is nan"):
+        fit(cfg, progress=False)
+    assert steps["n"] == 3
+
+
+def test_nonfinite_step_is_caught_before_a_mid_epoch_checkpoint(tmp_path, monkeypatch):
+    """checkpoint_every forces a read first: no checkpoint is written after a non-finite step."""
+    _poison(monkeypatch, {2})
+    over = ["data.train_subset=256", "batch_size=32", "log.interval=50", "checkpoint_every=2", "awp.gamma=0", f"out_dir={tmp_path}"]
+    with pytest.raises(NonFiniteError, match=r"epoch 1, step 2 "):
+        fit(load_config("recipes/digits_at_awp.yaml", TINY + over), progress=False)
+    assert not (tmp_path / "digits_at_awp" / "last.pt").exists()
+
+
+def test_nonfinite_weights_after_a_finite_loss_are_never_checkpointed(tmp_path, monkeypatch):
+    """A step whose loss was finite but whose update made the weights non-finite: the checkpoint refuses them."""
+    orig, calls = torch.optim.SGD.step, {"n": 0}
+
+    def step(self, *args, **kwargs):
+        out = orig(self, *args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 4:  # the last step of epoch 2
+            with torch.no_grad():
+                self.param_groups[0]["params"][0].fill_(float("inf"))
+        return out
+
+    monkeypatch.setattr(torch.optim.SGD, "step", step)
+    cfg = load_config("recipes/digits_at_awp.yaml", TINY + [f"out_dir={tmp_path}", "awp.gamma=0"])
+    with pytest.raises(NonFiniteError, match=r"weights are non-finite after epoch 2"):
+        fit(cfg, progress=False)
+    ckpt = torch.load(tmp_path / "digits_at_awp" / "last.pt", weights_only=True)
+    assert ckpt["epoch"] == 1
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+
+
+@pytest.mark.parametrize("awp_on", [False, True], ids=["plain", "awp"])
+def test_rollback_undoes_a_nonfinite_step_exactly(awp_on):
+    """nonfinite=skip without a host sync: after a non-finite step, weights, BN statistics and optimizer
+    state are bit-identical to before it; a finite step is kept; state created by an undone first step is zero."""
+    from flatrobust import AWP, create_objective, models
+    from flatrobust.guard import Rollback
+    from flatrobust.objectives import AttackConfig
+    from flatrobust.train import train_step
+
+    torch.manual_seed(0)
+    model = models.create("smallcnn", num_classes=10, in_channels=1)
+    objective = create_objective("at", AttackConfig(eps=0.1, alpha=0.05, steps=2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    awp = AWP(model, gamma=0.01) if awp_on else None
+    rollback = Rollback(model, opt)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(16, 1, 8, 8, generator=g), torch.randint(0, 10, (16,), generator=g)
+    bad_x = x.clone()
+    bad_x[0, 0, 0, 0] = float("nan")  # poisons the logits, the loss and (with AWP) the ascent gradient
+
+    def snapshot():
+        return ({k: v.clone() for k, v in model.state_dict().items()},
+                {k: v["momentum_buffer"].clone() for k, v in opt.state_dict()["state"].items()})
+
+    def same(a, b):
+        return a[0].keys() == b[0].keys() and all(torch.equal(a[0][k], b[0][k]) for k in a[0]) and \
+            a[1].keys() == b[1].keys() and all(torch.equal(a[1][k], b[1][k]) for k in a[1])
+
+    objective.attack = lambda m, xx, yy, generator=None: xx  # the NaN must reach the loss unchanged
+    r = train_step(model, objective, opt, bad_x, y, awp=awp, rollback=rollback)  # first step: no momentum yet
+    assert not bool(r.finite)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert all((v["momentum_buffer"] == 0).all() for v in opt.state_dict()["state"].values())
+    train_step(model, objective, opt, x, y, awp=awp, rollback=rollback)
+    before = snapshot()
+    r = train_step(model, objective, opt, bad_x, y, awp=awp, rollback=rollback)
+    assert not bool(r.finite) and same(before, snapshot())
+    r = train_step(model, objective, opt, x, y, awp=awp, rollback=rollback)
+    assert bool(r.finite) and not same(before, snapshot())

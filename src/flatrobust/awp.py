@@ -17,6 +17,11 @@ rescale the difference), without the state_dict copy: the gradient is taken with
 `torch.autograd.grad` (the model's `.grad` is untouched), BatchNorm running statistics are frozen
 during the ascent pass (the proxy's statistics were thrown away), and norms, perturbation and restore
 are single `torch._foreach_*` kernels over all perturbed tensors.
+
+`perturb` never waits for the device (no host synchronization): whether the ascent gradient was finite is
+kept on the device in `finite` (and per layer in `layer_finite`); a layer whose gradient is not finite gets
+no perturbation (v_l = 0), so the weights stay finite and `restore` is exact. A training loop reads the
+flag when it reads its other metrics; `check()` reads it at once and raises, naming the layer.
 """
 from __future__ import annotations
 
@@ -47,8 +52,9 @@ class AWP:
             0.005 for TRADES). gamma = 0 makes `perturb`/`restore` exact no-ops.
         params: the tensors to perturb. Default: every parameter with dim > 1 (conv and linear weights);
             biases and BatchNorm affine parameters are never perturbed by default, as in the paper.
-        check_finite: raise FloatingPointError naming the layer when the ascent gradient is not finite
-            (costs one host synchronization per step; turn off for the fastest GPU step).
+        check_finite: keep the device-side flags `finite`/`layer_finite` and give a layer whose ascent
+            gradient is not finite no perturbation (one elementwise pass over the gradients, no host
+            synchronization). Off: no flags, and a non-finite gradient makes the weights non-finite.
     """
 
     def __init__(
@@ -76,6 +82,9 @@ class AWP:
         self.names = [n for n, _ in chosen]
         self.params = [p for _, p in chosen]
         self._v: list[torch.Tensor] | None = None  # the perturbation in place, between perturb and restore
+        self.layer_finite: torch.Tensor | None = None  # (L,) bool on the device: layer l's ascent gradient was finite
+        self.finite: torch.Tensor | None = None  # 0-dim bool on the device: all of them were (None: not checked)
+        self._loss: torch.Tensor | None = None  # the last ascent loss (detached), for check()'s message
 
     @property
     def active(self) -> bool:
@@ -90,6 +99,7 @@ class AWP:
         """
         if self._v is not None:
             raise RuntimeError("AWP.perturb called twice without restore(): call awp.restore() after the optimizer step")
+        self.layer_finite = self.finite = self._loss = None
         if self.gamma == 0:
             self._v = []  # exact no-op, but keep the perturb/restore pairing checked
             return
@@ -102,15 +112,29 @@ class AWP:
                 grads[i] = torch.zeros_like(self.params[i])
         self._all_reduce(grads)
         g_norm = torch.stack(torch._foreach_norm(grads))  # (L,)
-        if self.check_finite and not bool(torch.isfinite(g_norm).all()):
-            bad = self.names[int((~torch.isfinite(g_norm)).nonzero()[0])]
-            raise FloatingPointError(f"AWP ascent gradient is not finite in layer {bad!r} (loss={float(loss.detach()):.4g})")
         with torch.no_grad():
             w_norm = torch.stack(torch._foreach_norm(self.params))  # (L,)
             scale = self.gamma * w_norm / (g_norm + EPS)  # ||v_l|| = gamma * ||w_l||
+            if self.check_finite:  # decided on the device: a layer with a non-finite gradient gets v_l = 0
+                ok = torch.isfinite(g_norm)  # ||g_l|| is finite iff every entry of g_l is (or it overflowed)
+                self.layer_finite, self.finite, self._loss = ok, ok.all(), loss.detach()
+                scale = torch.where(ok, scale, 0)
+                for g in grads:  # inf * 0 would be nan: zero the non-finite entries first
+                    torch.nan_to_num_(g, nan=0.0, posinf=0.0, neginf=0.0)
             torch._foreach_mul_(grads, list(scale.to(grads[0].dtype).unbind()))
             torch._foreach_add_(self.params, grads)
         self._v = grads  # the only extra memory over AT: one tensor per perturbed weight
+
+    def check(self) -> None:
+        """Raise FloatingPointError naming the first layer whose last ascent gradient was not finite.
+
+        Reads the device-side flag (one host synchronization): call it where the loop reads its metrics,
+        not after every step. No-op before the first `perturb` or with `check_finite=False`.
+        """
+        if self.layer_finite is None or bool(self.finite):
+            return
+        bad = self.names[int((~self.layer_finite).nonzero()[0])]
+        raise FloatingPointError(f"AWP ascent gradient is not finite in layer {bad!r} (loss={float(self._loss):.4g})")
 
     def restore(self) -> None:
         """w <- w - v with exactly the v that `perturb` added (call it after optimizer.step())."""

@@ -31,6 +31,7 @@ class DataConfig:
     train_subset: int = 0  # > 0: train on a fixed subset of this many examples (quick experiments)
     extra: str = ""  # RST: .npz of extra images with pseudo-labels (x, y), e.g. from `flatrobust pseudolabel`
     extra_fraction: float = 0.5  # RST: share of every batch drawn from `extra` (Carmon et al.: half)
+    on_device: str = "auto"  # auto (on the GPU if it fits in half its free memory) | on | off (pinned host memory)
 
 
 @dataclass
@@ -73,6 +74,11 @@ class SpeedConfig:
 
 
 @dataclass
+class LogConfig:
+    interval: int = 50  # read the step metrics (and the non-finite flag) from the device every N steps
+
+
+@dataclass
 class RunConfig:
     name: str = "run"
     seed: int = 0
@@ -94,6 +100,7 @@ class RunConfig:
     awp: AWPConfig = field(default_factory=AWPConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     speed: SpeedConfig = field(default_factory=SpeedConfig)
+    log: LogConfig = field(default_factory=LogConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -108,6 +115,7 @@ CHOICES = {
     "nonfinite": ("stop", "skip"),
     "speed.amp": ("auto", "off", "bf16"),
     "speed.channels_last": ("auto", "on", "off"),
+    "data.on_device": ("auto", "on", "off"),
 }
 # key -> (lowest allowed, whether the bound itself is allowed)
 LOWER = {
@@ -117,6 +125,7 @@ LOWER = {
     "eval.steps": (1, True), "eval.alpha": (0, True), "eval.batch_size": (1, True),
     "awp.gamma": (0, True), "awp.warmup": (0, True),
     "optim.lr": (0, False), "optim.momentum": (0, True), "optim.weight_decay": (0, True),
+    "log.interval": (1, True),
 }
 
 _FRACTION = re.compile(r"^\s*([0-9.eE+-]+)\s*/\s*([0-9.eE+-]+)\s*$")

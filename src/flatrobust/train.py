@@ -17,7 +17,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +31,7 @@ from .checkpoint import load_checkpoint, load_weights, save_checkpoint
 from .config import RunConfig, config_from_dict
 from .data import DATASETS, DataError, TensorData, augment, batches, load_dataset, load_extra, mixed_batch_sizes, mixed_batches
 from .errors import UserError
+from .guard import Rollback, StepMonitor
 from .objectives import AttackConfig, Objective, create_objective
 from .progress import Progress
 from .speed import accelerate
@@ -42,6 +43,14 @@ class NonFiniteError(FloatingPointError):
     """A non-finite loss or AWP gradient; the message names epoch, step and (for AWP) the layer."""
 
 
+class StepResult(NamedTuple):
+    """What `train_step` leaves on the device: nothing in it has been read by the host."""
+
+    loss: torch.Tensor  # 0-dim, detached: the training loss at w + v
+    correct: torch.Tensor  # 0-dim int64: adversarial examples classified correctly at w + v
+    finite: torch.Tensor  # 0-dim bool: the loss and (with AWP) the ascent gradient were finite
+
+
 def train_step(
     model: nn.Module,
     objective: Objective,
@@ -51,28 +60,40 @@ def train_step(
     *,
     awp: AWP | None = None,
     generator: torch.Generator | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    rollback: Rollback | None = None,
+) -> StepResult:
     """One step (PAPER.md steps 1-4): x_adv at w, w <- w + v, step at w + v, w <- w - v.
 
-    Returns (loss, number of adversarial examples classified correctly at w + v), both detached
-    0-dim tensors (no host synchronization). Raises FloatingPointError, with nothing applied to the
-    weights, if the loss or the AWP ascent gradient is not finite.
+    No host synchronization: the result stays on the device, and so does the verdict on finiteness
+    (`finite`). A non-finite step is applied like any other (its weights become non-finite; a loop stops
+    at its next read of `finite`), unless `rollback` is given: then weights, buffers and optimizer state are
+    put back on the device as they were before the step (`nonfinite=skip`).
     """
+    if rollback is not None:
+        rollback.save()
     x_adv = objective.attack(model, x, y, generator=generator)  # 1. at the unperturbed weights
     if awp is not None:
         awp.perturb(lambda m: objective.ascent_loss(m, x, x_adv, y))  # 2.-3. w <- w + v
     try:
         model.train()
         loss, logits_adv = objective.loss_and_logits(model, x, x_adv, y)  # the training loss at w + v
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"training loss is {float(loss.detach())}")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()  # momentum and weight decay act at w + v, as in the official code
     finally:
         if awp is not None and awp.active:
             awp.restore()  # 4. w <- w - v: net effect w <- w - lr * grad L(w + v)
-    return loss.detach(), (logits_adv.detach().argmax(1) == y).sum()
+    loss = loss.detach()
+    finite = torch.isfinite(loss)
+    if awp is not None and awp.finite is not None:
+        finite = finite & awp.finite
+    if rollback is not None:
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            flag = finite.to(torch.int32)  # every process keeps or undoes the same (all-reduced) update
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+            finite = flag.bool()
+        rollback.apply(finite)
+    return StepResult(loss, (logits_adv.detach().argmax(1) == y).sum(), finite)
 
 
 def lr_at(step: int, total_steps: int, cfg: RunConfig) -> float:
@@ -248,20 +269,71 @@ def build(cfg: RunConfig, dist: Dist | None = None) -> Run:
     forward = torch.compile(wrapped) if cfg.speed.compile else wrapped
     # Evaluation runs in every process on its own share, with no collective inside the forward.
     eval_forward = forward if dist.world == 1 else (torch.compile(local) if cfg.speed.compile else local)
-    return Run(cfg, device, train_all.to(device), eval_train, eval_test, model, forward, objective, optimizer, awp, dist,
-               eval_forward, n_labeled, info)
+    return Run(cfg, device, _place_train_data(train_all, device, cfg.data.on_device), eval_train, eval_test, model, forward, objective,
+               optimizer, awp, dist, eval_forward, n_labeled, info)
+
+
+def keep_on_device(nbytes: int, device: torch.device, on_device: str) -> bool:
+    """`data.on_device`: whether training data of `nbytes` lives on `device` (auto: if it fits in half of
+    the device's free memory; always on a CPU, where there is no other place)."""
+    if device.type == "cpu" or on_device == "on":
+        return True
+    if on_device == "off":
+        return False
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else nbytes * 2
+    return nbytes <= free // 2
+
+
+def _place_train_data(data: TensorData, device: torch.device, on_device: str) -> TensorData:
+    """The training data on `device`, or in pinned host memory, copied batch by batch without blocking (`_fetch`)."""
+    if keep_on_device(data.x.nbytes + data.y.nbytes, device, on_device):
+        return data.to(device)
+    pin = device.type == "cuda"
+    return TensorData(data.x.pin_memory() if pin else data.x, data.y.pin_memory() if pin else data.y, data.info)
 
 
 def _epoch_generators(cfg: RunConfig, epoch: int, device: torch.device, rank: int = 0) -> tuple[torch.Generator, torch.Generator]:
-    """(order, noise): the data order and the augmentation/attack noise of one epoch, from (seed, epoch).
+    """(order, noise): the data order (on the CPU) and the augmentation/attack noise (on `device`) of one
+    epoch, from (seed, epoch).
 
     Deriving them from (seed, epoch) instead of carrying one stream across epochs makes every epoch
-    reproducible on its own, which is what exact resume needs.
+    reproducible on its own, which is what exact resume needs. The order is drawn on the CPU so that it is
+    the same on every device, and its indices reach the device once per epoch (`_to_data_device`).
     """
     base = (cfg.seed * 1_000_003 + epoch) % (2**63)
-    order = torch.Generator(device=device).manual_seed(base)
+    order = torch.Generator().manual_seed(base)
     noise = torch.Generator(device=device).manual_seed(base ^ 0x5DEECE66D ^ (rank << 40))  # own noise per process
     return order, noise
+
+
+def _to_data_device(index_batches: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """An epoch's index batches (drawn on the CPU) on the device of the data, in one non-blocking copy."""
+    if device.type == "cpu" or not index_batches:
+        return index_batches
+    flat = torch.cat(index_batches).pin_memory().to(device, non_blocking=True)
+    return list(flat.split([len(i) for i in index_batches]))
+
+
+def _fetch(data: TensorData, idx: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batch `idx` of `data` on `device`: an index into data on the device, or (data kept in host memory,
+    `data.on_device`) a gather into pinned memory and a non-blocking copy."""
+    if data.x.device == device:
+        return data.x[idx], data.y[idx]
+    x = torch.empty((len(idx), *data.x.shape[1:]), dtype=data.x.dtype, pin_memory=device.type == "cuda")
+    y = torch.empty(len(idx), dtype=data.y.dtype, pin_memory=device.type == "cuda")
+    torch.index_select(data.x, 0, idx, out=x)
+    torch.index_select(data.y, 0, idx, out=y)
+    return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+
+def _check_weights_finite(model: nn.Module, where: str, run_dir: Path) -> None:
+    """Refuse to checkpoint non-finite weights (one host sync, at checkpoint time only)."""
+    tensors = [t for t in [*model.parameters(), *model.buffers()] if t.is_floating_point()]
+    with torch.no_grad():
+        ok = bool(torch.isfinite(torch.stack(torch._foreach_norm(tensors))).all())
+    if not ok:
+        raise NonFiniteError(f"weights are non-finite after {where} although every step's loss was finite; "
+                             f"last good checkpoint kept in {run_dir}: lower optim.lr")
 
 
 def _augment_args(cfg: RunConfig) -> dict[str, Any]:
@@ -389,6 +461,8 @@ def _loop(run: Run, run_dir: Path, state: dict | None, *, progress: bool, stop_a
         history = _truncate_metrics(metrics_path, 0) if dist.main else []
 
     def checkpoint(path: Path, epoch: int, batch: int, noise: torch.Generator | None, sums: dict | None) -> None:
+        # epoch/batch as resume reads them: (e, 0) after epoch e (1-based), (e, b) after step b of epoch e + 1
+        _check_weights_finite(model, f"epoch {epoch + 1}, step {batch}" if batch else f"epoch {epoch}", run_dir)
         if not dist.main:
             return
         save_checkpoint({
@@ -401,6 +475,31 @@ def _loop(run: Run, run_dir: Path, state: dict | None, *, progress: bool, stop_a
             "data_info": run.info.to_dict() if run.info is not None else None,
         }, path)
 
+    rollback = Rollback(model, optimizer) if cfg.nonfinite == "skip" else None
+    monitor = StepMonitor(device)  # per-step metrics and the non-finite flag stay on the device between reads
+    awp_names = run.awp.names if run.awp is not None else None
+
+    def read_metrics(epoch: int, sums: dict) -> None:
+        """Bring the steps since the last read to the host (one sync); stop here on a non-finite step."""
+        nonlocal skipped_total, t_read
+        r = monitor.read()
+        bad = r.bad if dist.world == 1 else int(dist.all_sum([r.bad], device)[0])
+        if bad and cfg.nonfinite == "stop":
+            what = r.describe(awp_names) if r.bad else "on another process"
+            where = f"epoch {epoch + 1}, step {r.first_bad + 1}" if r.bad else f"epoch {epoch + 1}"
+            raise NonFiniteError(f"non-finite value at {where} ({what}); last good checkpoint kept in {run_dir}: "
+                                 "lower optim.lr or set nonfinite=skip")
+        sums["loss"] += r.loss_sum
+        sums["correct"] += r.correct
+        sums["seen"] += r.seen
+        sums["skipped"] += r.bad
+        skipped_total += r.bad
+        now = time.time()
+        sums["time"] += now - t_read  # wall time of the steps, read after the device has finished them
+        t_read = now
+        if progress:
+            bar.set_postfix(loss=f"{sums['loss'] / max(sums['seen'], 1):.3f}", adv_acc=f"{sums['correct'] / max(sums['seen'], 1):.1%}", img_s=f"{sums['seen'] / max(sums['time'], 1e-9):.0f}")
+
     steps_done = 0
     t_run = time.time()
     for epoch in range(start_epoch, cfg.epochs):
@@ -409,7 +508,7 @@ def _loop(run: Run, run_dir: Path, state: dict | None, *, progress: bool, stop_a
             epoch_batches = mixed_batches(n, n_extra, cfg.batch_size, cfg.data.extra_fraction, generator=order, drop_last=drop_last)
         else:
             epoch_batches = batches(n, cfg.batch_size, shuffle=True, generator=order, drop_last=drop_last)
-        index_batches = [idx[dist.rank::dist.world] for idx in epoch_batches]
+        index_batches = _to_data_device([idx[dist.rank::dist.world] for idx in epoch_batches], run.train.x.device)
         first = 0
         sums = {"loss": 0.0, "correct": 0.0, "seen": 0, "skipped": 0, "time": 0.0}
         if epoch == start_epoch and start_batch > 0:  # continue inside the epoch where the checkpoint was taken
@@ -419,33 +518,29 @@ def _loop(run: Run, run_dir: Path, state: dict | None, *, progress: bool, stop_a
         awp_on = run.awp is not None and epoch >= cfg.awp.warmup
         bar = Progress(range(first, len(index_batches)), total=len(index_batches), initial=first, enabled=progress,
                        desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch")
+        monitor.start(first)
+        t_read = time.time()
         for b in bar:
-            t0 = time.time()
             step = epoch * steps_per_epoch + b
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, total_steps, cfg)
-            idx = index_batches[b]
-            x, y = augment(run.train.x[idx], generator=noise, **aug), run.train.y[idx]
-            try:
-                loss, correct = train_step(run.forward, run.objective, optimizer, x, y, awp=run.awp if awp_on else None, generator=noise)
-            except FloatingPointError as e:
-                if cfg.nonfinite == "skip":
-                    sums["skipped"] += 1
-                    skipped_total += 1
-                    continue
-                raise NonFiniteError(f"non-finite value at epoch {epoch + 1}, step {b + 1} ({e}); last good checkpoint kept in {run_dir}: "
-                                     "lower optim.lr or set nonfinite=skip") from None
-            sums["loss"] += loss.item() * len(y)
-            sums["correct"] += correct.item()
-            sums["seen"] += len(y)
-            sums["time"] += time.time() - t0
-            bar.set_postfix(loss=f"{sums['loss'] / max(sums['seen'], 1):.3f}", adv_acc=f"{sums['correct'] / max(sums['seen'], 1):.1%}", img_s=f"{sums['seen'] / max(sums['time'], 1e-9):.0f}")
+            x, y = _fetch(run.train, index_batches[b], device)
+            x = augment(x, generator=noise, **aug)
+            awp = run.awp if awp_on else None
+            result = train_step(run.forward, run.objective, optimizer, x, y, awp=awp, generator=noise, rollback=rollback)
+            monitor.add(result.loss, result.correct, len(y), result.finite, awp.layer_finite if awp is not None else None)
             steps_done += 1
-            if cfg.checkpoint_every and (b + 1) % cfg.checkpoint_every == 0 and b + 1 < len(index_batches):
+            save = cfg.checkpoint_every and (b + 1) % cfg.checkpoint_every == 0 and b + 1 < len(index_batches)
+            stop = stop_after_steps is not None and steps_done >= stop_after_steps
+            if save or stop or (b + 1) % cfg.log.interval == 0:  # the only host syncs of the loop
+                read_metrics(epoch, sums)
+            if save:
                 checkpoint(run_dir / "last.pt", epoch, b + 1, noise, sums)
-            if stop_after_steps is not None and steps_done >= stop_after_steps:
+                t_read = time.time()  # the epoch's time counts steps, not checkpoint writes
+            if stop:
                 bar.close()
                 return run_dir
+        read_metrics(epoch, sums)
         bar.close()
         t_eval = time.time()
         test_clean, test_rob = robust_accuracy(run.local_forward, run.eval_test, eval_attack, batch_size=cfg.eval.batch_size, seed=cfg.seed, dist=dist)

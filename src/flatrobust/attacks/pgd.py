@@ -21,12 +21,15 @@ LOSSES = ("ce", "cw", "kl")
 def _check_inputs(x: torch.Tensor) -> None:
     if not torch.is_floating_point(x):
         raise ValueError(f"x must be a floating-point image tensor in [0, 1], got dtype {x.dtype}")
-    if x.device.type == "cpu":
-        lo, hi = float(x.min()), float(x.max())
-        if lo < 0 or hi > 1:
-            raise ValueError(f"x must lie in [0, 1] (normalization belongs inside the model), got values in [{lo:.4g}, {hi:.4g}]")
-    else:  # no host synchronization on accelerators: fail asynchronously instead
-        torch._assert_async(((x >= 0) & (x <= 1)).all(), "x must lie in [0, 1]")
+    # One code path for every device and no host synchronization: on an accelerator the assertion fails
+    # asynchronously (at the next sync); on the CPU it fails here, and the error names the range found.
+    try:
+        torch._assert_async(((x >= 0) & (x <= 1)).all(), "x must lie in [0, 1] (normalization belongs inside the model)")
+    except RuntimeError:
+        if x.device.type != "cpu":
+            raise
+        raise ValueError(f"x must lie in [0, 1] (normalization belongs inside the model), got values in "
+                         f"[{float(x.min()):.4g}, {float(x.max()):.4g}]") from None
 
 
 def _per_example_loss(logits: torch.Tensor, y: torch.Tensor, loss: str, p_nat: torch.Tensor | None) -> torch.Tensor:
