@@ -52,6 +52,8 @@ ROWS = [
     Row("trades_awp", "TRADES-AWP", "c10jpeg_trades_awp", (0, 1)),
     *[Row(f"gamma_{g}", f"AT-AWP gamma {g}", "c10jpeg_at_awp", (0,), (f"awp.gamma={g}",), f"_g{g}")
       for g in ("0.0025", "0.005", "0.02")],
+    # Setting v2 probe (docs/RESULTS.md): 1,000 images seen 60 times; v1 above underfit after its decay.
+    Row("at_v2", "AT, setting v2 (probe)", "c10jpeg1k_at", (0,)),
 ]
 GAMMA_CURVE = [("0", "at"), ("0.0025", "gamma_0.0025"), ("0.005", "gamma_0.005"), ("0.01", "at_awp"), ("0.02", "gamma_0.02")]
 
@@ -141,9 +143,14 @@ def _restore_checkpoints(t: Task, train_argv: list[str], env: dict, log) -> int:
     return 0
 
 
+def _logs(run_dir: Path) -> Path:
+    """Logs and the lock live beside the run directory (`train --overwrite` replaces the directory itself)."""
+    return run_dir.parent / ".logs" / run_dir.name
+
+
 def _busy(run_dir: Path) -> bool:
     """Another process (a second `study.py run`, or a training started by hand) holds this run's lock."""
-    lock = run_dir / "logs" / "lock"
+    lock = _logs(run_dir) / "lock"
     try:
         os.kill(int(lock.read_text().split()[0]), 0)
         return True
@@ -161,10 +168,11 @@ def _command(t: Task, dry: bool, train_argv: list[str]) -> int:
     print(f"[{time.strftime('%H:%M:%S')}] {t.run} {t.stage}: {' '.join(argv[2:])}", flush=True)
     if dry:
         return 0
-    (d / "logs").mkdir(parents=True, exist_ok=True)
+    logs = _logs(d)
+    logs.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=str(ROOT / "src"))
-    with open(d / "logs" / f"{t.stage}.log", "a") as log:
-        (d / "logs" / "lock").write_text(f"{os.getpid()} {t.stage}\n")
+    with open(logs / f"{t.stage}.log", "a") as log:
+        (logs / "lock").write_text(f"{os.getpid()} {t.stage}\n")
         try:
             rc = 0
             if t.stage != "train" and not (d / "best.pt").is_file():
@@ -172,7 +180,7 @@ def _command(t: Task, dry: bool, train_argv: list[str]) -> int:
             if rc == 0:
                 rc = subprocess.call(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
         finally:
-            (d / "logs" / "lock").unlink(missing_ok=True)
+            (logs / "lock").unlink(missing_ok=True)
     print(f"[{time.strftime('%H:%M:%S')}] {t.run} {t.stage}: exit {rc}", flush=True)
     return rc
 
@@ -217,7 +225,7 @@ def run(rows: list[Row], stages: set[str], jobs: int, dry: bool) -> int:
     for th in threads:
         th.join()
     if failed:
-        print("failed (see results/c10jpeg/RUN/logs/):", ", ".join(failed), file=sys.stderr)
+        print("failed (see results/c10jpeg/.logs/RUN/):", ", ".join(failed), file=sys.stderr)
     return 1 if failed else 0
 
 
