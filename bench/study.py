@@ -149,13 +149,19 @@ def _logs(run_dir: Path) -> Path:
 
 
 def _busy(run_dir: Path) -> bool:
-    """Another process (a second `study.py run`, or a training started by hand) holds this run's lock."""
-    lock = _logs(run_dir) / "lock"
-    try:
-        os.kill(int(lock.read_text().split()[0]), 0)
-        return True
-    except (OSError, ValueError, IndexError):
-        return False
+    """Another process (a second `study.py run`, or a training started by hand) holds a lock on this run."""
+    for lock in _logs(run_dir).glob("lock*"):
+        try:
+            pid = int(lock.read_text().split()[0])
+            if pid != os.getpid():
+                os.kill(pid, 0)
+                return True
+        except (OSError, ValueError, IndexError):
+            continue
+    return False
+
+
+_RESTORE = threading.Lock()  # one retraining at a time, so two stages of a run never restore it twice
 
 
 def _command(t: Task, dry: bool, train_argv: list[str]) -> int:
@@ -171,16 +177,19 @@ def _command(t: Task, dry: bool, train_argv: list[str]) -> int:
     logs = _logs(d)
     logs.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=str(ROOT / "src"))
+    lock = logs / f"lock.{t.stage}"
     with open(logs / f"{t.stage}.log", "a") as log:
-        (logs / "lock").write_text(f"{os.getpid()} {t.stage}\n")
+        lock.write_text(f"{os.getpid()} {t.stage}\n")
         try:
             rc = 0
-            if t.stage != "train" and not (d / "best.pt").is_file():
-                rc = _restore_checkpoints(t, train_argv, env, log)
+            if t.stage != "train":
+                with _RESTORE:
+                    if not (d / "best.pt").is_file():
+                        rc = _restore_checkpoints(t, train_argv, env, log)
             if rc == 0:
                 rc = subprocess.call(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
         finally:
-            (logs / "lock").unlink(missing_ok=True)
+            lock.unlink(missing_ok=True)
     print(f"[{time.strftime('%H:%M:%S')}] {t.run} {t.stage}: exit {rc}", flush=True)
     return rc
 

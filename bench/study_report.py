@@ -231,6 +231,7 @@ def write(out: Path, docs: Path, rows, gamma_curve) -> Path:
           "checkpoints); do not edit by hand. Every number below is read from those files.", ""]
     L += _setting(runs, rows)
     L += _status(runs, rows)
+    L += _probes(out, runs, figs)
     L += _main_table(runs, rows, labels)
     if fig_curves(runs, ["at", "at_awp"], figs / "curves_at.png"):
         L += ["## Robust overfitting and what AWP does to it", "",
@@ -285,7 +286,7 @@ def _params(runs) -> str:
 
 def _status(runs, rows) -> list[str]:
     out = ["## What has been run", ""]
-    hdr = ["row", "seeds planned", "trained", "PGD-20 full test", "AutoAttack", "flatness", "landscape", "CPU hours (train + monitor)"]
+    hdr = ["row", "seeds planned", "trained", "PGD-20 full test", "AutoAttack", "flatness", "landscape", "wall hours (train + monitoring, one thread, shared machine)"]
     tab = []
     for row in rows:
         rs = runs.get(row.key, [])
@@ -297,6 +298,46 @@ def _status(runs, rows) -> list[str]:
                     str(sum(len(r.flatness) == 2 for r in rs)), str(sum(len(r.landscape) == 2 for r in rs)),
                     " + ".join(f"{r.hours():.2f}" for r in rs) or "—"])
     return out + _table(hdr, tab) + ["Runs in progress appear in the curves but not in the tables below, which use finished runs only.", ""]
+
+
+def _probes(out: Path, runs, figs) -> list[str]:
+    """Runs stopped on purpose (results/probes/): kept for what their curves show, never in the tables."""
+    probes = []
+    for d in sorted((out.parent / "probes").glob("*")):
+        if (d / "metrics.jsonl").is_file() and (d / "config.yaml").is_file():
+            ms = [json.loads(ln) for ln in (d / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+            if ms:
+                probes.append(RunData(d.name, "probe", -1, yaml.safe_load((d / "config.yaml").read_text()), ms))
+    v1 = [r for r in runs.get("at", []) if r.seed == 0]
+    shown = v1 + probes
+    if not shown:
+        return []
+    tab = []
+    for r in shown:
+        c, b, la = r.cfg, r.best, r.last
+        tab.append([r.name, f"{c['data']['train_subset']} x {c['epochs']} (batch {c['batch_size']})",
+                    f"{len(r.metrics)} of {c['epochs']}", f"{int(0.5 * c['epochs'])}",
+                    f"{100 * b['test_robust_acc']:.1f} (epoch {b['epoch']})", f"{100 * la['test_robust_acc']:.1f}",
+                    f"{100 * la['train_robust_acc']:.1f}", f"{100 * la['train_clean_acc']:.1f}", f"{r.hours():.2f}"])
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for i, r in enumerate(shown):
+        ep = [m["epoch"] for m in r.metrics]
+        ax.plot(ep, [100 * m["test_robust_acc"] for m in r.metrics], color=f"C{i}", label=f"{r.name} test")
+        ax.plot(ep, [100 * m["train_robust_acc"] for m in r.metrics], color=f"C{i}", ls="--", label=f"{r.name} train")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("PGD-20 accuracy (%), monitoring subsets")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(figs / "probes.png", dpi=110)
+    plt.close(fig)
+    return ["## Settings tried", "",
+            "Whether plain AT overfits is the first thing to establish. Runs of the settings tried so far (monitored "
+            "PGD-20 on the fixed subsets; `results/probes/` holds runs stopped on purpose, whose curves are all they "
+            "give):", "", *_table(["run", "training images x epochs", "epochs run", "first decay at epoch",
+                                   "best test", "last test", "last train", "last train clean", "wall hours (one thread, shared machine)"], tab),
+            "![probes](results/probes.png)", ""]
 
 
 def _main_table(runs, rows, labels) -> list[str]:
