@@ -14,7 +14,7 @@ RUNS ?= runs
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c constraints.txt -e '.[test,autoattack]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[test,autoattack,timm,tensorboard]'
 	touch $(STAMP)
 
 setup: $(STAMP)

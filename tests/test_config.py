@@ -34,7 +34,7 @@ def test_parse_overrides_nests():
         (["attack.eps=big"], r"attack.eps must be a number such as 0.03 or 8/255"),
         (["method=tardes"], r"method must be one of at, trades, mart, got 'tardes' \(did you mean 'trades'\?\)"),
         (["data.name=cifar"], r"data.name must be one of"),
-        (["model=resnet"], r"model must be one of"),
+        (["model=resnet"], r"unknown model .resnet."),
         (["attack.norm=l1"], r"attack.norm must be one of linf, l2"),
         (["data.download=maybe"], r"data.download must be true or false"),
         (["epochs"], r"must look like key=value"),

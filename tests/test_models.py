@@ -44,7 +44,7 @@ def test_normalization_inside_model():
 
 
 def test_bad_model_arguments():
-    with pytest.raises(ValueError, match="unknown model 'resnet9'"):
+    with pytest.raises(ValueError, match="unknown model .resnet9."):
         models.create("resnet9")
     with pytest.raises(ValueError, match="one per channel"):
         models.create("smallcnn", in_channels=3, mean=(0.5,), std=(0.2,))

@@ -125,8 +125,10 @@ def _check_ours(state: Any, path: Path) -> dict[str, Any]:
 def model_from_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the model stored in a checkpoint (eval mode, on `device`) and return it with the checkpoint dict.
 
-    The model is built from the checkpoint's config: `config["model"]` names the architecture and
-    `config["data"]["name"]` the dataset whose classes, channels and normalization it uses.
+    The model is built from the checkpoint's config: `config["model"]` names the architecture (built in,
+    timm or a user's callable, whose module is looked for in `config["model_dir"]` first) with
+    `config["model_args"]`, and `data_info` (else `config["data"]["name"]`) gives the classes, channels and
+    normalization it uses.
     """
     from . import models
     from .data import DATASETS, DatasetInfo
@@ -134,8 +136,12 @@ def model_from_checkpoint(path: str | os.PathLike, device: str | torch.device = 
     state = load_checkpoint(path, map_location=device)
     cfg = state["config"]
     info = DatasetInfo.from_dict(state["data_info"]) if state.get("data_info") else DATASETS[cfg["data"]["name"]]
-    model = models.create(cfg["model"], num_classes=info.num_classes, in_channels=info.in_channels,
-                          mean=info.mean, std=info.std, **(cfg.get("model_args") or {}))
+    try:
+        model = models.create(cfg["model"], num_classes=info.num_classes, in_channels=info.in_channels, mean=info.mean,
+                              std=info.std, search_path=[cfg["model_dir"]] if cfg.get("model_dir") else [],
+                              **(cfg.get("model_args") or {}))
+    except models.ModelError as e:  # e.g. timm not installed here, or the module of a user's model not found
+        raise CheckpointError(f"{path}: cannot rebuild its model: {e}") from None
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as e:

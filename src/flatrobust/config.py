@@ -85,8 +85,9 @@ class RunConfig:
     device: str = "auto"  # auto (cuda if available) | cpu | cuda | cuda:N
     method: str = "at"  # at | trades | mart
     beta: float = 6.0  # TRADES / MART trade-off
-    model: str = "smallcnn"
+    model: str = "smallcnn"  # built in (models.REGISTRY) | timm:<name> | package.module:callable (your own)
     model_args: dict = field(default_factory=dict)  # keyword arguments of the model's builder, e.g. {width: 16}
+    model_dir: str = ""  # package.module:callable: folder searched first for the module (set to the recipe's folder)
     epochs: int = 10
     batch_size: int = 128
     out_dir: str = "runs"  # the run directory is out_dir/name
@@ -262,12 +263,12 @@ def validate(cfg: RunConfig) -> RunConfig:
         v = flat[key]
         if v < low or (not inclusive and v == low):
             raise UserError(f"{key} must be {'>=' if inclusive else '>'} {low}, got {v}")
-    from .models import REGISTRY
+    from .models import check_name
 
-    if cfg.model not in REGISTRY:
-        close = difflib.get_close_matches(cfg.model, list(REGISTRY), n=1, cutoff=0.4)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise UserError(f"model must be one of {', '.join(sorted(REGISTRY))}, got {cfg.model!r}{hint}")
+    try:
+        check_name(cfg.model)  # the syntax only: the model itself is built (and imported) by train.build
+    except ValueError as e:
+        raise UserError(str(e)) from None
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", cfg.device):
         raise UserError(f"device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
     if not re.fullmatch(r"[A-Za-z0-9._-]+", cfg.name):
@@ -337,7 +338,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if path is not None:
         tree = _merge(tree, read_yaml(path))
     tree = _merge(tree, parse_overrides(overrides or []))
-    return validate(_build(RunConfig, tree))
+    cfg = validate(_build(RunConfig, tree))
+    from .models import source_of
+
+    if not cfg.model_dir and source_of(cfg.model).name == "import":
+        # a model of the user's is found in the recipe's folder (the working directory without a recipe), also
+        # later: by --resume, eval, landscape and flatness, which read this absolute path from the run's config
+        cfg.model_dir = str((Path(path).parent if path is not None else Path.cwd()).resolve())
+    return cfg
 
 
 def config_from_dict(tree: dict[str, Any]) -> RunConfig:

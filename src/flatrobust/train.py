@@ -247,10 +247,10 @@ def build(cfg: RunConfig, dist: Dist | None = None) -> Run:
     eval_test, eval_train = test.subset(n_eval, seed=0).to(device), train.subset(n_eval, seed=1).to(device)
     torch.manual_seed(cfg.seed)
     try:
-        model = models.create(cfg.model, num_classes=info.num_classes, in_channels=info.in_channels,
-                              mean=info.mean, std=info.std, **cfg.model_args).to(device)
-    except ValueError as e:
-        raise UserError(f"model: {e}") from None
+        model = models.create(cfg.model, num_classes=info.num_classes, in_channels=info.in_channels, mean=info.mean, std=info.std,
+                              input_size=info.image_size, search_path=[cfg.model_dir] if cfg.model_dir else [], **cfg.model_args).to(device)
+    except ValueError as e:  # one line that names the model
+        raise UserError(str(e) if cfg.model in str(e) else f"model {cfg.model!r}: {e}") from None
     if cfg.init_from:  # fine-tuning: pre-trained weights, fresh optimizer and schedule
         try:
             load_weights(model, cfg.init_from)

@@ -1,0 +1,172 @@
+"""Where a model name comes from: the built-in registry, timm, or a callable of the user's.
+
+One mechanism for the three: a `Source` says which names it takes, checks a name's syntax without
+importing anything (config validation), and resolves a name to a builder
+`builder(num_classes, in_channels, **model_args) -> nn.Module` (the network without normalization).
+`SOURCES` is the ordered tuple the tests enumerate; the first source whose `matches` is true owns a name.
+
+    smallcnn, preactresnet18, ...   REGISTRY below (built in)
+    timm:<name>                     timm.create_model(name, num_classes=, in_chans=, pretrained=False) unless
+                                    model_args has pretrained: true (timm is the optional extra `[timm]`)
+    package.module:callable         callable(num_classes=, in_channels=, **model_args); the module is imported
+                                    with `search_path` (the recipe's folder) in front of the Python path
+
+Every failure is a `ModelError` (a ValueError) with one line that names the model and says how to fix it.
+"""
+from __future__ import annotations
+
+import difflib
+import importlib
+import logging
+import re
+import sys
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+from torch import nn
+
+from .preactresnet import PreActResNet18
+from .smallcnn import SmallCNN
+from .vgg import VGG19
+from .wideresnet import WideResNet
+
+Builder = Callable[..., nn.Module]
+
+
+class ModelError(ValueError):
+    """A model that cannot be had: one line naming it and saying how to fix it."""
+
+
+# name -> builder(num_classes, in_channels, **model_args) returning the un-normalized network. A plain
+# dict that the tests enumerate; add a model by adding an entry.
+REGISTRY: dict[str, Builder] = {
+    "preactresnet18": lambda num_classes, in_channels, **kw: PreActResNet18(num_classes, in_channels, **kw),
+    "wrn34_10": lambda num_classes, in_channels: WideResNet(34, 10, num_classes, in_channels),
+    "wrn28_10": lambda num_classes, in_channels: WideResNet(28, 10, num_classes, in_channels),
+    "vgg19": lambda num_classes, in_channels: VGG19(num_classes, in_channels),
+    "smallcnn": lambda num_classes, in_channels: SmallCNN(num_classes, in_channels),
+}
+
+_CHOICES = "timm:<name> for a timm model, or package.module:callable for your own"
+_IMPORT_PATH = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
+
+
+@dataclass(frozen=True)
+class Source:
+    name: str
+    syntax: str  # how a model of this source is written
+    matches: Callable[[str], bool]
+    check: Callable[[str], None]  # syntax only, imports nothing; ValueError
+    resolve: Callable[[str, Sequence[str]], Builder]  # (model name, search path) -> builder; ValueError
+
+
+# ------------------------------------------------------------------------------------------- built in
+
+def _check_builtin(name: str) -> None:
+    if name not in REGISTRY:
+        close = difflib.get_close_matches(name, list(REGISTRY), n=1, cutoff=0.4)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ModelError(f"unknown model {name!r}{hint}: choose one of {', '.join(sorted(REGISTRY))}, or {_CHOICES}")
+
+
+def _resolve_builtin(name: str, search_path: Sequence[str]) -> Builder:
+    _check_builtin(name)
+    return REGISTRY[name]
+
+
+# ------------------------------------------------------------------------------------------------ timm
+
+def _check_timm(name: str) -> None:
+    if not re.fullmatch(r"timm:[\w.\-]+", name):
+        raise ModelError(f"model {name!r}: write timm:<name>, e.g. timm:resnet18 (see timm.list_models())")
+
+
+def _resolve_timm(name: str, search_path: Sequence[str]) -> Builder:
+    _check_timm(name)
+    arch = name.split(":", 1)[1]
+    try:
+        import timm
+    except ImportError:
+        raise ModelError(f"model {name!r} needs timm, which is not installed: pip install 'flatrobust[timm]' (or pip install timm)") from None
+    if not timm.is_model(arch):
+        close = difflib.get_close_matches(arch, timm.list_models(), n=1, cutoff=0.6)
+        hint = f" (did you mean 'timm:{close[0]}'?)" if close else ""
+        raise ModelError(f"timm has no model {arch!r}{hint}: see timm.list_models() for the names")
+
+    def build(num_classes: int, in_channels: int, pretrained: bool = False, **kw) -> nn.Module:
+        if not pretrained:
+            return timm.create_model(arch, pretrained=False, num_classes=num_classes, in_chans=in_channels, **kw)
+        hub = logging.getLogger("huggingface_hub")
+        level = hub.level
+        hub.setLevel(logging.ERROR)  # its retry messages would add a line per attempt
+        try:
+            return timm.create_model(arch, pretrained=True, num_classes=num_classes, in_chans=in_channels, **kw)
+        except (OSError, RuntimeError, ValueError) as e:  # connection, hub and missing-file errors
+            first = re.split(r"(?<=\.)\s", (str(e).strip().splitlines() or [""])[0])[0][:160]  # its first sentence
+            raise ModelError(f"model {name!r}: the pretrained weights could not be downloaded ({type(e).__name__}: {first}): "
+                             "connect to the internet or fill timm's cache once, or set model_args.pretrained=false") from None
+        finally:
+            hub.setLevel(level)
+
+    return build
+
+
+# ------------------------------------------------------------------------------------- package.module:callable
+
+def _check_import(name: str) -> None:
+    if not _IMPORT_PATH.fullmatch(name):
+        raise ModelError(f"model {name!r}: write package.module:callable (e.g. mynets:build_net), with the module "
+                         "on the Python path or in the recipe's folder")
+
+
+def _resolve_import(name: str, search_path: Sequence[str]) -> Builder:
+    _check_import(name)
+    module_name, attr = name.split(":")
+    folders = [str(p) for p in search_path if p]
+    saved = list(sys.path)
+    sys.path[:0] = folders  # only while importing: the recipe's folder first, as for a script
+    importlib.invalidate_caches()  # a module written after the folder was last listed
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as e:  # noqa: BLE001 - any error in the user's module is one line
+        searched = f" (searched {', '.join(folders)} first)" if folders else ""
+        detail = (str(e).strip().splitlines() or [""])[0][:160]
+        raise ModelError(f"model {name!r}: cannot import {module_name!r} ({type(e).__name__}: {detail}){searched}: put the "
+                         "module in the recipe's folder or on the Python path (PYTHONPATH), and fix any error in it") from None
+    finally:
+        sys.path[:] = saved
+    obj = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ModelError(f"model {name!r}: {module_name} ({getattr(module, '__file__', '?')}) has no {attr!r}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise ModelError(f"model {name!r}: {attr} is not callable ({type(obj).__name__}): name a class or function "
+                         "that takes num_classes and in_channels")
+
+    def build(num_classes: int, in_channels: int, **kw) -> nn.Module:
+        return obj(num_classes=num_classes, in_channels=in_channels, **kw)
+
+    return build
+
+
+SOURCES: tuple[Source, ...] = (
+    Source("timm", "timm:<name>", lambda n: n.startswith("timm:"), _check_timm, _resolve_timm),
+    Source("import", "package.module:callable", lambda n: ":" in n, _check_import, _resolve_import),
+    Source("builtin", " | ".join(sorted(REGISTRY)), lambda n: True, _check_builtin, _resolve_builtin),
+)
+
+
+def source_of(name: str) -> Source:
+    """The source that owns model name `name`."""
+    return next(s for s in SOURCES if s.matches(name))
+
+
+def check_name(name: str) -> None:
+    """ValueError (one line) unless `name` is a well-formed model name; imports nothing."""
+    source_of(name).check(name)
+
+
+def resolve(name: str, search_path: Sequence[str] = ()) -> Builder:
+    """builder(num_classes, in_channels, **model_args) for model `name`; ValueError (one line) if it cannot be had."""
+    return source_of(name).resolve(name, search_path)
