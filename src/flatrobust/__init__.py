@@ -6,12 +6,14 @@ The public API, small enough to remember:
   - `AT`, `TRADES`, `MART`, `AttackConfig`, `create_objective`: the training objectives;
   - `models.create`: the model zoo with normalization inside the model;
   - `train_step`: one AT/TRADES/MART step with optional AWP;
+  - `EMA`: an exponential moving average of the weights for any training loop (update after each step);
   - `landscape_1d`, `landscape_2d`, `average_flatness`, `worst_flatness`: the analysis of the weight loss
     landscape (`flatrobust.report` and `flatrobust.evaluate` are imported on use).
 """
 from . import models
 from .attacks import L2Ball, LinfBall, fgsm, pgd
 from .awp import AWP
+from .ema import EMA
 from .flatness import average_flatness, worst_flatness
 from .landscape import filter_normalized_direction, landscape_1d, landscape_2d
 from .modes import frozen_bn_stats, train_mode
@@ -21,7 +23,7 @@ from .train import train_step
 __version__ = "0.1.0"
 
 __all__ = [
-    "AWP", "pgd", "fgsm", "LinfBall", "L2Ball", "AT", "TRADES", "MART", "AttackConfig", "Objective",
+    "AWP", "EMA", "pgd", "fgsm", "LinfBall", "L2Ball", "AT", "TRADES", "MART", "AttackConfig", "Objective",
     "create_objective", "models", "frozen_bn_stats", "train_mode", "train_step", "landscape_1d", "landscape_2d",
     "filter_normalized_direction", "average_flatness", "worst_flatness", "__version__",
 ]

@@ -122,8 +122,15 @@ def _check_ours(state: Any, path: Path) -> dict[str, Any]:
     return state
 
 
-def model_from_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+WEIGHTS = ("raw", "ema")  # the weight sets a checkpoint may hold: the trained weights, their moving average
+
+
+def model_from_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu",
+                          weights: str = "raw") -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the model stored in a checkpoint (eval mode, on `device`) and return it with the checkpoint dict.
+
+    `weights`: "raw" (the trained weights) or "ema" (their exponential moving average, in checkpoints of runs
+    with ema.decay > 0; CheckpointError otherwise).
 
     The model is built from the checkpoint's config: `config["model"]` names the architecture (built in,
     timm or a user's callable, whose module is looked for in `config["model_dir"]` first) with
@@ -133,8 +140,13 @@ def model_from_checkpoint(path: str | os.PathLike, device: str | torch.device = 
     from . import models
     from .data import DATASETS, DatasetInfo
 
+    if weights not in WEIGHTS:
+        raise CheckpointError(f"weights must be raw or ema, got {weights!r}")
     state = load_checkpoint(path, map_location=device)
     cfg = state["config"]
+    if weights == "ema" and not (isinstance(state.get("ema"), dict) and "model" in state["ema"]):
+        raise CheckpointError(f"{path} holds no EMA weights (trained with ema.decay=0): use --weights raw, or train "
+                              "with ema.decay=0.999 (for example) to have them")
     info = DatasetInfo.from_dict(state["data_info"]) if state.get("data_info") else DATASETS[cfg["data"]["name"]]
     try:
         model = models.create(cfg["model"], num_classes=info.num_classes, in_channels=info.in_channels, mean=info.mean,
@@ -143,7 +155,7 @@ def model_from_checkpoint(path: str | os.PathLike, device: str | torch.device = 
     except models.ModelError as e:  # e.g. timm not installed here, or the module of a user's model not found
         raise CheckpointError(f"{path}: cannot rebuild its model: {e}") from None
     try:
-        model.load_state_dict(state["model"])
+        model.load_state_dict(state["ema"]["model"] if weights == "ema" else state["model"])
     except RuntimeError as e:
         raise CheckpointError(f"{path}: weights do not fit model {cfg['model']!r} ({str(e).splitlines()[0][:120]})") from None
     return model.to(device).eval(), state

@@ -79,6 +79,11 @@ class LogConfig:
 
 
 @dataclass
+class EMAConfig:
+    decay: float = 0.0  # > 0: also keep an EMA of the weights (e.g. 0.999), decay min(decay, (1+t)/(10+t)) at step t; 0 = off
+
+
+@dataclass
 class RunConfig:
     name: str = "run"
     seed: int = 0
@@ -102,6 +107,7 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     speed: SpeedConfig = field(default_factory=SpeedConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -124,7 +130,7 @@ LOWER = {
     "data.eval_subset": (1, True), "data.train_subset": (0, True), "data.image_size": (0, True), "data.extra_fraction": (0, True),
     "attack.eps": (0, True), "attack.alpha": (0, True), "attack.steps": (1, True),
     "eval.steps": (1, True), "eval.alpha": (0, True), "eval.batch_size": (1, True),
-    "awp.gamma": (0, True), "awp.warmup": (0, True),
+    "awp.gamma": (0, True), "awp.warmup": (0, True), "ema.decay": (0, True),
     "optim.lr": (0, False), "optim.momentum": (0, True), "optim.weight_decay": (0, True),
     "log.interval": (1, True),
 }
@@ -275,6 +281,8 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise UserError(f"name {cfg.name!r} may only contain letters, digits, '.', '_' and '-' (it names the run directory)")
     if not cfg.data.extra_fraction < 1:
         raise UserError(f"data.extra_fraction must be < 1 (some labeled data in every batch), got {cfg.data.extra_fraction}")
+    if cfg.ema.decay >= 1:
+        raise UserError(f"ema.decay must be < 1 (e.g. 0.999; 0 turns the EMA off), got {cfg.ema.decay}")
     if cfg.optim.momentum >= 1:
         raise UserError(f"optim.momentum must be < 1, got {cfg.optim.momentum}")
     return cfg

@@ -31,6 +31,7 @@ from .errors import UserError
 __all__ = ["Run", "load_run", "plot_landscape_1d", "plot_landscape_2d", "write_report"]
 
 ACC_KEYS = ("train_clean_acc", "train_robust_acc", "test_clean_acc", "test_robust_acc", "gap")
+EMA_KEYS = tuple(f"ema_{k}" for k in ACC_KEYS)  # the same, for the moving average of the weights (ema.decay > 0)
 
 
 @dataclass
@@ -88,7 +89,7 @@ def _read_metrics(path: Path) -> list[dict[str, Any]]:
     values = [r[k] for r in rows for k in ACC_KEYS[:4] if _finite(r.get(k))]
     scale = 100.0 if values and max(abs(v) for v in values) <= 1.0 else 1.0
     for r in rows:
-        for k in ACC_KEYS:
+        for k in ACC_KEYS + EMA_KEYS:
             if _finite(r.get(k)):
                 r[k] = r[k] * scale
         if not _finite(r.get("gap")) and _finite(r.get("train_robust_acc")) and _finite(r.get("test_robust_acc")):
@@ -262,6 +263,29 @@ def _summary(run: Run) -> dict[str, Any]:
     last = run.metrics[-1]
     s.update(gap_last=last.get("gap"), train_last=last.get("train_robust_acc"), clean_last=last.get("test_clean_acc"))
     return s
+
+
+def _ema_section(runs: Sequence[Run]) -> list[str]:
+    """Runs with an EMA of the weights: its per-epoch accuracies beside the raw weights'."""
+    with_ema = [r for r in runs if r.series("ema_test_robust_acc")[1]]
+    if not with_ema:
+        return []
+    lines = ["## EMA of the weights", "",
+             "Runs trained with `ema.decay > 0` evaluate the exponential moving average of their weights every epoch, "
+             "on the same subsets with the same attack as the raw weights (`ema_*` in `metrics.jsonl`). "
+             "`flatrobust eval --weights ema` runs the full protocol on it.", ""]
+    rows = []
+    for r in with_ema:
+        ep, ema = r.series("ema_test_robust_acc")
+        best = max(range(len(ema)), key=ema.__getitem__)
+        last = r.metrics[-1]
+        decay = (r.config.get("ema") or {}).get("decay") if isinstance(r.config.get("ema"), dict) else None
+        diff = last["ema_test_robust_acc"] - last["test_robust_acc"] if _finite(last.get("ema_test_robust_acc")) and _finite(last.get("test_robust_acc")) else None
+        rows.append([r.name, f"{decay:g}" if _finite(decay) else "-", str(ep[best]), _f(ema[best]), _f(ema[-1]),
+                     _f(last.get("test_robust_acc")), _f(diff), _f(last.get("ema_gap")), _f(last.get("ema_test_clean_acc"))])
+    lines += _table(["run", "decay", "EMA best epoch", "EMA test robust @best (%)", "EMA test robust @last (%)",
+                     "raw test robust @last (%)", "EMA - raw @last (pts)", "EMA gap @last (pts)", "EMA test clean @last (%)"], rows)
+    return lines
 
 
 def _eval_accuracy(entry: Any) -> float | None:
@@ -478,6 +502,7 @@ def write_report(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike =
     lines += _table(["run", "best epoch", "test robust @best (%)", "last epoch", "test robust @last (%)",
                      "best - last (pts)", "train robust @last (%)", "gap @last (pts)", "test clean @last (%)"], rows)
     lines += sentences + [""]
+    lines += _ema_section(runs)
 
     plot_robust_accuracy(runs, out / "fig_robust_accuracy.png")
     lines += ["## Robust accuracy per epoch", "", "![robust accuracy per epoch](fig_robust_accuracy.png)", "",

@@ -30,6 +30,7 @@ from .awp import AWP
 from .checkpoint import load_checkpoint, load_weights, save_checkpoint
 from .config import RunConfig, config_from_dict
 from .data import DATASETS, DataError, TensorData, augment, batches, load_dataset, load_extra, mixed_batch_sizes, mixed_batches
+from .ema import EMA
 from .errors import UserError
 from .guard import Rollback, StepMonitor
 from .objectives import AttackConfig, Objective, create_objective
@@ -180,6 +181,16 @@ def robust_accuracy(model: nn.Module, data: TensorData, attack: AttackConfig, *,
     return clean / len(data), robust / len(data)
 
 
+def evaluate_weights(forward: nn.Module, run: "Run", attack: AttackConfig, prefix: str = "") -> dict[str, float]:
+    """Per-epoch accuracies of one set of weights (the raw model, or with prefix "ema_" its EMA): clean and PGD
+    accuracy on the fixed train and test subsets, and the gap (train robust - test robust)."""
+    cfg = run.cfg
+    test_clean, test_rob = robust_accuracy(forward, run.eval_test, attack, batch_size=cfg.eval.batch_size, seed=cfg.seed, dist=run.dist)
+    train_clean, train_rob = robust_accuracy(forward, run.eval_train, attack, batch_size=cfg.eval.batch_size, seed=cfg.seed + 1, dist=run.dist)
+    return {f"{prefix}train_clean_acc": train_clean, f"{prefix}train_robust_acc": train_rob, f"{prefix}test_clean_acc": test_clean,
+            f"{prefix}test_robust_acc": test_rob, f"{prefix}gap": train_rob - test_rob}
+
+
 def environment(cfg: RunConfig, device: torch.device) -> dict[str, Any]:
     def git_commit() -> str | None:
         try:
@@ -218,8 +229,10 @@ class Run:
     awp: AWP | None
     dist: Dist
     local_forward: nn.Module  # `forward` without DDP: evaluation runs per process with no collective in the forward
-    n_labeled: int
-    info: Any = None  # the training data's DatasetInfo, saved in checkpoints (rebuilds the model)  # the first n_labeled examples of `train` are labeled; the rest is RST's extra data
+    n_labeled: int  # the first n_labeled examples of `train` are labeled; the rest is RST's extra data
+    info: Any = None  # the training data's DatasetInfo, saved in checkpoints (rebuilds the model)
+    ema: EMA | None = None  # ema.decay > 0: the moving average of `model`'s weights, updated after every step
+    ema_forward: nn.Module | None = None  # what evaluates `ema.module` (under autocast / channels_last like `forward`)
 
 
 def build(cfg: RunConfig, dist: Dist | None = None) -> Run:
@@ -269,8 +282,10 @@ def build(cfg: RunConfig, dist: Dist | None = None) -> Run:
     forward = torch.compile(wrapped) if cfg.speed.compile else wrapped
     # Evaluation runs in every process on its own share, with no collective inside the forward.
     eval_forward = forward if dist.world == 1 else (torch.compile(local) if cfg.speed.compile else local)
+    ema = EMA(model, cfg.ema.decay) if cfg.ema.decay > 0 else None
+    ema_forward = accelerate(ema.module, device, amp=cfg.speed.amp, channels_last=cfg.speed.channels_last) if ema else None
     return Run(cfg, device, _place_train_data(train_all, device, cfg.data.on_device), eval_train, eval_test, model, forward, objective,
-               optimizer, awp, dist, eval_forward, n_labeled, info)
+               optimizer, awp, dist, eval_forward, n_labeled, info, ema, ema_forward)
 
 
 def keep_on_device(nbytes: int, device: torch.device, on_device: str) -> bool:
@@ -450,6 +465,8 @@ def _loop(run: Run, run_dir: Path, state: dict | None, *, progress: bool, stop_a
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
+        if run.ema is not None and state.get("ema") is not None:  # (EMA turned on at resume: it starts from here)
+            run.ema.load_state_dict(state["ema"])
         start_epoch, start_batch, best = state["epoch"], state["batch"], state["best"]
         skipped_total = state.get("skipped", 0)
         resume_noise, epoch_sums = state.get("noise_state"), state.get("epoch_sums")
@@ -472,6 +489,7 @@ def _loop(run: Run, run_dir: Path, state: dict | None, *, progress: bool, stop_a
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
             "awp": run.awp.state_dict() if run.awp is not None else None,
+            "ema": run.ema.state_dict() if run.ema is not None else None,
             "data_info": run.info.to_dict() if run.info is not None else None,
         }, path)
 
@@ -529,6 +547,8 @@ def _loop(run: Run, run_dir: Path, state: dict | None, *, progress: bool, stop_a
             awp = run.awp if awp_on else None
             result = train_step(run.forward, run.objective, optimizer, x, y, awp=awp, generator=noise, rollback=rollback)
             monitor.add(result.loss, result.correct, len(y), result.finite, awp.layer_finite if awp is not None else None)
+            if run.ema is not None:
+                run.ema.update(model)  # after train_step's awp.restore() (and rollback): the average never sees w + v
             steps_done += 1
             save = cfg.checkpoint_every and (b + 1) % cfg.checkpoint_every == 0 and b + 1 < len(index_batches)
             stop = stop_after_steps is not None and steps_done >= stop_after_steps
@@ -543,15 +563,16 @@ def _loop(run: Run, run_dir: Path, state: dict | None, *, progress: bool, stop_a
         read_metrics(epoch, sums)
         bar.close()
         t_eval = time.time()
-        test_clean, test_rob = robust_accuracy(run.local_forward, run.eval_test, eval_attack, batch_size=cfg.eval.batch_size, seed=cfg.seed, dist=dist)
-        train_clean, train_rob = robust_accuracy(run.local_forward, run.eval_train, eval_attack, batch_size=cfg.eval.batch_size, seed=cfg.seed + 1, dist=dist)
+        accs = evaluate_weights(run.local_forward, run, eval_attack)
+        if run.ema is not None:
+            accs |= evaluate_weights(run.ema_forward, run, eval_attack, prefix="ema_")
+        test_clean, test_rob, train_rob = accs["test_clean_acc"], accs["test_robust_acc"], accs["train_robust_acc"]
         sums["loss"], sums["correct"], sums["seen"] = dist.all_sum([sums["loss"], sums["correct"], sums["seen"]], device)
         record = {
             "epoch": epoch + 1, "step": (epoch + 1) * steps_per_epoch, "lr": lr_at((epoch + 1) * steps_per_epoch - 1, total_steps, cfg),
             "awp_active": awp_on, "train_loss": sums["loss"] / max(sums["seen"], 1),
             "train_batch_adv_acc": sums["correct"] / max(sums["seen"], 1),  # on the training batches, at w + v
-            "train_clean_acc": train_clean, "train_robust_acc": train_rob,
-            "test_clean_acc": test_clean, "test_robust_acc": test_rob, "gap": train_rob - test_rob,
+            **accs,  # train/test clean and robust accuracy and the gap; with EMA the same again as ema_*
             "eval_n": len(run.eval_test),  # images in each of the fixed test and train monitoring subsets
             "skipped_batches": sums["skipped"], "epoch_time_s": sums["time"], "eval_time_s": time.time() - t_eval,
             "images_per_s": sums["seen"] / max(sums["time"], 1e-9),
@@ -571,8 +592,9 @@ def _loop(run: Run, run_dir: Path, state: dict | None, *, progress: bool, stop_a
             warmup = "epoch 1" if cfg.awp.warmup == 1 else f"epochs 1-{cfg.awp.warmup}"
             awp_text = "" if run.awp is None else "  AWP on" if awp_on else f"  AWP off (warm-up: {warmup})"
             print(f"epoch {epoch + 1:>3}/{cfg.epochs}  loss {record['train_loss']:.4f}  test clean {test_clean:.2%}  "
-                  f"test PGD-{cfg.eval.steps} {test_rob:.2%}  train PGD-{cfg.eval.steps} {train_rob:.2%}  gap {record['gap']:+.2%}"
-                  f"{awp_text}{'  (best)' if is_best else ''}", file=sys.stderr)
+                  f"test PGD-{cfg.eval.steps} {test_rob:.2%}  train PGD-{cfg.eval.steps} {train_rob:.2%}  gap {record['gap']:+.2%}{awp_text}"
+                  + (f"  EMA: test clean {accs['ema_test_clean_acc']:.2%}  test PGD-{cfg.eval.steps} {accs['ema_test_robust_acc']:.2%}"
+                     if run.ema is not None else "") + f"{'  (best)' if is_best else ''}", file=sys.stderr)
     if progress:
         print_summary(run_dir, history, time.time() - t_run)
     return run_dir
@@ -581,16 +603,18 @@ def _loop(run: Run, run_dir: Path, state: dict | None, *, progress: bool, stop_a
 def print_summary(run_dir: Path, history: list[dict], seconds: float) -> None:
     if not history:
         return
-    best = max(history, key=lambda r: r["test_robust_acc"])
-    last = history[-1]
-    rows = [("", "epoch", "test clean", "test robust", "train robust", "gap"),
-            ("best", str(best["epoch"]), f"{best['test_clean_acc']:.2%}", f"{best['test_robust_acc']:.2%}", f"{best['train_robust_acc']:.2%}", f"{best['gap']:+.2%}"),
-            ("last", str(last["epoch"]), f"{last['test_clean_acc']:.2%}", f"{last['test_robust_acc']:.2%}", f"{last['train_robust_acc']:.2%}", f"{last['gap']:+.2%}")]
+    rows = [("", "epoch", "test clean", "test robust", "train robust", "gap")]
+    for weights, p in [("", "")] + ([("EMA ", "ema_")] if "ema_test_robust_acc" in history[-1] else []):
+        best = max((r for r in history if f"{p}test_robust_acc" in r), key=lambda r: r[f"{p}test_robust_acc"])
+        for label, r in ((f"best {weights}", best), (f"last {weights}", history[-1])):
+            rows.append((label.strip(), str(r["epoch"]), f"{r[p + 'test_clean_acc']:.2%}", f"{r[p + 'test_robust_acc']:.2%}",
+                         f"{r[p + 'train_robust_acc']:.2%}", f"{r[p + 'gap']:+.2%}"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     print(f"\nrun {run_dir} ({seconds:.0f} s)")
     for r in rows:
         print("  ".join(c.rjust(w) for c, w in zip(r, widths)))
-    print(f"checkpoints: {run_dir / 'best.pt'} (best test robust accuracy), {run_dir / 'last.pt'}")
+    ema = " (each holds the raw and the EMA weights: --weights ema|raw)" if "ema_test_robust_acc" in history[-1] else ""
+    print(f"checkpoints: {run_dir / 'best.pt'} (best test robust accuracy of the raw weights), {run_dir / 'last.pt'}{ema}")
 
 
 def resume_config(run_dir: str | Path, overrides: list[str] | None = None) -> RunConfig:

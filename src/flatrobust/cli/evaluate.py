@@ -6,6 +6,8 @@
 The threat model (norm, eps, PGD step) comes from the checkpoint's training config unless overridden.
 Writes eval.json next to the checkpoint (or --out): the resolved evaluation config and the command that
 reproduces it, the training config, per-attack results, the trust checks, and the versions used.
+`--weights ema` evaluates the moving average of the weights (runs trained with ema.decay > 0) and writes
+eval_ema.json instead.
 A thin layer over `flatrobust.evaluate.evaluate`.
 """
 from __future__ import annotations
@@ -61,6 +63,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-root", default=None, help="dataset root; default: the checkpoint's data.root")
     p.add_argument("--checks-n", type=int, default=200, help="examples the trust checks run on (default 200)")
     p.add_argument("--no-checks", action="store_true", help="skip the trust checks")
+    p.add_argument("--weights", choices=("raw", "ema"), default="raw",
+                   help="the trained weights (default) or their moving average (runs with ema.decay > 0); ema writes eval_ema.json")
 
 
 def _device(name: str) -> torch.device:
@@ -138,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
 
     path = Path(args.checkpoint)
     try:
-        model, ckpt = model_from_checkpoint(path, device)  # one-line CheckpointError if missing or corrupt
+        model, ckpt = model_from_checkpoint(path, device, weights=args.weights)  # one-line CheckpointError if missing or corrupt
     except UserError:
         raise
     except (KeyError, TypeError, ValueError) as e:  # a readable file whose config cannot rebuild the model
@@ -157,7 +161,7 @@ def run(args: argparse.Namespace) -> int:
     if args.n is not None:
         test = test.subset(args.n, seed=args.seed)
 
-    print(f"evaluating {ckpt_file} ({cfg['model']}, {data_cfg['name']} test, {len(test)} examples) "
+    print(f"evaluating {ckpt_file}{' (EMA weights)' if args.weights == 'ema' else ''} ({cfg['model']}, {data_cfg['name']} test, {len(test)} examples) "
           f"under {norm} eps={eps:.6g} on {device}", flush=True)
     result = evaluate(model, test.x, test.y, attacks=names, norm=norm, eps=eps, alpha=alpha, batch_size=args.batch_size,
                       seed=args.seed, device=device, progress=True, checks=not args.no_checks, checks_n=args.checks_n)
@@ -171,7 +175,7 @@ def run(args: argparse.Namespace) -> int:
               + (f"{len(failed)} FAILED ({', '.join(failed)})" if failed else "all passed"))
         print(format_checks(result["checks"]))
 
-    out = Path(args.out) if args.out else ckpt_file.parent / "eval.json"
+    out = Path(args.out) if args.out else ckpt_file.parent / ("eval.json" if args.weights == "raw" else "eval_ema.json")
     command = ["flatrobust", "eval", str(ckpt_file), "--attacks", ",".join(names), "--norm", norm, "--eps", repr(eps),
                "--alpha", repr(result["alpha"]), "--seed", str(args.seed), "--batch-size", str(args.batch_size)]
     command += ["--n", str(args.n)] if args.n is not None else []
@@ -179,6 +183,7 @@ def run(args: argparse.Namespace) -> int:
     # config.checks_n agree and the command repeats the same checks)
     command += ["--no-checks"] if args.no_checks else ["--checks-n", str(result["checks_n"])]
     command += ["--data-root", str(args.data_root)] if args.data_root is not None else []
+    command += ["--weights", args.weights] if args.weights != "raw" else []
     report = {
         "format": "flatrobust-eval",
         "version": 1,
@@ -188,7 +193,7 @@ def run(args: argparse.Namespace) -> int:
         "epoch": ckpt.get("epoch") if isinstance(ckpt.get("epoch"), int) else None,
         "config": {"model": cfg["model"], "data": {"name": data_cfg["name"], "root": root, "split": "test",
                                                    "n": args.n, "subset_seed": args.seed if args.n is not None else None},
-                   "attacks": names, "norm": norm, "eps": eps, "alpha": result["alpha"],
+                   "weights": args.weights, "attacks": names, "norm": norm, "eps": eps, "alpha": result["alpha"],
                    "alpha_default": default_alpha(norm, eps), "batch_size": args.batch_size, "seed": args.seed,
                    "checks": not args.no_checks, "checks_n": result["checks_n"]},
         "train_config": cfg,

@@ -1,14 +1,14 @@
 """`flatrobust flatness CHECKPOINT`: average- and worst-case flatness of the robust loss (Stutz et al. 2021).
 
 Writes flatness.json (the numbers and their settings) into --out (default: the checkpoint's folder) and
-prints a summary. Built on `flatrobust.flatness.average_flatness` / `worst_flatness`.
+prints a summary (`--weights ema`: the EMA weights, into flatness_ema.json). Built on `flatrobust.flatness.average_flatness` / `worst_flatness`.
 """
 from __future__ import annotations
 
 import argparse
 
 from ..errors import UserError
-from .landscape import add_common_arguments, header, load_for_analysis, number, write_json
+from .landscape import add_common_arguments, header, load_for_analysis, number, output_name, write_json
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -36,10 +36,10 @@ def run(args: argparse.Namespace) -> int:
     if args.measure in ("both", "worst"):
         result["worst"] = worst_flatness(model, x, y, attack=attack, xi=xi_worst, steps=args.worst_steps,
                                          batch_size=args.batch_size, seed=args.seed, progress=True)
-    write_json(out / "flatness.json", result)
+    write_json(out / output_name(args, "flatness", ".json"), result)
 
     base = result.get("average") or result["worst"]
-    print(f"flatness of {args.checkpoint} on {result['data']['name']} {args.data} (n={x.shape[0]}, "
+    print(f"flatness of {args.checkpoint}{' (EMA weights)' if args.weights == 'ema' else ''} on {result['data']['name']} {args.data} (n={x.shape[0]}, "
           f"PGD-{attack['steps']} {attack['norm']} eps={attack['eps']:.4g}):")
     print(f"  robust loss rho(w)      {base['robust_loss']:.4f} nats   robust accuracy {100 * base['robust_accuracy']:.2f}%")
     if "average" in result:
@@ -51,5 +51,5 @@ def run(args: argparse.Namespace) -> int:
         w = result["worst"]
         print(f"  worst-case flatness     {w['worst_flatness']:.4f} nats   (xi={w['xi']:g}, {w['steps']} joint steps, "
               f"rho(w + nu*) = {w['perturbed_loss']:.4f})")
-    print(f"wrote {out / 'flatness.json'}")
+    print(f"wrote {out / output_name(args, 'flatness', '.json')}")
     return 0

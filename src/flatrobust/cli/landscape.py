@@ -2,7 +2,7 @@
 
 Writes landscape.json (every number and the settings that produced it) and landscape.png, plus
 landscape_2d.png with --2d, into --out (default: the checkpoint's folder, i.e. the run directory, where
-`flatrobust report` finds them). Built on `flatrobust.landscape.landscape_1d` / `landscape_2d`.
+`flatrobust report` finds them); `--weights ema` analyses the EMA weights into landscape_ema.json/png. Built on `flatrobust.landscape.landscape_1d` / `landscape_2d`.
 
 The helpers below (checkpoint, data and threat model from the command line) are shared with
 `flatrobust flatness`.
@@ -63,6 +63,8 @@ def add_common_arguments(parser: argparse.ArgumentParser, n_default: int) -> Non
     parser.add_argument("--batch-size", type=int, default=256, help="examples per PGD batch (default: 256)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: cuda when available")
     parser.add_argument("--out", default=None, help="output folder (default: the checkpoint's folder)")
+    parser.add_argument("--weights", choices=("raw", "ema"), default="raw",
+                        help="the trained weights (default) or their moving average (runs with ema.decay > 0; files get an _ema suffix)")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -104,7 +106,7 @@ def load_for_analysis(args: argparse.Namespace):
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
     device = resolve_device(args.device)
-    model, ckpt = model_from_checkpoint(args.checkpoint, device)
+    model, ckpt = model_from_checkpoint(args.checkpoint, device, weights=args.weights)
     cfg = ckpt["config"]
     attack = resolve_attack(cfg, args)
     data_cfg = cfg.get("data") or {}
@@ -132,12 +134,18 @@ def header(args: argparse.Namespace, ckpt: dict[str, Any], n: int, device: torch
         "checkpoint": str(args.checkpoint),
         "run": cfg.get("name") or (path.name if path.is_dir() else path.parent.name),
         "model": cfg.get("model"),
+        "weights": args.weights,
         "epoch": ckpt.get("epoch"),
         "data": {"name": cfg["data"]["name"], "split": args.data, "n": n, "subset_seed": args.seed},
         "device": str(device),
         "torch": torch.__version__,
         "flatrobust": __version__,
     }
+
+
+def output_name(args: argparse.Namespace, stem: str, suffix: str) -> str:
+    """stem + suffix, with "_ema" before the suffix for --weights ema (the raw weights' files are kept)."""
+    return f"{stem}{'_ema' if args.weights == 'ema' else ''}{suffix}"
 
 
 def write_json(path: Path, obj: dict[str, Any]) -> None:
@@ -169,13 +177,13 @@ def run(args: argparse.Namespace) -> int:
     if args.two_d:
         result["2d"] = landscape_2d(model, x, y, attack=attack, alphas=alphas, batch_size=args.batch_size,
                                     seed=args.seed, progress=True)
-    write_json(out / "landscape.json", result)
-    title = f"{result['run']}: {result['data']['name']} {args.data}, n={x.shape[0]}, PGD-{attack['steps']} {attack['norm']} eps={attack['eps']:.4g}"
-    plot_landscape_1d([(result["run"], result["1d"])], out / "landscape.png", title=title)
-    written = ["landscape.json", "landscape.png"]
+    write_json(out / output_name(args, "landscape", ".json"), result)
+    title = f"{result['run']}{' (EMA)' if args.weights == 'ema' else ''}: {result['data']['name']} {args.data}, n={x.shape[0]}, PGD-{attack['steps']} {attack['norm']} eps={attack['eps']:.4g}"
+    written = [output_name(args, "landscape", ".json"), output_name(args, "landscape", ".png")]
+    plot_landscape_1d([(result["run"], result["1d"])], out / written[1], title=title)
     if args.two_d:
-        plot_landscape_2d(result["run"], result["2d"], out / "landscape_2d.png")
-        written.append("landscape_2d.png")
+        written.append(output_name(args, "landscape_2d", ".png"))
+        plot_landscape_2d(result["run"], result["2d"], out / written[2])
     r = result["1d"]
     print(f"rho(w) = {r['loss_at_w']:.4f} (robust accuracy {100 * r['accuracy_at_w']:.2f}%); "
           f"mean g at alpha={r['alphas'][0]:g}: {r['mean_loss'][0]:.4f}, at alpha={r['alphas'][-1]:g}: {r['mean_loss'][-1]:.4f}")
