@@ -75,7 +75,9 @@ class SpeedConfig:
 
 @dataclass
 class LogConfig:
-    interval: int = 50  # read the step metrics (and the non-finite flag) from the device every N steps
+    interval: int = 50  # every N steps of an epoch (and at its end): read the step metrics (and the non-finite flag)
+    # from the device, and with tensorboard write the mean training loss since the last point
+    tensorboard: bool = False  # also write metrics.jsonl's numbers and the loss to RUN_DIR/tensorboard (extra [tensorboard])
 
 
 @dataclass

@@ -36,6 +36,7 @@ from .guard import Rollback, StepMonitor
 from .objectives import AttackConfig, Objective, create_objective
 from .progress import Progress
 from .speed import accelerate
+from .tblog import TensorBoardLog, require_tensorboard
 
 TIMING_KEYS = ("epoch_time_s", "images_per_s", "elapsed_s")  # metrics that differ between identical runs
 
@@ -258,6 +259,8 @@ def build(cfg: RunConfig, dist: Dist | None = None) -> Run:
     # Fixed subsets of the same size for the per-epoch robust accuracy (and so the gap) on train and test.
     n_eval = min(cfg.data.eval_subset, len(test), len(train))
     eval_test, eval_train = test.subset(n_eval, seed=0).to(device), train.subset(n_eval, seed=1).to(device)
+    if cfg.log.tensorboard:
+        require_tensorboard()  # one line now, not after the first epoch
     torch.manual_seed(cfg.seed)
     try:
         model = models.create(cfg.model, num_classes=info.num_classes, in_channels=info.in_channels, mean=info.mean, std=info.std,
@@ -476,6 +479,9 @@ def _loop(run: Run, run_dir: Path, state: dict | None, *, progress: bool, stop_a
         history = _truncate_metrics(metrics_path, start_epoch) if dist.main else []
     else:
         history = _truncate_metrics(metrics_path, 0) if dist.main else []
+    tb = None
+    if cfg.log.tensorboard and dist.main:
+        tb = TensorBoardLog(run_dir / "tensorboard", resumed_at=start_epoch * steps_per_epoch + start_batch if state else None)
 
     def checkpoint(path: Path, epoch: int, batch: int, noise: torch.Generator | None, sums: dict | None) -> None:
         # epoch/batch as resume reads them: (e, 0) after epoch e (1-based), (e, b) after step b of epoch e + 1
@@ -497,8 +503,9 @@ def _loop(run: Run, run_dir: Path, state: dict | None, *, progress: bool, stop_a
     monitor = StepMonitor(device)  # per-step metrics and the non-finite flag stay on the device between reads
     awp_names = run.awp.names if run.awp is not None else None
 
-    def read_metrics(epoch: int, sums: dict) -> None:
-        """Bring the steps since the last read to the host (one sync); stop here on a non-finite step."""
+    def read_metrics(epoch: int, sums: dict, step_end: int) -> None:
+        """Bring the steps since the last read (up to global step `step_end`) to the host (one sync); stop here on a
+        non-finite step."""
         nonlocal skipped_total, t_read
         r = monitor.read()
         bad = r.bad if dist.world == 1 else int(dist.all_sum([r.bad], device)[0])
@@ -512,6 +519,9 @@ def _loop(run: Run, run_dir: Path, state: dict | None, *, progress: bool, stop_a
         sums["seen"] += r.seen
         sums["skipped"] += r.bad
         skipped_total += r.bad
+        if tb is not None:  # a loss point every log.interval steps of the epoch and at its end
+            in_epoch = step_end - epoch * steps_per_epoch
+            tb.step(step_end, r.loss_sum, r.seen, write=in_epoch % cfg.log.interval == 0 or in_epoch == steps_per_epoch)
         now = time.time()
         sums["time"] += now - t_read  # wall time of the steps, read after the device has finished them
         t_read = now
@@ -553,14 +563,16 @@ def _loop(run: Run, run_dir: Path, state: dict | None, *, progress: bool, stop_a
             save = cfg.checkpoint_every and (b + 1) % cfg.checkpoint_every == 0 and b + 1 < len(index_batches)
             stop = stop_after_steps is not None and steps_done >= stop_after_steps
             if save or stop or (b + 1) % cfg.log.interval == 0:  # the only host syncs of the loop
-                read_metrics(epoch, sums)
+                read_metrics(epoch, sums, step + 1)
             if save:
                 checkpoint(run_dir / "last.pt", epoch, b + 1, noise, sums)
                 t_read = time.time()  # the epoch's time counts steps, not checkpoint writes
             if stop:
                 bar.close()
+                if tb is not None:
+                    tb.close()
                 return run_dir
-        read_metrics(epoch, sums)
+        read_metrics(epoch, sums, (epoch + 1) * steps_per_epoch)
         bar.close()
         t_eval = time.time()
         accs = evaluate_weights(run.local_forward, run, eval_attack)
@@ -585,6 +597,8 @@ def _loop(run: Run, run_dir: Path, state: dict | None, *, progress: bool, stop_a
         # from last.pt, drops metric lines it does not cover and recomputes that epoch identically.
         if dist.main:
             _write_json_line(metrics_path, record)
+        if tb is not None:
+            tb.write_epoch(record)
         if is_best:
             checkpoint(run_dir / "best.pt", epoch + 1, 0, None, None)
         checkpoint(run_dir / "last.pt", epoch + 1, 0, None, None)
@@ -595,6 +609,8 @@ def _loop(run: Run, run_dir: Path, state: dict | None, *, progress: bool, stop_a
                   f"test PGD-{cfg.eval.steps} {test_rob:.2%}  train PGD-{cfg.eval.steps} {train_rob:.2%}  gap {record['gap']:+.2%}{awp_text}"
                   + (f"  EMA: test clean {accs['ema_test_clean_acc']:.2%}  test PGD-{cfg.eval.steps} {accs['ema_test_robust_acc']:.2%}"
                      if run.ema is not None else "") + f"{'  (best)' if is_best else ''}", file=sys.stderr)
+    if tb is not None:
+        tb.close()
     if progress:
         print_summary(run_dir, history, time.time() - t_run)
     return run_dir
