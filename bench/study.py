@@ -53,7 +53,8 @@ ROWS = [
     *[Row(f"gamma_{g}", f"AT-AWP gamma {g}", "c10jpeg_at_awp", (0,), (f"awp.gamma={g}",), f"_g{g}")
       for g in ("0.0025", "0.005", "0.02")],
     # Setting v2 probe (docs/RESULTS.md): 1,000 images seen 60 times; v1 above underfit after its decay.
-    Row("at_v2", "AT, setting v2 (probe)", "c10jpeg1k_at", (0,)),
+    Row("at_v2", "AT, setting v2", "c10jpeg1k_at", (0,)),
+    Row("at_awp_v2", "AT-AWP, setting v2", "c10jpeg1k_at_awp", (0,)),
 ]
 GAMMA_CURVE = [("0", "at"), ("0.0025", "gamma_0.0025"), ("0.005", "gamma_0.005"), ("0.01", "at_awp"), ("0.02", "gamma_0.02")]
 
