@@ -23,7 +23,7 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
-def _fake_run(path, name, test_robust, train_robust, percent=False, with_eval=False):
+def _fake_run(path, name, test_robust, train_robust, percent=False, with_eval=False, eval_n=200, warmup=0):
     """A run directory as `flatrobust train` writes it: config.yaml, metrics.jsonl, env.json, best.pt."""
     from flatrobust.data import DATASETS
 
@@ -31,14 +31,17 @@ def _fake_run(path, name, test_robust, train_robust, percent=False, with_eval=Fa
     cfg = {"name": name, "model": "smallcnn", "seed": 0,
            "data": {"name": "digits", "root": str(path.parent / "data"), "download": False},
            "attack": {"norm": "linf", "eps": 0.1, "alpha": 0.025, "steps": 2},
-           "eval": {"steps": 20}, "method": "at", "awp": {"gamma": 0.01 if "awp" in name else 0.0}}
+           "eval": {"steps": 20}, "method": "at", "awp": {"gamma": 0.01 if "awp" in name else 0.0, "warmup": warmup}}
     (path / "config.yaml").write_text(yaml.safe_dump(cfg))
     scale = 100 if percent else 1
     with open(path / "metrics.jsonl", "w") as f:
         for epoch, (te, tr) in enumerate(zip(test_robust, train_robust), start=1):
             row = {"epoch": epoch, "lr": 0.1, "train_loss": 1.0, "train_clean_acc": 0.9 * scale,
                    "train_robust_acc": tr * scale, "test_clean_acc": 0.8 * scale, "test_robust_acc": te * scale,
-                   "gap": (tr - te) * scale, "epoch_time_s": 1.0}
+                   "gap": (tr - te) * scale, "epoch_time_s": 1.0, "eval_time_s": 0.5,
+                   "awp_active": "awp" in name and epoch > warmup}
+            if eval_n is not None:
+                row["eval_n"] = eval_n
             f.write(json.dumps(row) + "\n")
     (path / "env.json").write_text(json.dumps({"torch": torch.__version__}))
     info = DATASETS["digits"]
@@ -47,7 +50,7 @@ def _fake_run(path, name, test_robust, train_robust, percent=False, with_eval=Fa
     save_checkpoint({"config": cfg, "model": model.state_dict()}, path / "best.pt")
     if with_eval:
         (path / "eval.json").write_text(json.dumps({
-            "attacks": {"clean": {"accuracy": 0.81}, "pgd20": {"accuracy": 0.47}, "autoattack": {"accuracy": 0.44}},
+            "n": 100, "seconds": 12.5, "attacks": {"clean": {"accuracy": 0.81}, "pgd20": {"accuracy": 0.47}, "autoattack": {"accuracy": 0.44}},
             "checks": [{"name": "eps_monotone", "passed": True}, {"name": "huge_eps", "passed": False}]}))
     return path
 
@@ -74,13 +77,15 @@ def test_report_compares_two_runs(tmp_path, capsys):
     assert {"fig_robust_accuracy.png", "fig_gap.png", "fig_landscape.png"} <= set(images)
     for image in images:
         assert (out / image).read_bytes()[:8] == PNG, image
-    assert re.search(r"\| at_awp \| `[^`]+` \| smallcnn \| digits \| at \| 0.01 \| PGD-2 linf eps=0.1 \| PGD-20 ", md)
+    assert re.search(r"\| at_awp \| `[^`]+` \| smallcnn \| digits \| at \| gamma 0.01 \| PGD-2 linf eps=0.1 \| "
+                     r"PGD-20 linf eps=0.1 \| 200 \| 4 \|", md)
     assert "| at | off |" in md.replace("smallcnn | digits | ", "")
+    assert 'fixed subset of "monitoring n" test images' in md
     # best and last epochs, in percent whichever unit the run logged
     assert "| at | 2 | 42.00 | 4 | 33.00 | 9.00 | 70.00 | 37.00 | 80.00 |" in md
     assert "| at_awp | 3 | 45.00 | 4 | 44.00 | 1.00 | 52.00 | 8.00 | 80.00 |" in md
     # the final evaluation: eval.json where present (with its trust checks), metrics.jsonl otherwise
-    assert "| at_awp | 81.00 | 47.00 | 44.00 | 1/2 passed: failed huge_eps |" in md
+    assert "| at_awp | 100 | 81.00 | 47.00 | 44.00 | 1/2 passed: failed huge_eps |" in md  # n: eval.json's
     assert "Runs without `eval.json`" in md and "## Flatness" in md and "## Weight loss landscape" in md
 
 
@@ -139,9 +144,10 @@ def test_bad_run_dir_exits_2_with_one_line(tmp_path, capsys, breakage, message):
 
 
 def test_report_checks_awp_against_its_baseline(tmp_path):
-    """The AWP-vs-baseline table states, from the runs' own figures, which of the paper's expectations held."""
-    at = _fake_run(tmp_path / "at", "at", [0.30, 0.42, 0.38, 0.33], [0.35, 0.50, 0.60, 0.70])
-    awp = _fake_run(tmp_path / "at_awp", "at_awp", [0.31, 0.44, 0.45, 0.44], [0.33, 0.47, 0.50, 0.52])
+    """The AWP-vs-baseline table states, from the runs' own figures, which of the paper's expectations held
+    beyond noise: 2 binomial standard errors on the monitoring subsets' n (here 1000 images)."""
+    at = _fake_run(tmp_path / "at", "at", [0.30, 0.42, 0.38, 0.33], [0.35, 0.50, 0.60, 0.70], eval_n=1000)
+    awp = _fake_run(tmp_path / "at_awp", "at_awp", [0.31, 0.44, 0.45, 0.44], [0.33, 0.47, 0.50, 0.52], eval_n=1000)
     other = _fake_run(tmp_path / "other_awp", "other_awp", [0.2, 0.1], [0.3, 0.4])
     cfg = yaml.safe_load((other / "config.yaml").read_text())
     cfg["attack"]["eps"] = 0.3  # another setting: no baseline to compare with
@@ -151,16 +157,77 @@ def test_report_checks_awp_against_its_baseline(tmp_path):
     md = (out / "report.md").read_text()
     section = md.split("## AWP against its baseline")[1].split("\n## ")[0]
     assert "**at_awp** (AWP gamma 0.01) against **at**" in section and "other_awp" not in section
-    assert "| test robust accuracy @last (%) | higher | 33.00 | 44.00 | 11.00 | yes |" in section
-    assert "| robust generalization gap @last (pts) | lower | 37.00 | 8.00 | -29.00 | yes |" in section
-    assert "| test robust accuracy @best (%) | higher | 42.00 | 45.00 | 3.00 | yes |" in section
-    assert "4 of 4 held" in section
+    # last: 44 vs 33 on 1000 images each, SE = sqrt(.33 * .67 / 1000 + .44 * .56 / 1000) = 2.16 points
+    assert "| test robust accuracy @last (%) | higher | 33.00 | 44.00 | 11.00 | 2 SE = 4.32 | yes |" in section
+    assert "| robust generalization gap @last (pts) | lower | 37.00 | 8.00 | -29.00 | 2 SE = 6.09 | yes |" in section
+    assert "| test robust accuracy @best (%) | higher | 42.00 | 45.00 | 3.00 | 2 SE = 4.43 | within noise |" in section
+    assert "Of 4: 3 held, 0 went the other way, 1 within noise, 0 not judged." in section
 
-    # the other way round: the same figures with the roles swapped do not hold
+    # the other way round: the same figures with the roles swapped go the other way, beyond noise
     for run, g in ((at, 0.01), (awp, 0.0)):
         cfg = yaml.safe_load((run / "config.yaml").read_text())
         cfg["awp"]["gamma"] = g
         (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+        (run / "metrics.jsonl").write_text((run / "metrics.jsonl").read_text().replace('"awp_active": false', '"awp_active": true')
+                                           if g else (run / "metrics.jsonl").read_text())
     assert main(["report", str(at), str(awp), "--out", str(out)]) == 0
     section = (out / "report.md").read_text().split("## AWP against its baseline")[1]
-    assert "0 of 4 held" in section
+    assert "Of 4: 0 held, 3 went the other way, 1 within noise, 0 not judged." in section
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["comparisons"][0]["counts"] == {"held": 0, "opposite": 3, "within_noise": 1, "not_judged": 0, "total": 4}
+
+
+def test_a_tiny_difference_is_within_noise_and_unknown_n_is_not_judged(tmp_path):
+    """Half a point on 359 images is no evidence either way (the issue's "-0.5 points counted as held")."""
+    at = _fake_run(tmp_path / "at", "at", [0.700, 0.710], [0.700, 0.705], eval_n=359)
+    awp = _fake_run(tmp_path / "at_awp", "at_awp", [0.700, 0.705], [0.700, 0.695], eval_n=359)
+    out = tmp_path / "rep"
+    assert main(["report", str(at), str(awp), "--out", str(out)]) == 0
+    section = (out / "report.md").read_text().split("## AWP against its baseline")[1]
+    assert "| robust generalization gap @last (pts) | lower | -0.50 | -1.00 | -0.50 |" in section
+    assert "Of 4: 0 held, 0 went the other way, 4 within noise, 0 not judged." in section
+    for run in (at, awp):  # runs that record no sample size: nothing can be judged
+        rows = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+        (run / "metrics.jsonl").write_text("".join(json.dumps({k: v for k, v in r.items() if k != "eval_n"}) + "\n" for r in rows))
+    assert main(["report", str(at), str(awp), "--out", str(out)]) == 0
+    assert "Of 4: 0 held, 0 went the other way, 0 within noise, 4 not judged." in (out / "report.md").read_text()
+
+
+def test_report_says_when_awp_was_never_or_partly_active(tmp_path):
+    at = _fake_run(tmp_path / "at", "at", [0.3, 0.4, 0.4], [0.3, 0.5, 0.6])
+    never = _fake_run(tmp_path / "never_awp", "never_awp", [0.3, 0.4, 0.4], [0.3, 0.5, 0.6], warmup=5)
+    partly = _fake_run(tmp_path / "partly_awp", "partly_awp", [0.3, 0.4, 0.4], [0.3, 0.5, 0.6], warmup=1)
+    out = tmp_path / "rep"
+    assert main(["report", str(at), str(never), str(partly), "--out", str(out)]) == 0
+    md = (out / "report.md").read_text()
+    assert "| gamma 0.01, warm-up 5 epochs: never active |" in md
+    assert "| gamma 0.01, warm-up 1 epoch: active 2 of 3 epochs |" in md
+    assert "**AWP was never active in never_awp**" in md
+    section = md.split("## AWP against its baseline")[1]
+    assert "**never_awp** (AWP gamma 0.01, warm-up 5 epochs: never active) against **at**" in section
+    assert "both runs trained the plain method, so this table says nothing about AWP" in section
+    summary = json.loads((out / "summary.json").read_text())
+    assert [r["awp"]["active_epochs"] for r in summary["runs"]] == [0, 0, 2]
+
+
+def test_report_shows_eps_as_the_recipe_writes_it_and_sample_sizes(tmp_path):
+    from flatrobust.attacks import format_eps
+
+    assert [format_eps(e) for e in (0.2, 51 / 255, 8 / 255, 128 / 255, 0.0314, 0.5, 0.0, 0.123456, float("nan"))] == \
+        ["0.2", "0.2", "8/255", "128/255", "0.0314", "0.5", "0", "0.1235", "?"]
+    run = _fake_run(tmp_path / "r", "r", [0.3, 0.4], [0.3, 0.5], eval_n=None)  # written before eval_n was logged
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg["attack"]["eps"], cfg["data"]["eval_subset"] = 0.2, 359
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    c10 = _fake_run(tmp_path / "c10", "c10", [0.3, 0.4], [0.3, 0.5], eval_n=1000)
+    cfg = yaml.safe_load((c10 / "config.yaml").read_text())
+    cfg["attack"]["eps"] = 8 / 255
+    (c10 / "config.yaml").write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "rep"
+    assert main(["report", str(run), str(c10), "--out", str(out)]) == 0
+    md = (out / "report.md").read_text()
+    assert "| PGD-2 linf eps=0.2 | PGD-20 linf eps=0.2 | <= 359 | 2 |" in md and "51/255" not in md
+    assert "| PGD-2 linf eps=8/255 | PGD-20 linf eps=8/255 | 1000 | 2 |" in md
+    summary = json.loads((out / "summary.json").read_text())
+    assert [(r["monitor_n"], r["monitor_n_exact"]) for r in summary["runs"]] == [(359, False), (1000, True)]
+    assert summary["runs"][1]["best"] == pytest.approx(40.0) and summary["runs"][1]["seconds"]["train"] == 3.0

@@ -5,6 +5,7 @@ epoch), and possibly eval.json (`flatrobust eval`), landscape.json (`flatrobust 
 flatness.json (`flatrobust flatness`). `write_report` reads them and writes into one folder:
 
     report.md                 tables and figures, readable on GitHub or in any Markdown viewer
+    summary.json              the report's figures, sample sizes and AWP-vs-baseline verdicts as JSON
     fig_robust_accuracy.png   train (dashed) and test (solid) robust accuracy per epoch (AWP paper, Figure 2)
     fig_gap.png               robust generalization gap per epoch
     fig_clean_accuracy.png    test clean accuracy per epoch (when logged)
@@ -26,9 +27,10 @@ from typing import Any, Sequence
 import yaml
 from matplotlib.figure import Figure
 
+from .attacks.threat import format_eps
 from .errors import UserError
 
-__all__ = ["Run", "load_run", "plot_landscape_1d", "plot_landscape_2d", "write_report"]
+__all__ = ["NOISE_SE", "Run", "compare", "load_run", "plot_landscape_1d", "plot_landscape_2d", "summary", "write_report"]
 
 ACC_KEYS = ("train_clean_acc", "train_robust_acc", "test_clean_acc", "test_robust_acc", "gap")
 EMA_KEYS = tuple(f"ema_{k}" for k in ACC_KEYS)  # the same, for the moving average of the weights (ema.decay > 0)
@@ -173,12 +175,10 @@ def plot_metric(runs: Sequence[Run], key: str, ylabel: str, title: str, path: Pa
 
 
 def _attack_text(attack: dict[str, Any] | None) -> str:
+    """e.g. "PGD-10 linf eps=8/255"; eps as the recipe writes it (0.2 stays 0.2, see `format_eps`)."""
     if not attack:
         return "?"
-    eps = attack.get("eps", float("nan"))
-    in_255 = _finite(eps) and abs(eps * 255 - round(eps * 255)) < 1e-6 and eps > 0
-    eps_text = f"{round(eps * 255)}/255" if in_255 else (f"{eps:.4g}" if _finite(eps) else "?")
-    return f"PGD-{attack.get('steps', '?')} {attack.get('norm', '?')} eps={eps_text}"
+    return f"PGD-{attack.get('steps', '?')} {attack.get('norm', '?')} eps={format_eps(attack.get('eps', float('nan')))}"
 
 
 def plot_landscape_1d(curves: Sequence[tuple[str, dict[str, Any]]], path: Path, title: str | None = None) -> None:
@@ -288,6 +288,40 @@ def _ema_section(runs: Sequence[Run]) -> list[str]:
     return lines
 
 
+def _monitor_n(run: Run) -> tuple[int | None, bool]:
+    """(n, exact) of the per-epoch monitoring subsets (as many test as train images): `eval_n` of
+    metrics.jsonl, or for runs written before it was logged config data.eval_subset, an upper bound."""
+    ns = [m["eval_n"] for m in run.metrics if isinstance(m.get("eval_n"), int)]
+    if ns:
+        return ns[-1], True
+    sub = (run.config.get("data") or {}).get("eval_subset") if isinstance(run.config.get("data"), dict) else None
+    return (sub, False) if isinstance(sub, int) and sub > 0 else (None, False)
+
+
+def _awp_info(run: Run) -> dict[str, Any]:
+    """AWP as the run had it: gamma, warm-up and in how many logged epochs it was active (`awp_active` of
+    metrics.jsonl, or from the warm-up for runs that did not log it)."""
+    awp = run.config.get("awp") if isinstance(run.config.get("awp"), dict) else {}
+    gamma, warmup = awp.get("gamma"), awp.get("warmup", 0)
+    warmup = warmup if isinstance(warmup, int) else 0
+    epochs = len(run.metrics)
+    if not _finite(gamma) or gamma <= 0:
+        return {"gamma": gamma if _finite(gamma) else None, "warmup": warmup, "active_epochs": 0, "epochs": epochs,
+                "never_active": False, "text": "off" if _finite(gamma) else "-"}
+    flags = [m.get("awp_active") for m in run.metrics]
+    if all(isinstance(f, bool) for f in flags):
+        active = sum(flags)
+    else:
+        active = sum(1 for m in run.metrics if m["epoch"] > warmup)
+    text = f"gamma {gamma:g}" + (f", warm-up {warmup} epoch{'s' if warmup != 1 else ''}" if warmup else "")
+    if active == 0:
+        text += ": never active"
+    elif active < epochs:
+        text += f": active {active} of {epochs} epochs"
+    return {"gamma": gamma, "warmup": warmup, "active_epochs": active, "epochs": epochs, "never_active": active == 0,
+            "text": text}
+
+
 def _eval_accuracy(entry: Any) -> float | None:
     acc = entry.get("accuracy") if isinstance(entry, dict) else entry
     return acc if _finite(acc) else None
@@ -309,10 +343,12 @@ def _eval_section(runs: Sequence[Run]) -> list[str]:
             check_text = f"{len(checks) - len(failed)}/{len(checks)} passed" if checks else "-"
             if failed:
                 check_text += ": failed " + ", ".join(str(c.get("name", c.get("check", "?"))) for c in failed)
-            rows.append([r.name] + [_f(accs.get(a) * scale if accs.get(a) is not None else None) for a in attacks] + [check_text])
-        lines.append("Accuracy (%) on the test set from each run's `eval.json` (`flatrobust eval`), per attack:")
+            n = r.eval.get("n")
+            rows.append([r.name, str(n) if isinstance(n, int) else "-"]
+                        + [_f(accs.get(a) * scale if accs.get(a) is not None else None) for a in attacks] + [check_text])
+        lines.append("Accuracy (%) on n test images from each run's `eval.json` (`flatrobust eval`), per attack:")
         lines.append("")
-        lines += _table(["run"] + attacks + ["trust checks"], rows)
+        lines += _table(["run", "n"] + attacks + ["trust checks"], rows)
     without = [r for r in runs if r not in with_eval]
     if without:
         lines.append("Runs without `eval.json` (run `flatrobust eval` for the full protocol); from `metrics.jsonl`, "
@@ -404,45 +440,144 @@ def _pairs(runs: Sequence[Run]) -> list[tuple[Run, Run]]:
     return pairs
 
 
+NOISE_SE = 2.0  # a difference counts as held (or as its opposite) only beyond this many standard errors
+
+
+def _binomial_var(p_percent: Any, n: Any) -> float | None:
+    """Variance, in percentage points squared, of an accuracy of p_percent % measured on n examples."""
+    if not (_finite(p_percent) and isinstance(n, int) and n > 0):
+        return None
+    p = min(max(p_percent / 100.0, 0.0), 1.0)
+    return 1e4 * p * (1 - p) / n
+
+
+def _sum_var(*variances: float | None) -> float | None:
+    return None if any(v is None for v in variances) else sum(variances)
+
+
+def compare(b: Run, a: Run) -> dict[str, Any]:
+    """AWP run `a` against its baseline `b`: per measure the two values, the difference, its standard error
+    and a verdict, "held" / "opposite" (beyond NOISE_SE standard errors either way), "within noise", or
+    "not judged" (no noise estimate). Accuracies are binomial on the number of examples each was measured on,
+    the two runs taken as independent (see docs/ANALYSIS.md); flatness uses the standard error over draws."""
+    sb, sa = _summary(b), _summary(a)
+    nb, na = _monitor_n(b)[0], _monitor_n(a)[0]
+
+    def acc_var(s: dict, n: Any, *keys: str) -> float | None:
+        return _sum_var(*(_binomial_var(s.get(k), n) for k in keys))
+
+    # (measure, baseline value, AWP value, +1 if higher is expected of AWP / -1 if lower, variance b, variance a)
+    items = [("test robust accuracy @last (%)", sb.get("last"), sa.get("last"), 1, acc_var(sb, nb, "last"), acc_var(sa, na, "last")),
+             ("test robust accuracy @best (%)", sb.get("best"), sa.get("best"), 1, acc_var(sb, nb, "best"), acc_var(sa, na, "best")),
+             ("robust generalization gap @last (pts)", sb.get("gap_last"), sa.get("gap_last"), -1,
+              acc_var(sb, nb, "train_last", "last"), acc_var(sa, na, "train_last", "last")),
+             ("drop best - last (pts)", sb.get("drop"), sa.get("drop"), -1, acc_var(sb, nb, "best", "last"), acc_var(sa, na, "best", "last"))]
+    if b.eval and a.eval:
+        for attack in ("autoattack", "pgd20"):
+            vb, va = (_eval_accuracy((r.eval.get("attacks") or {}).get(attack)) for r in (b, a))
+            if vb is not None and va is not None:
+                scale = 100.0 if max(vb, va) <= 1.0 else 1.0
+                items.append((f"final {attack} accuracy (%)", vb * scale, va * scale, 1,
+                              _binomial_var(vb * scale, b.eval.get("n")), _binomial_var(va * scale, a.eval.get("n"))))
+    if b.flatness and a.flatness:
+        fb, fa = (r.flatness.get("average") or {} for r in (b, a))
+        se_b, se_a = fb.get("standard_error"), fa.get("standard_error")
+        items.append(("average-case flatness (nats)", fb.get("average_flatness"), fa.get("average_flatness"), -1,
+                      se_b ** 2 if _finite(se_b) else None, se_a ** 2 if _finite(se_a) else None))
+        items.append(("worst-case flatness (nats)", (b.flatness.get("worst") or {}).get("worst_flatness"),
+                      (a.flatness.get("worst") or {}).get("worst_flatness"), -1, None, None))
+    rows = []
+    counts = {"held": 0, "opposite": 0, "within_noise": 0, "not_judged": 0, "total": 0}
+    for what, vb, va, sign, var_b, var_a in items:
+        if not (_finite(vb) and _finite(va)):
+            continue
+        var = _sum_var(var_b, var_a)
+        se = math.sqrt(var) if var is not None else None
+        d = (va - vb) * sign  # > 0: as the paper expects
+        if se is None:
+            verdict = "not_judged"
+        else:
+            verdict = "held" if d > NOISE_SE * se else "opposite" if d < -NOISE_SE * se else "within_noise"
+        counts[verdict] += 1
+        counts["total"] += 1
+        rows.append({"measure": what, "expected": "higher" if sign > 0 else "lower", "baseline": vb, "awp": va,
+                     "difference": va - vb, "se": se, "verdict": verdict})
+    awp = _awp_info(a)
+    return {"baseline": b.name, "awp": a.name, "awp_text": awp["text"], "awp_never_active": awp["never_active"],
+            "items": rows, "counts": counts, "noise_se": NOISE_SE}
+
+
+_VERDICT_TEXT = {"held": "yes", "opposite": "no: the opposite", "within_noise": "within noise", "not_judged": "not judged (no noise estimate)"}
+
+
 def _comparison_section(runs: Sequence[Run]) -> list[str]:
-    """For each AWP run with a baseline of the same setting: did what the paper expects hold here?"""
+    """For each AWP run with a baseline of the same setting: did what the paper expects hold here, beyond noise?"""
     pairs = _pairs(runs)
     if not pairs:
         return []
     lines = ["## AWP against its baseline", "",
              "What the AWP paper leads one to expect, checked on these runs (same method, model, data, attack, "
-             "epochs and optimizer; AWP off vs on).", ""]
+             "epochs and optimizer; AWP off vs on). A difference counts, as expected or as its opposite, only when it "
+             f"exceeds {NOISE_SE:g} standard errors (SE); smaller ones are within noise. The SE of an accuracy is "
+             "binomial, sqrt(p (1 - p) / n) with n the images it was measured on (the monitoring subsets for the "
+             "per-epoch figures, `eval.json`'s n for the final ones), the runs taken as independent; that of "
+             "average-case flatness is the standard error over its draws; worst-case flatness has none and is not "
+             "judged. See docs/ANALYSIS.md.", ""]
     for b, a in pairs:
-        sb, sa = _summary(b), _summary(a)
-        # (what is expected, baseline value, AWP value, +1 if higher is better for AWP, -1 if lower)
-        items = [("test robust accuracy @last (%)", sb.get("last"), sa.get("last"), 1),
-                 ("test robust accuracy @best (%)", sb.get("best"), sa.get("best"), 1),
-                 ("robust generalization gap @last (pts)", sb.get("gap_last"), sa.get("gap_last"), -1),
-                 ("drop best - last (pts)", sb.get("drop"), sa.get("drop"), -1)]
-        if b.eval and a.eval:
-            for attack in ("autoattack", "pgd20"):
-                vb, va = (_eval_accuracy((r.eval.get("attacks") or {}).get(attack)) for r in (b, a))
-                if vb is not None and va is not None:
-                    scale = 100.0 if max(vb, va) <= 1.0 else 1.0
-                    items.append((f"final {attack} accuracy (%)", vb * scale, va * scale, 1))
-        if b.flatness and a.flatness:
-            items.append(("average-case flatness (nats)", (b.flatness.get("average") or {}).get("average_flatness"),
-                          (a.flatness.get("average") or {}).get("average_flatness"), -1))
-            items.append(("worst-case flatness (nats)", (b.flatness.get("worst") or {}).get("worst_flatness"),
-                          (a.flatness.get("worst") or {}).get("worst_flatness"), -1))
-        rows, held, counted = [], 0, 0
-        for what, vb, va, sign in items:
-            if not (_finite(vb) and _finite(va)):
-                continue
-            ok = (va - vb) * sign > 0
-            held, counted = held + ok, counted + 1
-            rows.append([what, "higher" if sign > 0 else "lower", _f(vb, 4 if "nats" in what else 2),
-                         _f(va, 4 if "nats" in what else 2), _f(va - vb, 4 if "nats" in what else 2), "yes" if ok else "no"])
-        lines += [f"**{a.name}** (AWP gamma {_method(a.config)[1]}) against **{b.name}**:", ""]
-        lines += _table(["measure", "AWP expected", b.name, a.name, "AWP - baseline", "as expected"], rows)
-        lines += [f"{held} of {counted} held. One seed each: differences of a few points on a few hundred test "
-                  "images are within seed-to-seed noise, so repeat with other `seed=` values before concluding.", ""]
+        c = compare(b, a)
+        rows = []
+        for it in c["items"]:
+            digits = 4 if "nats" in it["measure"] else 2
+            rows.append([it["measure"], it["expected"], _f(it["baseline"], digits), _f(it["awp"], digits),
+                         _f(it["difference"], digits), f"{NOISE_SE:g} SE = {_f(NOISE_SE * it['se'], digits)}" if it["se"] is not None else "-",
+                         _VERDICT_TEXT[it["verdict"]]])
+        lines += [f"**{a.name}** (AWP {c['awp_text']}) against **{b.name}**:", ""]
+        if c["awp_never_active"]:
+            lines += [f"**AWP was never active in {a.name}** (its warm-up covers every epoch): both runs trained the "
+                      "plain method, so this table says nothing about AWP.", ""]
+        lines += _table(["measure", "AWP expected", b.name, a.name, "AWP - baseline", "noise", "as expected"], rows)
+        k = c["counts"]
+        lines += [f"Of {k['total']}: {k['held']} held, {k['opposite']} went the other way, {k['within_noise']} within "
+                  f"noise, {k['not_judged']} not judged. One seed each: seed-to-seed variation adds to this noise, so "
+                  "repeat with other `seed=` values before concluding.", ""]
     return lines
+
+
+def summary(runs: Sequence[Run]) -> dict[str, Any]:
+    """The report's figures as JSON (written as summary.json beside report.md): per run the settings, sample
+    sizes, best/last figures, final evaluation, flatness and the seconds each command recorded; and the
+    AWP-against-baseline comparisons with their verdicts (`compare`). Accuracies in percent."""
+    out_runs = []
+    for r in runs:
+        s, (n, exact) = _summary(r), _monitor_n(r)
+        monitor = r.config.get("eval") if isinstance(r.config.get("eval"), dict) else {}
+        attack = r.config.get("attack") if isinstance(r.config.get("attack"), dict) else {}
+        train_s = [m.get("epoch_time_s", 0) + m.get("eval_time_s", 0) for m in r.metrics]
+        entry: dict[str, Any] = {
+            "name": r.name, "path": str(r.path), "model": r.config.get("model"),
+            "data": (r.config.get("data") or {}).get("name") if isinstance(r.config.get("data"), dict) else None,
+            "method": _method(r.config)[0], "awp": _awp_info(r), "attack": _attack_text(attack) if attack else None,
+            "monitor_attack": f"PGD-{monitor['steps']}" if "steps" in monitor else None,
+            "monitor_n": n, "monitor_n_exact": exact, "epochs": len(r.metrics),
+            **{k: s.get(k) for k in ("best_epoch", "best", "last_epoch", "last", "drop", "gap_last", "train_last", "clean_last")},
+            "final": None, "flatness": None,
+            "seconds": {"train": round(sum(train_s), 1) if all(_finite(t) for t in train_s) else None,
+                        "eval": (r.eval or {}).get("seconds"), "landscape": (r.landscape or {}).get("seconds"),
+                        "flatness": (r.flatness or {}).get("seconds")},
+        }
+        if r.eval and isinstance(r.eval.get("attacks"), dict):
+            accs = {a: _eval_accuracy(v) for a, v in r.eval["attacks"].items()}
+            scale = 100.0 if all(v is None or v <= 1.0 for v in accs.values()) else 1.0
+            checks = [c for c in r.eval.get("checks") or [] if isinstance(c, dict)]
+            entry["final"] = {"n": r.eval.get("n"), "attacks": {a: v * scale if v is not None else None for a, v in accs.items()},
+                              "checks_passed": sum(1 for c in checks if c.get("passed") is True), "checks": len(checks)}
+        if r.flatness:
+            avg, worst = r.flatness.get("average") or {}, r.flatness.get("worst") or {}
+            entry["flatness"] = {"n": (avg or worst).get("n"), "average": avg.get("average_flatness"),
+                                 "average_se": avg.get("standard_error"), "worst": worst.get("worst_flatness")}
+        out_runs.append(entry)
+    return {"format": "flatrobust-report-summary", "version": 1, "runs": out_runs,
+            "comparisons": [compare(b, a) for b, a in _pairs(runs)]}
 
 
 def _unique_names(runs: Sequence[Run]) -> None:
@@ -481,15 +616,22 @@ def write_report(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike =
         monitor = r.config.get("eval") if isinstance(r.config.get("eval"), dict) else {}
         attack_text = _attack_text(attack) if attack else "-"
         monitor_text = _attack_text({**attack, "steps": monitor["steps"]}) if attack and "steps" in monitor else "-"
+        n, exact = _monitor_n(r)
         rows.append([r.name, f"`{r.path}`", str(r.config.get("model", "-")),
-                     str(data.get("name", "-")) if isinstance(data, dict) else str(data), method, gamma,
-                     attack_text, monitor_text, str(len(r.metrics))])
-    lines += _table(["run", "folder", "model", "data", "method", "AWP gamma", "training attack",
-                     "per-epoch monitor", "epochs logged"], rows)
+                     str(data.get("name", "-")) if isinstance(data, dict) else str(data), method, _awp_info(r)["text"],
+                     attack_text, monitor_text, "-" if n is None else str(n) if exact else f"<= {n}", str(len(r.metrics))])
+    lines += _table(["run", "folder", "model", "data", "method", "AWP", "training attack",
+                     "per-epoch monitor", "monitoring n", "epochs logged"], rows)
+    never = [r.name for r in runs if _awp_info(r)["never_active"]]
+    if never:
+        lines += [f"**AWP was never active in {', '.join(never)}**: its warm-up (`awp.warmup`) covers every epoch, so "
+                  "the run trained the plain method.", ""]
 
     lines += ["## Summary", "",
-              "Test robust accuracy is the per-epoch monitoring attack of `metrics.jsonl`; the gap is train robust "
-              "accuracy minus test robust accuracy (percentage points). Best minus last measures robust overfitting.", ""]
+              "Test robust accuracy is the per-epoch monitoring attack of `metrics.jsonl`, on a fixed subset of "
+              "\"monitoring n\" test images (and as many training images for the train figures); the gap is train "
+              "robust accuracy minus test robust accuracy (percentage points). Best minus last measures robust "
+              "overfitting.", ""]
     rows, sentences = [], []
     for r in runs:
         s = _summary(r)
@@ -527,4 +669,5 @@ def write_report(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike =
               "runs only under the same data, threat model and evaluation settings (the tables list them).", ""]
     report = out / "report.md"
     report.write_text("\n".join(lines))
+    (out / "summary.json").write_text(json.dumps({"command": command, **summary(runs)}, indent=1) + "\n")
     return report

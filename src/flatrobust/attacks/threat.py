@@ -10,6 +10,20 @@ import math
 import torch
 
 
+def format_eps(eps: float) -> str:
+    """eps as a recipe writes it: a short decimal as such ("0.2", not 51/255), a fraction of 255 as one
+    ("8/255", not 0.03137), anything else with 4 significant digits."""
+    if not isinstance(eps, (int, float)) or not math.isfinite(eps):
+        return "?"
+    short = f"{eps:.4g}"
+    if float(short) == eps:
+        return short
+    k = round(eps * 255)
+    if k > 0 and math.isclose(eps, k / 255, rel_tol=1e-9, abs_tol=0):
+        return f"{k}/255"
+    return short
+
+
 def _per_example_norm(t: torch.Tensor) -> torch.Tensor:
     """L2 norm of each example, shaped (B, 1, 1, 1) for broadcasting."""
     return t.flatten(1).norm(dim=1).view(-1, *([1] * (t.dim() - 1)))

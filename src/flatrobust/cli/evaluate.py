@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from ..attacks import format_eps
 from ..errors import UserError
 from ..evaluate import PROTOCOL, default_alpha, evaluate, format_table, require_autoattack, resolve_attacks
 
@@ -162,7 +163,7 @@ def run(args: argparse.Namespace) -> int:
         test = test.subset(args.n, seed=args.seed)
 
     print(f"evaluating {ckpt_file}{' (EMA weights)' if args.weights == 'ema' else ''} ({cfg['model']}, {data_cfg['name']} test, {len(test)} examples) "
-          f"under {norm} eps={eps:.6g} on {device}", flush=True)
+          f"under {norm} eps={format_eps(eps)} on {device}", flush=True)
     result = evaluate(model, test.x, test.y, attacks=names, norm=norm, eps=eps, alpha=alpha, batch_size=args.batch_size,
                       seed=args.seed, device=device, progress=True, checks=not args.no_checks, checks_n=args.checks_n)
 

@@ -21,6 +21,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import time
+
+    from ..attacks import format_eps
     from ..flatness import average_flatness, worst_flatness
 
     xi_avg, xi_worst = number(args.xi_average), number(args.xi_worst)
@@ -30,17 +33,19 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--draws and --worst-steps must be >= 1, got {args.draws} and {args.worst_steps}")
     model, ckpt, x, y, attack, device, out = load_for_analysis(args)
     result = header(args, ckpt, x.shape[0], device)
+    t0 = time.perf_counter()
     if args.measure in ("both", "average"):
         result["average"] = average_flatness(model, x, y, attack=attack, xi=xi_avg, draws=args.draws,
                                              batch_size=args.batch_size, seed=args.seed, progress=True)
     if args.measure in ("both", "worst"):
         result["worst"] = worst_flatness(model, x, y, attack=attack, xi=xi_worst, steps=args.worst_steps,
                                          batch_size=args.batch_size, seed=args.seed, progress=True)
+    result["seconds"] = round(time.perf_counter() - t0, 3)
     write_json(out / output_name(args, "flatness", ".json"), result)
 
     base = result.get("average") or result["worst"]
     print(f"flatness of {args.checkpoint}{' (EMA weights)' if args.weights == 'ema' else ''} on {result['data']['name']} {args.data} (n={x.shape[0]}, "
-          f"PGD-{attack['steps']} {attack['norm']} eps={attack['eps']:.4g}):")
+          f"PGD-{attack['steps']} {attack['norm']} eps={format_eps(attack['eps'])}):")
     print(f"  robust loss rho(w)      {base['robust_loss']:.4f} nats   robust accuracy {100 * base['robust_accuracy']:.2f}%")
     if "average" in result:
         a = result["average"]

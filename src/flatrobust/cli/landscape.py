@@ -164,6 +164,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import time
+
+    from ..attacks import format_eps
     from ..landscape import landscape_1d, landscape_2d
     from ..report import plot_landscape_1d, plot_landscape_2d
 
@@ -172,13 +175,15 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--directions must be >= 1, got {args.directions}")
     model, ckpt, x, y, attack, device, out = load_for_analysis(args)
     result = header(args, ckpt, x.shape[0], device)
+    t0 = time.perf_counter()
     result["1d"] = landscape_1d(model, x, y, attack=attack, alphas=alphas, directions=args.directions,
                                 batch_size=args.batch_size, seed=args.seed, progress=True)
     if args.two_d:
         result["2d"] = landscape_2d(model, x, y, attack=attack, alphas=alphas, batch_size=args.batch_size,
                                     seed=args.seed, progress=True)
+    result["seconds"] = round(time.perf_counter() - t0, 3)
     write_json(out / output_name(args, "landscape", ".json"), result)
-    title = f"{result['run']}{' (EMA)' if args.weights == 'ema' else ''}: {result['data']['name']} {args.data}, n={x.shape[0]}, PGD-{attack['steps']} {attack['norm']} eps={attack['eps']:.4g}"
+    title = f"{result['run']}{' (EMA)' if args.weights == 'ema' else ''}: {result['data']['name']} {args.data}, n={x.shape[0]}, PGD-{attack['steps']} {attack['norm']} eps={format_eps(attack['eps'])}"
     written = [output_name(args, "landscape", ".json"), output_name(args, "landscape", ".png")]
     plot_landscape_1d([(result["run"], result["1d"])], out / written[1], title=title)
     if args.two_d:
