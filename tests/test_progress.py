@@ -90,8 +90,11 @@ def test_iteration_updates_and_a_dropped_bar_stops_beating():
 def test_heartbeat_line_has_eta_and_durations():
     bar = Progress(total=4, desc="epoch 2/30", unit="batch", stream=io.StringIO(), interval=100)
     bar._start -= 30  # pretend 30 s went by
+    bar._phase_start -= 30
     bar.update(1)
     assert bar.line() == "[flatrobust] epoch 2/30: 1/4 batch (25%), 30 s, about 1 min 30 s left"
+    bar.set_description("eval autoattack")  # a new phase: the pace of the previous one predicts nothing
+    assert bar.line() == "[flatrobust] eval autoattack: 1/4 batch (25%), 30 s"
     bar.close()
     assert [format_duration(s) for s in (4.6, 65, 7260)] == ["5 s", "1 min 5 s", "2 h 1 min"]
 

@@ -60,6 +60,7 @@ class Progress:
         self.stream = stream if stream is not None else sys.stderr
         self.interval = HEARTBEAT_S if interval is None else interval
         self._start, self._initial = time.monotonic(), initial
+        self._phase_start, self._phase_n = self._start, initial  # the time left is estimated per description
         self._bar = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -82,6 +83,8 @@ class Progress:
             self._bar.update(n)
 
     def set_description(self, desc: str) -> None:
+        if desc != self.desc:  # a new phase (e.g. the next attack): its items may cost quite differently
+            self._phase_start, self._phase_n = time.monotonic(), self.n
         self.desc = desc
         if self._bar is not None:
             self._bar.set_description(desc)
@@ -122,12 +125,13 @@ class Progress:
     # ------------------------------------------------------------------ heartbeat
     def line(self) -> str:
         """The heartbeat line for the current state (without the newline)."""
-        elapsed = time.monotonic() - self._start
-        done = self.n - self._initial
+        now = time.monotonic()
+        elapsed = now - self._start
+        done = self.n - self._phase_n  # in the current phase, whose pace predicts the rest
         if self.total:
             text = f"{self.desc}: {self.n}/{self.total} {self.unit} ({100 * self.n / self.total:.0f}%), {format_duration(elapsed)}"
             if done > 0 and self.n < self.total:
-                text += f", about {format_duration(elapsed / done * (self.total - self.n))} left"
+                text += f", about {format_duration((now - self._phase_start) / done * (self.total - self.n))} left"
         else:
             text = f"{self.desc}: {self.n} {self.unit}, {format_duration(elapsed)}"
         if self.postfix:
