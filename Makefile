@@ -1,5 +1,6 @@
-# `make demo`: set up and run the main job (AT vs AT-AWP on digits: train, evaluate, landscape, flatness, report).
-# To stay within ~5 minutes on 2 CPU cores it monitors, and analyses, fixed subsets of 200 images.
+# `make demo`: set up and run the main job (AT vs AT-AWP on digits: train, evaluate, landscape, flatness, report),
+# then write $(RUNS)/demo_summary.json and print the figures README.md shows (`make readme-demo` puts them there).
+# To stay within a few minutes on 2 CPU cores it monitors, and analyses, fixed subsets of 200 images.
 # `make test`: set up and run the test suite (what .ci/run calls).
 # Both create .venv from scratch with the pinned torch/torchvision of constraints.txt when it is missing.
 PYTHON ?= python3
@@ -9,7 +10,7 @@ FR := $(VENV)/bin/flatrobust
 STAMP := $(VENV)/.installed-stamp
 RUNS ?= runs
 
-.PHONY: setup test test-slow demo clean bench
+.PHONY: setup test test-slow demo readme-demo clean bench
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +27,7 @@ test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
 
 demo: $(STAMP)
+	@mkdir -p $(RUNS) && date +%s > $(RUNS)/demo_started
 	$(FR) train recipes/digits_at.yaml out_dir=$(RUNS) data.eval_subset=200 --overwrite
 	$(FR) train recipes/digits_at_awp.yaml out_dir=$(RUNS) data.eval_subset=200 --overwrite
 	$(FR) eval $(RUNS)/digits_at/best.pt --attacks clean,fgsm,pgd20,cw20,autoattack --n 100
@@ -35,6 +37,13 @@ demo: $(STAMP)
 	$(FR) flatness $(RUNS)/digits_at/best.pt --n 200
 	$(FR) flatness $(RUNS)/digits_at_awp/best.pt --n 200
 	$(FR) report $(RUNS)/digits_at $(RUNS)/digits_at_awp --out $(RUNS)/report
+	@date +%s > $(RUNS)/demo_finished
+	$(PY) tools/demo_readme.py summarize $(RUNS)
+
+# `make readme-demo` (after `make demo`): copy its summary to docs/demo_summary.json and regenerate README.md's
+# demo block from it (tests/test_readme.py checks that the two agree).
+readme-demo: $(STAMP)
+	$(PY) tools/demo_readme.py update $(RUNS)/demo_summary.json
 
 # `make bench`: every training method side by side with the official-procedure baseline (step time, ratios,
 # peak memory), then evaluation throughput (PGD-20 images/s, AutoAttack on 100 digits); 75 s on 2 CPU cores (2026-11-24).
