@@ -141,6 +141,12 @@ def _plt():
 COLORS = {"at": "tab:blue", "at_awp": "tab:red", "trades": "tab:green", "trades_awp": "tab:purple"}
 
 
+def _family(row_key: str) -> str:
+    """The method a row belongs to, for colors: at_v2 -> at, gamma_0.005 -> at_awp."""
+    base = row_key.removesuffix("_v2")
+    return base if base in COLORS else "at_awp"
+
+
 def fig_curves(runs: dict[str, list[RunData]], keys: list[str], path: Path) -> bool:
     have = [(k, r) for k in keys for r in runs.get(k, [])]
     if not have:
@@ -150,7 +156,7 @@ def fig_curves(runs: dict[str, list[RunData]], keys: list[str], path: Path) -> b
     for k, r in have:
         ep = [m["epoch"] for m in r.metrics]
         label = f"{r.name}"
-        c = COLORS.get(k, "gray")
+        c = COLORS[_family(k)]
         ax1.plot(ep, [100 * m["test_robust_acc"] for m in r.metrics], color=c, lw=1.2, label=f"{label} test")
         ax1.plot(ep, [100 * m["train_robust_acc"] for m in r.metrics], color=c, lw=1.2, ls="--", label=f"{label} train")
         ax2.plot(ep, [100 * m["gap"] for m in r.metrics], color=c, lw=1.2, label=label)
@@ -160,7 +166,7 @@ def fig_curves(runs: dict[str, list[RunData]], keys: list[str], path: Path) -> b
             ax.axvline(frac * e, color="k", lw=0.5, ls=":")
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
-    ax1.set_ylabel("PGD-20 accuracy (%), 500 fixed images")
+    ax1.set_ylabel("PGD-20 accuracy (%), monitoring subsets")
     ax1.set_title("robust accuracy: train (dashed) and test (solid)")
     ax2.set_ylabel("train - test PGD-20 accuracy (points)")
     ax2.set_title("robust generalization gap")
@@ -183,7 +189,7 @@ def fig_landscapes(pairs: list[tuple[str, RunData]], path: Path) -> bool:
         for lab, r in have:
             res = (r.landscape.get(ck) or {}).get("1d")
             if isinstance(res, dict):
-                ax.plot(res["alphas"], res["mean_loss"], label=f"{lab} ({r.name})", color=COLORS.get(r.row, "gray"))
+                ax.plot(res["alphas"], res["mean_loss"], label=f"{lab} ({r.name})", color=COLORS[_family(r.row)])
         ax.set_title(f"{ck} checkpoint")
         ax.set_xlabel("alpha (filter-normalized direction)")
         ax.grid(alpha=0.3)
@@ -235,10 +241,13 @@ def write(out: Path, docs: Path, rows, gamma_curve) -> Path:
     L += _main_table(runs, rows, labels)
     if fig_curves(runs, ["at", "at_awp"], figs / "curves_at.png"):
         L += ["## Robust overfitting and what AWP does to it", "",
-              "Per-epoch PGD-20 accuracy on the fixed 500 training and 500 test images (`metrics.jsonl`); dotted lines: "
+              "Setting v1: per-epoch PGD-20 accuracy on the fixed 500 training and 500 test images (`metrics.jsonl`); dotted lines: "
               "the learning-rate decays (50% and 75% of training).", "", "![AT vs AT-AWP curves](results/curves_at.png)", ""]
     if fig_curves(runs, ["trades", "trades_awp"], figs / "curves_trades.png"):
         L += ["![TRADES vs TRADES-AWP curves](results/curves_trades.png)", ""]
+    if fig_curves(runs, ["at_v2", "at_awp_v2"], figs / "curves_v2.png"):
+        L += ["Setting v2 (1,000 training images seen 60 times, batch 64; monitoring on 200 + 200 images):", "",
+              "![setting v2 curves](results/curves_v2.png)", ""]
     pairs = [(labels[k], runs[k][0]) for k in ("at", "at_awp", "trades", "trades_awp") if runs.get(k)]
     if fig_landscapes(pairs, figs / "landscapes.png"):
         L += ["## Weight loss landscapes", "", "`flatrobust landscape` (1-D, 2 filter-normalized directions, 500 test images) "
@@ -256,22 +265,24 @@ def write(out: Path, docs: Path, rows, gamma_curve) -> Path:
 def _setting(runs, rows) -> list[str]:
     return ["## The setting", "",
             "Data: **CIFAR-10 (JPEG q75 copy)**, the lossy JPEG re-encoding of CIFAR-10 in `../shared/data/` (not CIFAR-10: "
-            "these numbers are never to be compared with published CIFAR-10 results). Train on a fixed random subset of "
-            "3,000 of its 50,000 training images (drawn per seed), test on its 10,000 test images.", "",
+            "these numbers are never to be compared with published CIFAR-10 results), trained on a fixed random subset of "
+            "its 50,000 training images (drawn per seed), tested on its 10,000 test images.", "",
             f"Model: PreActResNet-18, the paper's model, at width 16 (stages of 16/32/64/128 channels) with a stride-2 first "
-            f"convolution: {_params(runs)} parameters. Training: the paper's AT / TRADES recipe scaled to CPU: 40 epochs, SGD lr 0.1 "
-            "momentum 0.9 weight decay 5e-4, lr /10 at 50% and /100 at 75% of training, batch 128, crop + flip, L-inf "
-            "eps 8/255, PGD-10 step 2/255 (TRADES: KL attack, beta 6); AWP gamma 0.01 from epoch 0 (AT-AWP), 0.005 from "
-            "epoch 2 (TRADES-AWP: the paper's 10 of 200 epochs, scaled). Every method has the same budget, schedule and "
-            "(no) tuning. Per epoch: PGD-20 on 500 fixed training and 500 fixed test images (the robust generalization "
-            "gap); best.pt is the epoch with the highest monitored test PGD-20.", "",
-            "Why this setting: robust overfitting (Rice et al. 2020) needs a model that can memorize the adversarial "
+            f"convolution: {_params(runs)} parameters. Training: the paper's AT / TRADES recipe scaled to CPU: SGD lr 0.1 "
+            "momentum 0.9 weight decay 5e-4, lr /10 at 50% and /100 at 75% of training, crop + flip, L-inf eps 8/255, "
+            "PGD-10 step 2/255 (TRADES: KL attack, beta 6); AWP gamma 0.01 from epoch 0 (AT-AWP), 0.005 from epoch 2 "
+            "(TRADES-AWP: the paper's 10 of 200 epochs, scaled). Every method has the same budget, schedule and (no) "
+            "tuning. best.pt is the epoch with the highest monitored test PGD-20.", "",
+            "- **Setting v1** (`recipes/study/c10jpeg_*.yaml`): 3,000 training images, 40 epochs of batch 128 (960 steps), "
+            "monitoring PGD-20 on 500 fixed training and 500 fixed test images every epoch.",
+            "- **Setting v2** (`recipes/study/c10jpeg1k_*.yaml`): 1,000 training images seen 60 times, batch 64 (960 steps), "
+            "monitoring on 200 + 200 images. Tried because v1 was still underfitting after its decay (next section).", "",
+            "Why such settings: robust overfitting (Rice et al. 2020) needs a model that can memorize the adversarial "
             "training set, and epochs after the learning-rate decay to do it in. On this 2-core CPU a run has about an "
-            "hour and a half on one thread. SmallCNN (0.1M parameters) on digits barely overfits (README), so this study "
+            "hour and a half on one thread. SmallCNN (0.1M parameters) on digits barely overfits, so this study "
             "takes the paper's own architecture, made CPU-sized by its width and a stride-2 stem (every stage at half "
-            "the resolution: about 4x fewer operations at the same parameters), and a small natural-image training set, "
-            "so that memorization comes within 20 epochs after the first decay. The wall time of every run is in the "
-            "table below.", ""]
+            "the resolution: about 4x fewer operations at the same parameters), and a small natural-image training set. "
+            "The wall time of every run is in the tables below.", ""]
 
 
 def _params(runs) -> str:
@@ -342,7 +353,7 @@ def _probes(out: Path, runs, figs) -> list[str]:
 
 def _main_table(runs, rows, labels) -> list[str]:
     out = ["## Results (mean ± std over seeds)", "",
-           "Accuracies in %. *Monitored* = the per-epoch PGD-20 on 500 fixed test images; *full test* = `flatrobust eval` "
+           "Accuracies in %. *Monitored* = the per-epoch PGD-20 on the fixed test monitoring subset (500 images in setting v1, 200 in v2); *full test* = `flatrobust eval` "
            "PGD-20 on all 10,000 test images of the best and last checkpoints; AutoAttack = standard AutoAttack "
            "(`pyautoattack`) on 1,000 fixed test images. Gap = monitored train minus test PGD-20 accuracy (points). "
            "Flatness: `flatrobust flatness` on 500 test images (nats, lower is flatter).", ""]
@@ -407,7 +418,7 @@ def _points(runs) -> list[dict]:
             if not r.finished:
                 continue
             for ck in CKPTS:
-                pts.append({"row": key if key in COLORS else "at_awp", "run": r.name, "ck": ck, "gap": r.gap(ck),
+                pts.append({"row": _family(key), "run": r.name, "ck": ck, "gap": r.gap(ck),
                             "average": r.flat(ck, "average"), "worst": r.flat(ck, "worst")})
     return pts
 
