@@ -3,7 +3,7 @@
 md5 checks: torchvision's CIFAR10/CIFAR100 compare every batch file and the meta file against the
 md5s in the class attributes `train_list`, `test_list` and `meta["md5"]` (`_check_integrity`,
 `_load_meta`), SVHN against `split_list[split][2]`; flatrobust checks Fashion-MNIST against
-`data.FASHION_MNIST_MD5`. The fixture files are not the real ones, so the `trust_fixtures` helper
+`data.builtin.FASHION_MNIST_MD5`. The fixture files are not the real ones, so the `trust_fixtures` helper
 monkeypatches exactly those attributes with the fixtures' own md5s, for one test at a time. The
 production path keeps the real md5s: `test_cifar_fixture_fails_real_md5s` proves it.
 """
@@ -17,7 +17,7 @@ import pytest
 import torch
 from torchvision.datasets import CIFAR10, CIFAR100, SVHN
 
-from flatrobust import data
+from flatrobust.data import builtin
 from flatrobust.data import DATASETS, DataError, TensorData, augment, batches, load_dataset
 from fixtures_data import (
     PIXEL_HW,
@@ -45,7 +45,7 @@ def trust_fixtures(monkeypatch, root: Path) -> None:
 @pytest.fixture
 def no_system_fashion(monkeypatch, tmp_path):
     """Hide the Debian package's Fashion-MNIST so only the test's root counts."""
-    monkeypatch.setattr(data, "FASHION_MNIST_SYSTEM_DIR", str(tmp_path / "no-such-dir"))
+    monkeypatch.setattr(builtin, "FASHION_MNIST_SYSTEM_DIR", str(tmp_path / "no-such-dir"))
 
 
 def check_tensors(td: TensorData, x_uint8: np.ndarray, y: np.ndarray) -> None:
@@ -121,7 +121,7 @@ def test_svhn(tmp_path, monkeypatch, split):
 @pytest.mark.parametrize("split", ["train", "test"])
 def test_fashion_mnist_torchvision_layout(tmp_path, monkeypatch, no_system_fashion, split):
     written = write_fashion_mnist(tmp_path / "FashionMNIST" / "raw")
-    monkeypatch.setattr(data, "FASHION_MNIST_MD5", written["md5"])
+    monkeypatch.setattr(builtin, "FASHION_MNIST_MD5", written["md5"])
     check_tensors(load_dataset("fashion_mnist", split, root=tmp_path), *written[split])
 
 
@@ -129,14 +129,14 @@ def test_fashion_mnist_debian_layout(tmp_path, monkeypatch):
     """An empty root falls back to the system directory of gzipped idx files."""
     system = tmp_path / "usr-share-datasets-fashion-mnist"
     written = write_fashion_mnist(system, gz=True)
-    monkeypatch.setattr(data, "FASHION_MNIST_SYSTEM_DIR", str(system))
-    monkeypatch.setattr(data, "FASHION_MNIST_MD5", written["md5"])
+    monkeypatch.setattr(builtin, "FASHION_MNIST_SYSTEM_DIR", str(system))
+    monkeypatch.setattr(builtin, "FASHION_MNIST_MD5", written["md5"])
     check_tensors(load_dataset("fashion_mnist", "test", root=tmp_path / "empty"), *written["test"])
 
 
-@pytest.mark.skipif(not Path(data.FASHION_MNIST_SYSTEM_DIR).is_dir(), reason="dataset-fashion-mnist not installed")
+@pytest.mark.skipif(not Path(builtin.FASHION_MNIST_SYSTEM_DIR).is_dir(), reason="dataset-fashion-mnist not installed")
 def test_fashion_mnist_real_debian_files(tmp_path):
-    """The real packaged files pass the md5s written into data.py (test split: ~0.3 s)."""
+    """The real packaged files pass the md5s written into data/builtin.py (test split: ~0.3 s)."""
     td = load_dataset("fashion_mnist", "test", root=tmp_path)
     assert td.x.shape == (DATASETS["fashion_mnist"].test_size, 1, 28, 28)
     assert sorted(td.y.unique().tolist()) == list(range(10))
@@ -215,7 +215,7 @@ def test_svhn_corrupted_file(tmp_path, monkeypatch):
 @pytest.mark.parametrize("gz", [False, True])
 def test_fashion_mnist_corrupted_file(tmp_path, monkeypatch, no_system_fashion, gz):
     written = write_fashion_mnist(tmp_path / "FashionMNIST" / "raw", gz=gz)
-    monkeypatch.setattr(data, "FASHION_MNIST_MD5", written["md5"])
+    monkeypatch.setattr(builtin, "FASHION_MNIST_MD5", written["md5"])
     name = "t10k-labels-idx1-ubyte" + (".gz" if gz else "")
     _corrupt(tmp_path / "FashionMNIST" / "raw" / name)
     with pytest.raises(DataError, match=name.replace(".", r"\.")):  # md5 or gzip failure, file named
@@ -236,14 +236,14 @@ def test_digits_split():
     from sklearn.datasets import load_digits
 
     y_all = load_digits().target
-    train_idx, test_idx = data._digits_split(y_all)
+    train_idx, test_idx = builtin._digits_split(y_all)
     assert np.intersect1d(train_idx, test_idx).size == 0
     assert np.union1d(train_idx, test_idx).tolist() == list(range(1797))
     # Stratified: every class is ~20% test.
     frac = np.bincount(y_all[test_idx], minlength=10) / np.bincount(y_all, minlength=10)
     assert np.all(np.abs(frac - 0.2) < 0.01)
     # Deterministic: same split and the same tensors on every call.
-    again = data._digits_split(y_all)
+    again = builtin._digits_split(y_all)
     assert np.array_equal(again[0], train_idx) and np.array_equal(again[1], test_idx)
     assert torch.equal(load_dataset("digits", "test").x, test.x)
     assert test.y.tolist() == y_all[test_idx].tolist()

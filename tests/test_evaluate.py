@@ -139,7 +139,8 @@ def test_cli_writes_eval_json_and_prints_the_table(checkpoint, capsys):
     cfg = report["config"]
     assert cfg["eps"] == pytest.approx(26 / 255) and cfg["norm"] == "linf"
     assert cfg["alpha"] == pytest.approx(26 / 255 / 4)  # --eps overrides training's eps, so not its alpha
-    assert cfg["data"] == {"name": "digits", "root": None, "split": "test", "n": 48, "subset_seed": 0}
+    assert cfg["data"] == {"name": "digits", "root": None, "image_size": 0, "channels": 0, "classes": [], "split": "test", "n": 48,
+                           "subset_seed": 0}
     assert list(report["attacks"]) == ["clean", "fgsm", "pgd20"]
     assert report["environment"]["torch"] == torch.__version__
     assert "--eps" in report["command"] and "--n 48" in report["command"]

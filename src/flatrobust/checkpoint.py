@@ -31,6 +31,10 @@ class CheckpointError(UserError):
     """A file that is missing, truncated, corrupted, unsafe or not a flatrobust checkpoint."""
 
 
+class NotACheckpointError(CheckpointError):
+    """A readable file that is not a flatrobust checkpoint (e.g. a plain state_dict)."""
+
+
 def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> None:
     """Write `state` to `path` atomically: temporary file in the same folder, fsync, rename.
 
@@ -113,7 +117,7 @@ def _not_a_torch_file(path: Path) -> str | None:
 def _check_ours(state: Any, path: Path) -> dict[str, Any]:
     """`state` if it is a complete flatrobust checkpoint this version can read; CheckpointError otherwise."""
     if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not a flatrobust checkpoint (no 'format': 'flatrobust' entry): pass a file written by `flatrobust train`")
+        raise NotACheckpointError(f"{path} is not a flatrobust checkpoint (no 'format': 'flatrobust' entry): pass a file written by `flatrobust train`")
     if state.get("version", 0) > VERSION:
         raise CheckpointError(f"{path} was written by a newer flatrobust (checkpoint version {state['version']}): upgrade flatrobust")
     for key in ("config", "model"):
@@ -138,7 +142,7 @@ def model_from_checkpoint(path: str | os.PathLike, device: str | torch.device = 
     normalization it uses.
     """
     from . import models
-    from .data import DATASETS, DatasetInfo
+    from .data import info_from_checkpoint
 
     if weights not in WEIGHTS:
         raise CheckpointError(f"weights must be raw or ema, got {weights!r}")
@@ -147,7 +151,7 @@ def model_from_checkpoint(path: str | os.PathLike, device: str | torch.device = 
     if weights == "ema" and not (isinstance(state.get("ema"), dict) and "model" in state["ema"]):
         raise CheckpointError(f"{path} holds no EMA weights (trained with ema.decay=0): use --weights raw, or train "
                               "with ema.decay=0.999 (for example) to have them")
-    info = DatasetInfo.from_dict(state["data_info"]) if state.get("data_info") else DATASETS[cfg["data"]["name"]]
+    info = info_from_checkpoint(state)  # the training data's classes, channels and normalization
     try:
         model = models.create(cfg["model"], num_classes=info.num_classes, in_channels=info.in_channels, mean=info.mean,
                               std=info.std, search_path=[cfg["model_dir"]] if cfg.get("model_dir") else [],

@@ -22,9 +22,12 @@ from .errors import UserError
 
 @dataclass
 class DataConfig:
-    name: str = "digits"  # cifar10 | cifar100 | svhn | fashion_mnist | digits | imagefolder
-    root: str = "./data"  # where torchvision-format files live (or are downloaded to); imagefolder: ROOT/{train,test}/<class>/*
+    name: str = "digits"  # cifar10 | cifar100 | svhn | fashion_mnist | digits | imagefolder | npz (flatrobust.data.REGISTRY)
+    root: str = "./data"  # built-in sets: the torchvision root; imagefolder: DIR with train/<class>/*, test/<class>/* (or val/); npz: FILE.npz
     image_size: int = 0  # imagefolder: resize every image to image_size x image_size (0: keep; all must agree)
+    channels: int = 0  # imagefolder: 0 = as the images are (1 if all greyscale, else 3) | 1 (greyscale) | 3 (RGB)
+    mean: list = field(default_factory=list)  # per-channel normalization, e.g. [0.5, 0.5, 0.5]; empty: the built-in set's, or computed from the training split
+    std: list = field(default_factory=list)  # per-channel std, given together with mean
     download: bool = False
     augment: str = "default"  # default (the dataset's usual: crop_flip for CIFAR) | crop_flip | none
     eval_subset: int = 1000  # fixed test subset AND train subset of this size, evaluated every epoch
@@ -117,7 +120,6 @@ class RunConfig:
 
 CHOICES = {
     "method": ("at", "trades", "mart"),
-    "data.name": ("cifar10", "cifar100", "svhn", "fashion_mnist", "digits", "imagefolder"),
     "data.augment": ("default", "crop_flip", "none"),
     "attack.norm": ("linf", "l2"),
     "optim.schedule": ("piecewise", "cosine", "constant"),
@@ -180,6 +182,9 @@ def _coerce(key: str, value: Any, typ: type) -> Any:
         if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
             raise UserError(f"{key} must be a mapping of names to values, e.g. {{width: 16}}, got {value!r}")
         return dict(value)
+    if typ is list:  # a list of numbers (data.mean, data.std); a single number is a list of one
+        items = value if isinstance(value, (list, tuple)) else [value]
+        return [_coerce(f"{key}[{i}]", v, float) for i, v in enumerate(items)]
     if typ is str:
         if isinstance(value, (dict, list)) or value is None:
             raise UserError(f"{key} must be a string, got {value!r}")
@@ -281,6 +286,7 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise UserError(f"device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
     if not re.fullmatch(r"[A-Za-z0-9._-]+", cfg.name):
         raise UserError(f"name {cfg.name!r} may only contain letters, digits, '.', '_' and '-' (it names the run directory)")
+    _validate_data(cfg)
     if not cfg.data.extra_fraction < 1:
         raise UserError(f"data.extra_fraction must be < 1 (some labeled data in every batch), got {cfg.data.extra_fraction}")
     if cfg.ema.decay >= 1:
@@ -288,6 +294,23 @@ def validate(cfg: RunConfig) -> RunConfig:
     if cfg.optim.momentum >= 1:
         raise UserError(f"optim.momentum must be < 1, got {cfg.optim.momentum}")
     return cfg
+
+
+def _validate_data(cfg: RunConfig) -> None:
+    """data.name is a registry entry; data.mean and data.std come together, one value per channel each."""
+    from .data import REGISTRY
+
+    d = cfg.data
+    if d.name not in REGISTRY:
+        close = difflib.get_close_matches(d.name, list(REGISTRY), n=1, cutoff=0.4)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise UserError(f"data.name must be one of {', '.join(REGISTRY)}, got {d.name!r}{hint}")
+    if bool(d.mean) != bool(d.std) or len(d.mean) != len(d.std):
+        raise UserError(f"data.mean and data.std go together, one value per channel each, got {d.mean} and {d.std}")
+    if any(s <= 0 for s in d.std):
+        raise UserError(f"data.std must be > 0 in every channel, got {d.std}")
+    if d.channels not in (0, 1, 3):
+        raise UserError(f"data.channels must be one of 0 (as the images are), 1 (greyscale), 3 (RGB), got {d.channels}")
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:

@@ -47,6 +47,7 @@ class Run:
     eval: dict[str, Any] | None = None
     landscape: dict[str, Any] | None = None
     flatness: dict[str, Any] | None = None
+    data: dict[str, Any] | None = None  # data.json: the training data's classes, shape and normalization
     notes: list[str] = field(default_factory=list)
 
     def series(self, key: str) -> tuple[list[float], list[float]]:
@@ -117,7 +118,7 @@ def load_run(path: str | os.PathLike) -> Run:
             raise UserError(f"{path / 'config.yaml'} does not hold a mapping: is this a flatrobust run directory?")
     name = config.get("name") if isinstance(config.get("name"), str) and config.get("name") else path.resolve().name
     run = Run(name=name, path=path, config=config, metrics=_read_metrics(metrics_path))
-    for attr in ("eval", "landscape", "flatness"):
+    for attr in ("eval", "landscape", "flatness", "data"):
         if (path / f"{attr}.json").is_file():
             setattr(run, attr, _read_json(path / f"{attr}.json"))
     return run
@@ -240,6 +241,28 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     out += ["| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |" for row in rows]
     return out + [""]
+
+
+def _data_section(runs: Sequence[Run]) -> list[str]:
+    """The data each run was trained on, from its data.json: classes by name, image shape, split sizes and
+    where the normalization came from (runs written before data.json existed are left out)."""
+    rows = []
+    for r in runs:
+        d = r.data
+        if not isinstance(d, dict):
+            continue
+        classes = d.get("classes") or []
+        n = d.get("num_classes")
+        names = ", ".join(map(str, classes)) if classes else (f"{n} unnamed (0..{n - 1})" if isinstance(n, int) else "?")
+        mean = ", ".join(f"{v:.4f}" for v in d.get("mean", []) if _finite(v))
+        std = ", ".join(f"{v:.4f}" for v in d.get("std", []) if _finite(v))
+        rows.append([r.name, f"{d.get('name', '?')} `{d.get('root', '')}`", names,
+                     f"{d.get('in_channels', '?')}x{d.get('image_size', '?')}x{d.get('image_size', '?')}",
+                     f"{d.get('train_size', '?')} / {d.get('test_size', '?')}",
+                     f"mean ({mean}), std ({std}), from the {d.get('stats_from', '?')}"])
+    if not rows:
+        return []
+    return ["### Data", ""] + _table(["run", "data", "classes", "image (CxHxW)", "train / test images", "normalization"], rows)
 
 
 def _method(cfg: dict[str, Any]) -> tuple[str, str]:
@@ -626,6 +649,7 @@ def write_report(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike =
     if never:
         lines += [f"**AWP was never active in {', '.join(never)}**: its warm-up (`awp.warmup`) covers every epoch, so "
                   "the run trained the plain method.", ""]
+    lines += _data_section(runs)
 
     lines += ["## Summary", "",
               "Test robust accuracy is the per-epoch monitoring attack of `metrics.jsonl`, on a fixed subset of "

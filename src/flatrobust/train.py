@@ -29,7 +29,7 @@ from .attacks import pgd
 from .awp import AWP
 from .checkpoint import load_checkpoint, load_weights, save_checkpoint
 from .config import RunConfig, config_from_dict
-from .data import DATASETS, DataError, TensorData, augment, batches, load_dataset, load_extra, mixed_batch_sizes, mixed_batches
+from .data import DATASETS, DataError, TensorData, augment, batches, load_extra, load_split, mixed_batch_sizes, mixed_batches
 from .ema import EMA
 from .errors import UserError
 from .guard import Rollback, StepMonitor
@@ -231,7 +231,7 @@ class Run:
     dist: Dist
     local_forward: nn.Module  # `forward` without DDP: evaluation runs per process with no collective in the forward
     n_labeled: int  # the first n_labeled examples of `train` are labeled; the rest is RST's extra data
-    info: Any = None  # the training data's DatasetInfo, saved in checkpoints (rebuilds the model)
+    info: Any = None  # the training data's DatasetInfo: data.json and checkpoints (it rebuilds the model)
     ema: EMA | None = None  # ema.decay > 0: the moving average of `model`'s weights, updated after every step
     ema_forward: nn.Module | None = None  # what evaluates `ema.module` (under autocast / channels_last like `forward`)
 
@@ -240,11 +240,11 @@ def build(cfg: RunConfig, dist: Dist | None = None) -> Run:
     dist = dist or Dist()
     device = resolve_device(cfg.device, dist.local_rank)
     try:
-        train = load_dataset(cfg.data.name, "train", root=cfg.data.root, download=cfg.data.download, image_size=cfg.data.image_size)
-        test = load_dataset(cfg.data.name, "test", root=cfg.data.root, download=cfg.data.download, image_size=cfg.data.image_size)
+        train = load_split(cfg.data, "train")
+        test = load_split(cfg.data, "test", like=train.info)
     except DataError as e:
         raise UserError(str(e)) from None
-    info = train.info  # built-in sets: their registry entry; image folders: classes, channels, size, statistics
+    info = train.info  # built-in sets: their registry entry; image folders / npz: classes, channels, size, statistics
     if cfg.data.train_subset:
         train = train.subset(cfg.data.train_subset, seed=cfg.seed)
     n_labeled = len(train)
@@ -441,6 +441,11 @@ def fit(cfg: RunConfig, *, resume_dir: str | Path | None = None, overwrite: bool
         (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         env = environment(cfg, run.device) | {"world_size": dist.world}
         (run_dir / "env.json").write_text(json.dumps(env, indent=2) + "\n")
+        # What the model was built for: classes (names), channels, size, normalization and where it came from.
+        (run_dir / "data.json").write_text(json.dumps({"root": cfg.data.root, **run.info.to_dict()}, indent=1) + "\n")
+        if progress:
+            print(f"data: {cfg.data.name} {cfg.data.root if cfg.data.name != 'digits' else ''}".rstrip()
+                  + f": {run.info.describe()}", file=sys.stderr)
     dist.barrier()
     try:
         return _loop(run, run_dir, state, progress=progress and dist.main, stop_after_steps=stop_after_steps)

@@ -2,8 +2,12 @@
 
     flatrobust eval runs/at_awp/best.pt                          # full test set, every attack, checks
     flatrobust eval runs/at_awp/best.pt --attacks clean,pgd20 --n 1000 --eps 8/255
+    flatrobust eval weights.pt --model preactresnet18 --data imagefolder:data/pets --eps 8/255   # a plain state_dict
 
 The threat model (norm, eps, PGD step) comes from the checkpoint's training config unless overridden.
+A plain state_dict file (`torch.save(model.state_dict())`, as `init_from` takes) has no config: `--model`
+(and `--model-args`) name the architecture, `--data` the data (`NAME[:ROOT]` or a recipe's data section),
+`--eps` the radius.
 Writes eval.json next to the checkpoint (or --out): the resolved evaluation config and the command that
 reproduces it, the training config, per-attack results, the trust checks, and the versions used.
 `--weights ema` evaluates the moving average of the weights (runs trained with ema.decay > 0) and writes
@@ -50,7 +54,13 @@ def parse_pixels(text: str, what: str) -> float:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoint", help="a .pt file written by `flatrobust train`, or its run directory (best.pt, else last.pt)")
+    p.add_argument("checkpoint", help="a .pt file written by `flatrobust train`, or its run directory (best.pt, else last.pt); "
+                                      "with --model, a plain state_dict file")
+    p.add_argument("--model", default=None, help="evaluate a plain state_dict file as this model (a models.create name); needs --data and --eps")
+    p.add_argument("--model-args", default=None, help="with --model: the builder's keyword arguments as a YAML mapping, e.g. '{width: 16}'")
+    p.add_argument("--data", default=None, metavar="SPEC",
+                   help="with --model: the data, as NAME[:ROOT] (e.g. cifar10:./data, imagefolder:DIR, npz:FILE.npz) "
+                        "or a recipe YAML whose data: section is used")
     p.add_argument("--attacks", default=",".join(PROTOCOL),
                    help=f"comma-separated attacks, default the paper's protocol: {','.join(PROTOCOL)}")
     p.add_argument("--n", type=int, default=None, help="evaluate a fixed subset of N test examples (seeded by --seed); default: the full test set")
@@ -124,9 +134,69 @@ def _write_json(obj: dict, path: Path) -> None:
         raise
 
 
+def data_from_arg(text: str) -> dict:
+    """`--data`: NAME[:ROOT] or a recipe YAML (its data: section) -> the validated data section as a dict."""
+    from ..config import config_from_dict, read_yaml
+
+    if Path(text).suffix in (".yaml", ".yml"):
+        tree = read_yaml(text)  # one-line UserError when missing or not YAML
+        if not isinstance(tree.get("data"), dict):
+            raise UserError(f"--data {text}: the recipe has no data: section (write e.g. data: {{name: imagefolder, root: DIR}})")
+        tree = tree["data"]
+    else:
+        name, sep, root = text.partition(":")
+        if not name or (sep and not root):
+            raise UserError(f"--data {text!r}: write NAME[:ROOT], e.g. imagefolder:data/pets or cifar10:./data, or a recipe .yaml")
+        tree = {"name": name, **({"root": root} if sep else {})}
+    try:
+        return config_from_dict({"data": tree}).data.__dict__.copy()
+    except UserError as e:
+        raise UserError(f"--data {text}: {e}") from None
+
+
+def _state_dict_model(args: argparse.Namespace, device: torch.device):
+    """(model, data section, DatasetInfo) for a plain state_dict file evaluated with --model and --data."""
+    import yaml
+
+    from .. import models
+    from ..checkpoint import load_weights
+    from ..data import DataError, dataset_info
+
+    if args.data is None:
+        raise UserError("--model needs --data: the data the weights were trained for, e.g. --data imagefolder:DIR or --data cifar10")
+    if args.eps is None:
+        raise UserError("a plain state_dict has no threat model: pass --eps (e.g. --eps 8/255) and, for L2, --norm l2")
+    path = Path(args.checkpoint)
+    if not path.is_file():
+        raise UserError(f"{path} is not a file: with --model pass the weights file (torch.save(model.state_dict()))")
+    model_args = {}
+    if args.model_args is not None:
+        try:
+            model_args = yaml.safe_load(args.model_args)
+        except yaml.YAMLError:
+            model_args = None
+        if not isinstance(model_args, dict) or not all(isinstance(k, str) for k in model_args):
+            raise UserError(f"--model-args must be a YAML mapping such as '{{width: 16}}', got {args.model_args!r}")
+    data_cfg = data_from_arg(args.data)
+    if args.data_root is not None:
+        data_cfg["root"] = args.data_root
+    try:
+        info = dataset_info(data_cfg)
+    except DataError as e:
+        raise UserError(str(e)) from None
+    search = [str(Path(args.data).parent)] if Path(args.data).suffix in (".yaml", ".yml") else []  # a recipe's own models
+    try:  # the output shape is checked on one batch, so a model that does not fit the data fails here, in one line
+        model = models.create(args.model, num_classes=info.num_classes, in_channels=info.in_channels, mean=info.mean,
+                              std=info.std, input_size=info.image_size, search_path=search, **model_args)
+    except ValueError as e:
+        raise UserError(f"--model: {e}") from None
+    load_weights(model, path)  # weights_only; one-line CheckpointError when the file does not fit the model
+    return model.to(device).eval(), data_cfg, info, model_args
+
+
 def run(args: argparse.Namespace) -> int:
-    from ..checkpoint import model_from_checkpoint
-    from ..data import DataError, load_dataset
+    from ..checkpoint import NotACheckpointError, model_from_checkpoint
+    from ..data import DataError, info_from_checkpoint, load_split
 
     names = resolve_attacks(args.attacks)
     if "autoattack" in names:
@@ -142,21 +212,36 @@ def run(args: argparse.Namespace) -> int:
     device = _device(args.device)
 
     path = Path(args.checkpoint)
-    try:
-        model, ckpt = model_from_checkpoint(path, device, weights=args.weights)  # one-line CheckpointError if missing or corrupt
-    except UserError:
-        raise
-    except (KeyError, TypeError, ValueError) as e:  # a readable file whose config cannot rebuild the model
-        raise UserError(f"{path}: its config does not describe a model and dataset ({type(e).__name__}: {e}): "
-                        "pass a checkpoint written by `flatrobust train`") from None
-    cfg = ckpt["config"]
-    data_cfg = cfg["data"]
+    if args.model is None and (args.data is not None or args.model_args is not None):
+        raise UserError("--data and --model-args go with --model, for a plain state_dict file; a flatrobust checkpoint "
+                        "knows its model and data (--data-root points it to another copy of its data)")
+    if args.model is not None:
+        if args.weights == "ema":
+            raise UserError("--weights ema needs a flatrobust checkpoint of a run trained with ema.decay > 0, not a plain state_dict")
+        model, data_cfg, info, model_args = _state_dict_model(args, device)
+        ckpt: dict = {}
+        cfg = {"model": args.model, "model_args": model_args, "data": data_cfg, "attack": {"norm": args.norm or "linf"}}
+    else:
+        try:
+            model, ckpt = model_from_checkpoint(path, device, weights=args.weights)  # one-line CheckpointError if missing or corrupt
+        except NotACheckpointError as e:
+            raise UserError(f"{e}; for a plain state_dict file give --model NAME and --data SPEC") from None
+        except UserError:
+            raise
+        except (KeyError, TypeError, ValueError) as e:  # a readable file whose config cannot rebuild the model
+            raise UserError(f"{path}: its config does not describe a model and dataset ({type(e).__name__}: {e}): "
+                            "pass a checkpoint written by `flatrobust train`") from None
+        cfg = ckpt["config"]
+        data_cfg = dict(cfg["data"])
+        if args.data_root is not None:
+            data_cfg["root"] = args.data_root
+        info = info_from_checkpoint(ckpt)
     norm, eps, alpha = _threat_model(args, cfg)
     ckpt_file = path / ("best.pt" if (path / "best.pt").exists() else "last.pt") if path.is_dir() else path
 
-    root = args.data_root if args.data_root is not None else data_cfg.get("root")
+    root = data_cfg.get("root")
     try:
-        test = load_dataset(data_cfg["name"], "test", root=root, download=bool(data_cfg.get("download", False)), image_size=int(data_cfg.get("image_size") or 0))
+        test = load_split(data_cfg, "test", like=info)
     except DataError as e:
         raise UserError(str(e)) from None
     if args.n is not None:
@@ -185,6 +270,8 @@ def run(args: argparse.Namespace) -> int:
     command += ["--no-checks"] if args.no_checks else ["--checks-n", str(result["checks_n"])]
     command += ["--data-root", str(args.data_root)] if args.data_root is not None else []
     command += ["--weights", args.weights] if args.weights != "raw" else []
+    if args.model is not None:
+        command += ["--model", args.model, "--data", args.data] + (["--model-args", args.model_args] if args.model_args else [])
     report = {
         "format": "flatrobust-eval",
         "version": 1,
@@ -192,12 +279,15 @@ def run(args: argparse.Namespace) -> int:
         "command": shlex.join(command),
         "checkpoint": str(ckpt_file.resolve()),
         "epoch": ckpt.get("epoch") if isinstance(ckpt.get("epoch"), int) else None,
-        "config": {"model": cfg["model"], "data": {"name": data_cfg["name"], "root": root, "split": "test",
-                                                   "n": args.n, "subset_seed": args.seed if args.n is not None else None},
+        "config": {"model": cfg["model"], "model_args": cfg.get("model_args") or {},
+                   "data": {"name": data_cfg["name"], "root": root, "image_size": int(data_cfg.get("image_size") or 0),
+                            "channels": int(data_cfg.get("channels") or 0), "classes": list(info.classes), "split": "test",
+                            "n": args.n, "subset_seed": args.seed if args.n is not None else None},
                    "weights": args.weights, "attacks": names, "norm": norm, "eps": eps, "alpha": result["alpha"],
                    "alpha_default": default_alpha(norm, eps), "batch_size": args.batch_size, "seed": args.seed,
                    "checks": not args.no_checks, "checks_n": result["checks_n"]},
-        "train_config": cfg,
+        "train_config": cfg if ckpt else None,  # None for a plain state_dict
+        "checkpoint_kind": "state_dict" if args.model is not None else "flatrobust",
         "environment": _environment(device),
         **{k: result[k] for k in ("n", "attacks", "worst_case", "checks", "seconds")},
     }

@@ -99,7 +99,7 @@ def resolve_attack(cfg: dict[str, Any], args: argparse.Namespace) -> dict[str, A
 def load_for_analysis(args: argparse.Namespace):
     """(model in eval mode, checkpoint dict, x, y, attack, device, default output folder) from the arguments."""
     from ..checkpoint import model_from_checkpoint
-    from ..data import DataError, load_dataset
+    from ..data import DataError, info_from_checkpoint, load_split
 
     if args.n < 1:
         raise UserError(f"--n must be >= 1, got {args.n}")
@@ -111,7 +111,7 @@ def load_for_analysis(args: argparse.Namespace):
     attack = resolve_attack(cfg, args)
     data_cfg = cfg.get("data") or {}
     try:
-        data = load_dataset(data_cfg["name"], args.data, root=data_cfg.get("root"), download=False, image_size=int(data_cfg.get("image_size") or 0))
+        data = load_split({**data_cfg, "download": False}, args.data, like=info_from_checkpoint(ckpt))
     except DataError as e:
         raise UserError(str(e)) from None
     data = data.subset(args.n, args.seed).to(device)

@@ -27,7 +27,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..checkpoint import model_from_checkpoint
-    from ..data import DATASETS, DataError, DatasetInfo, images_to_tensor, read_npz
+    from ..data import DataError, images_to_tensor, info_from_checkpoint, read_npz
     from ..progress import Progress
 
     if args.batch_size < 1:
@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     if args.device == "cuda" and device.type != "cuda":
         raise UserError("--device cuda but no CUDA device is available: use --device cpu")
     model, ckpt = model_from_checkpoint(args.checkpoint, device)
-    info = DatasetInfo.from_dict(ckpt["data_info"]) if ckpt.get("data_info") else DATASETS[ckpt["config"]["data"]["name"]]
+    info = info_from_checkpoint(ckpt)  # the images must have the training data's channels and size
     try:
         arrays = read_npz(args.images, "images", hint="an .npz holding the unlabeled images as array x")
         if "x" not in arrays and len(arrays) != 1:
