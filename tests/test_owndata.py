@@ -6,6 +6,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,6 +23,8 @@ from flatrobust.data import (
 from flatrobust.data import imagefolder as imagefolder_module
 from flatrobust.data.registry import OPTIONS
 from fixtures_owndata import CLASSES, write_folder, write_image, write_npz
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True)
@@ -283,6 +287,21 @@ def test_decoding_threads_do_not_change_the_result(tmp_path):
     assert np.array_equal(imagefolder_module.decode_images(files, 0, threads=3), one)
 
 
+def test_first_read_reports_progress_unless_quiet(tmp_path, monkeypatch, capsys):
+    from flatrobust import progress as progress_module
+
+    monkeypatch.setattr(progress_module, "HEARTBEAT_S", 0.002)
+    write_folder(tmp_path / "d", {"train": {"cat": 200, "dog": 200}, "test": {"cat": 2, "dog": 2}}, size=16)
+    load_split(folder_spec(tmp_path / "d"), "train", progress=True)
+    err = capsys.readouterr().err
+    assert f"[flatrobust] decoding {tmp_path / 'd' / 'train'} (first read, then cached): " in err and "image" in err
+    load_split(folder_spec(tmp_path / "d"), "test", progress=False)  # decodes the test split: nothing said
+    assert capsys.readouterr().err == ""
+    (tmp_path / "d" / "train" / "cat" / "000.png").unlink()  # a new first read, through a --quiet training run
+    assert _train_cli(tmp_path, "data.name=imagefolder", f"data.root={tmp_path / 'd'}", "data.train_subset=16") == 0
+    assert capsys.readouterr().err == ""
+
+
 def test_unwritable_cache_still_loads(tmp_path, monkeypatch):
     write_folder(tmp_path / "d")
     (tmp_path / "file").write_text("a file where the cache folder should be")
@@ -356,6 +375,12 @@ def _loose_files(root):
     write_image(root / "test" / "cat" / "a.png", np.zeros((8, 8, 3), np.uint8))
 
 
+def _constant(root):
+    for split in ("train", "test"):
+        for c in ("cat", "dog"):
+            write_image(root / split / c / "a.png", np.zeros((8, 8), np.uint8))
+
+
 def _no_test(root):
     write_folder(root, {"train": {"cat": 2, "dog": 2}})
 
@@ -369,6 +394,7 @@ FOLDER_CASES = [
     (_empty_train_class, "train/eel holds no images"),
     (_loose_files, "train holds no images directly, not in class subfolders"),
     (_no_test, "has no test/ or val/ subfolder"),
+    (_constant, "a channel of the training images is constant (std [0.0]), which cannot be normalized"),
     (lambda root: None, "does not exist: set data.root to a folder"),
 ]
 
@@ -563,3 +589,33 @@ def test_eval_plain_state_dict_errors_one_line(tmp_path, capsys, args, message):
     err = capsys.readouterr().err.strip()
     assert message in err and "\n" not in err, err
     assert not (tmp_path / "eval.json").exists()
+
+
+# ----------------------------------------------------------------------------- the benchmark and the docs' numbers
+
+
+def test_imagefolder_read_bench_runs_and_the_docs_quote_its_results(tmp_path, monkeypatch, capsys):
+    """bench/imagefolder_read.py runs end to end (so it never rots), on a fresh cache it removes afterwards, and
+    the timings in docs/DATA.md and README.md are its committed result, formatted by its own `markdown`."""
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    monkeypatch.setattr(imagefolder_module, "DECODE_THREADS", imagefolder_module.DECODE_THREADS)  # restored after
+    import imagefolder_read as bench
+
+    write_folder(tmp_path / "d")
+    (tmp_path / "caches").mkdir()
+    out = tmp_path / "r.json"
+    monkeypatch.setattr(sys, "argv", ["bench/imagefolder_read.py", str(tmp_path / "d"), "--repeats", "2", "--thread-check", "6",
+                                      "--cache-parent", str(tmp_path / "caches"), "--out", str(out)])
+    bench.main()
+    res = json.loads(out.read_text())
+    assert res["images"] == {"train": 18, "test": 6} and res["shape"] == [3, 8, 8] and res["cache_bytes"] > 18 * 192
+    assert len(res["cached_read_s"]["train"]) == 2 and len(res["thread_check"]["wall_s"]["2"]) == 2
+    assert list((tmp_path / "caches").iterdir()) == []  # the fresh cache is gone
+    assert bench.markdown(res) in capsys.readouterr().out
+
+    committed = json.loads((ROOT / "bench" / "results" / "imagefolder_read_cifar10_jpeg_q75.json").read_text())
+    assert committed["images"] == {"train": 50000, "test": 10000}
+    assert bench.markdown(committed) in (ROOT / "docs" / "DATA.md").read_text()
+    readme = (ROOT / "README.md").read_text()
+    for split in ("train", "test"):
+        assert f"{committed['first_read_s'][split]:.0f} s" in readme and f"{committed['cached_read_median_s'][split]:.1f} s" in readme

@@ -236,12 +236,12 @@ class Run:
     ema_forward: nn.Module | None = None  # what evaluates `ema.module` (under autocast / channels_last like `forward`)
 
 
-def build(cfg: RunConfig, dist: Dist | None = None) -> Run:
+def build(cfg: RunConfig, dist: Dist | None = None, *, progress: bool = False) -> Run:
     dist = dist or Dist()
     device = resolve_device(cfg.device, dist.local_rank)
-    try:
-        train = load_split(cfg.data, "train")
-        test = load_split(cfg.data, "test", like=train.info)
+    try:  # progress: a long first read (decoding an image folder) reports as the training loop does
+        train = load_split(cfg.data, "train", progress=progress)
+        test = load_split(cfg.data, "test", like=train.info, progress=progress)
     except DataError as e:
         raise UserError(str(e)) from None
     info = train.info  # built-in sets: their registry entry; image folders / npz: classes, channels, size, statistics
@@ -415,7 +415,7 @@ def fit(cfg: RunConfig, *, resume_dir: str | Path | None = None, overwrite: bool
         torch.use_deterministic_algorithms(True, warn_only=True)
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     dist = init_distributed(cfg)
-    run = build(cfg, dist)  # everything that can fail on bad input fails here, before any file is written
+    run = build(cfg, dist, progress=progress and dist.main)  # everything that can fail on bad input fails here, before any file is written
     state: dict[str, Any] | None = None
     if resume_dir is not None:
         run_dir = Path(resume_dir)
@@ -443,9 +443,9 @@ def fit(cfg: RunConfig, *, resume_dir: str | Path | None = None, overwrite: bool
         (run_dir / "env.json").write_text(json.dumps(env, indent=2) + "\n")
         # What the model was built for: classes (names), channels, size, normalization and where it came from.
         (run_dir / "data.json").write_text(json.dumps({"root": cfg.data.root, **run.info.to_dict()}, indent=1) + "\n")
-        if progress:
+        if progress:  # on stdout with the summary; stderr carries the epoch lines and the progress
             print(f"data: {cfg.data.name} {cfg.data.root if cfg.data.name != 'digits' else ''}".rstrip()
-                  + f": {run.info.describe()}", file=sys.stderr)
+                  + f": {run.info.describe()}", flush=True)
     dist.barrier()
     try:
         return _loop(run, run_dir, state, progress=progress and dist.main, stop_after_steps=stop_after_steps)

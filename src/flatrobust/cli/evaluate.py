@@ -17,6 +17,7 @@ A thin layer over `flatrobust.evaluate.evaluate`.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -149,13 +150,13 @@ def data_from_arg(text: str) -> dict:
             raise UserError(f"--data {text!r}: write NAME[:ROOT], e.g. imagefolder:data/pets or cifar10:./data, or a recipe .yaml")
         tree = {"name": name, **({"root": root} if sep else {})}
     try:
-        return config_from_dict({"data": tree}).data.__dict__.copy()
+        return dataclasses.asdict(config_from_dict({"data": tree}).data)
     except UserError as e:
         raise UserError(f"--data {text}: {e}") from None
 
 
 def _state_dict_model(args: argparse.Namespace, device: torch.device):
-    """(model, data section, DatasetInfo) for a plain state_dict file evaluated with --model and --data."""
+    """(model, data section, DatasetInfo, model_args) for a plain state_dict file evaluated with --model and --data."""
     import yaml
 
     from .. import models
@@ -181,7 +182,7 @@ def _state_dict_model(args: argparse.Namespace, device: torch.device):
     if args.data_root is not None:
         data_cfg["root"] = args.data_root
     try:
-        info = dataset_info(data_cfg)
+        info = dataset_info(data_cfg, progress=True)
     except DataError as e:
         raise UserError(str(e)) from None
     search = [str(Path(args.data).parent)] if Path(args.data).suffix in (".yaml", ".yml") else []  # a recipe's own models
@@ -241,7 +242,7 @@ def run(args: argparse.Namespace) -> int:
 
     root = data_cfg.get("root")
     try:
-        test = load_split(data_cfg, "test", like=info)
+        test = load_split(data_cfg, "test", like=info, progress=True)
     except DataError as e:
         raise UserError(str(e)) from None
     if args.n is not None:

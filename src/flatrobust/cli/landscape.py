@@ -111,7 +111,7 @@ def load_for_analysis(args: argparse.Namespace):
     attack = resolve_attack(cfg, args)
     data_cfg = cfg.get("data") or {}
     try:
-        data = load_split({**data_cfg, "download": False}, args.data, like=info_from_checkpoint(ckpt))
+        data = load_split({**data_cfg, "download": False}, args.data, like=info_from_checkpoint(ckpt), progress=True)
     except DataError as e:
         raise UserError(str(e)) from None
     data = data.subset(args.n, args.seed).to(device)

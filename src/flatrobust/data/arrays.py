@@ -133,7 +133,7 @@ def load_npz(spec: DataSpec, split: str, like: DatasetInfo | None = None) -> Ten
             why = f"'classes' names {num_classes} classes" if classes else "labels are class indices"
             raise DataError(f"{path}: y_train holds labels {ys['train'].min()}..{ys['train'].max()}, outside 0..{num_classes - 1} ({why})")
         stats_x = xs["train"] if xs["train"].dtype == np.uint8 else torch.from_numpy(xs["train"])
-        mean, std, stats_from = normalization(spec, stats_x, c)
+        mean, std, stats_from = normalization(spec, stats_x, c, where=path)
         info = DatasetInfo("npz", num_classes, c, size, mean, std, "none", len(xs["train"]), len(xs["test"]), classes, stats_from)
     else:
         info = like

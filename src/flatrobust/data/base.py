@@ -169,7 +169,7 @@ def to_channels(x: np.ndarray, channels: int) -> np.ndarray:
     raise DataError(f"cannot convert {x.shape[1]}-channel images to {channels} channels: use 1 (greyscale) or 3 (RGB)")
 
 
-def normalization(spec: DataSpec, x: np.ndarray | torch.Tensor | None, channels: int
+def normalization(spec: DataSpec, x: np.ndarray | torch.Tensor | None, channels: int, where: object = "the data"
                   ) -> tuple[tuple[float, ...], tuple[float, ...], str]:
     """(mean, std, stats_from): the recipe's `data.mean`/`data.std` when given, else the statistics of `x`
     (the whole training split, (N, C, H, W)). DataError when the recipe's values do not fit the data or a
@@ -181,6 +181,6 @@ def normalization(spec: DataSpec, x: np.ndarray | torch.Tensor | None, channels:
         return spec.mean, spec.std, "recipe"
     mean, std = channel_stats(x)
     if any(s == 0 for s in std):
-        raise DataError(f"a channel of the training images is constant (std {list(std)}), which cannot be normalized: "
+        raise DataError(f"{where}: a channel of the training images is constant (std {list(std)}), which cannot be normalized: "
                         "give data.mean and data.std")
     return mean, std, "training split"

@@ -13,7 +13,8 @@ The decoded split is cached as uint8 arrays in `cache_dir()` (`$FLATROBUST_CACHE
 and every image file's relative path, size and modification time. Listing the folder and reading each
 file's metadata (no image is opened) decides between the cache and decoding, so a changed, added or
 removed file gives a new key: the cache is never stale. Writing a new entry removes the older entries of
-the same folder and size.
+the same folder and size. Decoding runs on `DECODE_THREADS` threads (1: a pool of 2 did not pay on the
+2-core machine measured, see docs/DATA.md).
 """
 from __future__ import annotations
 
@@ -32,7 +33,8 @@ import torch
 from .base import DEFAULT_ROOT, DataError, DatasetInfo, DataSpec, TensorData, normalization, to_channels, uint8_to_float
 
 CACHE_KEY_VERSION = "v1"  # part of every cache key: bump it when decoding changes what a file becomes
-GREY_MODES = ("1", "L", "I;16", "I")
+DECODE_THREADS = 1  # threads that decode images: more did not pay on the 2-core machine measured (docs/DATA.md)
+GREY_MODES = ("1", "L", "I", "I;16", "I;16L", "I;16B", "I;16N")  # Pillow's greyscale modes (LA, P count as colour)
 
 
 def cache_dir() -> Path:
@@ -123,13 +125,14 @@ def _decode_one(path: Path, image_size: int) -> tuple[np.ndarray, bool]:
     try:
         with Image.open(path) as im:
             im.load()
-            grey = im.mode in GREY_MODES or im.mode.startswith("I;16")
-            if im.mode.startswith("I") and im.mode != "I;8":  # 16/32-bit integer greyscale: scale to 8 bits
+            grey = im.mode in GREY_MODES
+            if im.mode.startswith("I"):  # 16/32-bit integer greyscale: scale to 8 bits
                 a = np.asarray(im, dtype=np.int64)
                 if a.max() > 255:
                     a = (a.clip(0, 65535) * 255 + 32767) // 65535
                 im = Image.fromarray(a.astype(np.uint8), "L")
-            im = im.convert("RGB")
+            if im.mode != "RGB":
+                im = im.convert("RGB")
             if image_size:
                 im = im.resize((image_size, image_size), Image.BILINEAR)
             return np.asarray(im, dtype=np.uint8), grey
@@ -141,20 +144,25 @@ def _decode_chunk(paths: list[Path], image_size: int) -> list[tuple[np.ndarray, 
     return [_decode_one(p, image_size) for p in paths]
 
 
-def decode_images(files: list[Path], image_size: int, threads: int | None = None) -> np.ndarray:
+def decode_images(files: list[Path], image_size: int, threads: int | None = None, progress: bool = False,
+                  desc: str = "decoding") -> np.ndarray:
     """uint8 (N, C, H, W) of the files, in order; C = 1 when every image is greyscale, else 3 (RGB).
 
-    Decoding runs on `threads` threads (default: up to 4, the machine's cores), chunks of files each: Pillow
-    releases the GIL while it decodes. The result, and which bad file is reported, do not depend on the
-    number of threads.
+    With `threads` > 1 (default `DECODE_THREADS`), chunks of files are decoded on a thread pool. The result,
+    and which bad file is reported, do not depend on the number of threads. `progress`: a bar on a terminal,
+    else a heartbeat line every 30 s (`flatrobust.progress`).
     """
-    threads = threads or min(4, os.cpu_count() or 1)
+    from ..progress import Progress
+
+    threads = threads or DECODE_THREADS
     chunk = 256
     first, out, grey = None, None, True
-    pool = ThreadPoolExecutor(threads)
+    pool = ThreadPoolExecutor(threads) if threads > 1 else None
+    bar = Progress(total=len(files), desc=desc, unit="image", enabled=progress)
     try:
-        results = pool.map(lambda i: _decode_chunk(files[i:i + chunk], image_size), range(0, len(files), chunk))
-        for start, decoded in zip(range(0, len(files), chunk), results):
+        starts = range(0, len(files), chunk)
+        results = (pool.map if pool else map)(lambda i: _decode_chunk(files[i:i + chunk], image_size), starts)
+        for start, decoded in zip(starts, results):
             for i, (a, g) in enumerate(decoded, start):
                 if first is None:
                     first = a.shape
@@ -166,8 +174,11 @@ def decode_images(files: list[Path], image_size: int, threads: int | None = None
                                     "set data.image_size to resize every image")
                 out[i] = a.transpose(2, 0, 1)
                 grey = grey and g
+            bar.update(len(decoded))
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)  # on an error, decode no further chunk
+        bar.close()
+        if pool:
+            pool.shutdown(wait=True, cancel_futures=True)  # on an error, decode no further chunk
     return out[:, :1] if grey else out
 
 
@@ -218,7 +229,7 @@ def _write_cache(path: Path, x: np.ndarray, y: np.ndarray, meta: dict) -> None:
             other.unlink(missing_ok=True)
 
 
-def split_arrays(root: Path, split: str, image_size: int) -> tuple[list[str], np.ndarray, np.ndarray]:
+def split_arrays(root: Path, split: str, image_size: int, progress: bool = False) -> tuple[list[str], np.ndarray, np.ndarray]:
     """(class folder names, uint8 images (N, C, H, W), labels indexing those names) of one split, decoded
     once and then read from the cache."""
     listing = list_images(split_dir(root, split))
@@ -226,20 +237,20 @@ def split_arrays(root: Path, split: str, image_size: int) -> tuple[list[str], np
     cache = cache_dir() / f"{_cache_key(listing, image_size)}.npz"
     x = _read_cache(cache, labels) if cache.is_file() else None
     if x is None:
-        x = decode_images(listing.paths(), image_size)
+        x = decode_images(listing.paths(), image_size, progress=progress, desc=f"decoding {listing.folder} (first read, then cached)")
         _write_cache(cache, x, labels, {"folder": str(listing.folder.resolve()), "image_size": image_size,
                                         "images": len(labels), "shape": list(x.shape[1:]), "classes": listing.classes})
     return listing.classes, x, labels
 
 
 def load_imagefolder(root: str | os.PathLike | DataSpec | None, split: str = "train", image_size: int = 0, *,
-                     channels: int = 0, like: DatasetInfo | None = None) -> TensorData:
+                     channels: int = 0, like: DatasetInfo | None = None, progress: bool = False) -> TensorData:
     """One split of an image folder (see the module's docstring) as float tensors in [0, 1].
 
     The training split defines the dataset: its class folders (sorted names), channels, size and, unless
     the spec gives `mean`/`std`, the normalization statistics. Another split is read as `like` (by default
     the training split's info): labels by class name, converted to its channels, checked against its size.
-    `root` may be a `DataSpec` (then `image_size`/`channels` come from it).
+    `root` may be a `DataSpec` (then `image_size`/`channels` come from it). `progress` reports decoding.
     """
     spec = root if isinstance(root, DataSpec) else DataSpec(
         "imagefolder", None if root is None else os.fspath(root), image_size=image_size, channels=channels)
@@ -249,8 +260,8 @@ def load_imagefolder(root: str | os.PathLike | DataSpec | None, split: str = "tr
         hint = " (for arrays in an .npz file use data.name: npz)" if root.suffix == ".npz" else ""
         raise DataError(f"image folder {root} {what}: set data.root to a folder holding train/<class>/ and test/<class>/{hint}")
     if split != "train" and like is None:
-        like = load_imagefolder(spec, "train").info
-    folder_classes, x, y = split_arrays(root, split, spec.image_size)
+        like = load_imagefolder(spec, "train", progress=progress).info
+    folder_classes, x, y = split_arrays(root, split, spec.image_size, progress)
     folder = split_dir(root, split)
     if like is None:
         counts = np.bincount(y, minlength=len(folder_classes))
@@ -258,7 +269,7 @@ def load_imagefolder(root: str | os.PathLike | DataSpec | None, split: str = "tr
         if empty:
             raise DataError(f"{folder / empty[0]} holds no images: give every training class images, or remove the folder")
         x = to_channels(x, spec.channels)
-        mean, std, stats_from = normalization(spec, x, x.shape[1])
+        mean, std, stats_from = normalization(spec, x, x.shape[1], where=folder)
         try:
             test_size = len(list_images(split_dir(root, "test")).files)
         except DataError:

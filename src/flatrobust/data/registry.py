@@ -25,13 +25,13 @@ class Source:
     name: str
     title: str
     root: str  # what data.root names for this source
-    load: Callable[[DataSpec, str, DatasetInfo | None], TensorData]  # (spec, split, like) -> the split
+    load: Callable[[DataSpec, str, DatasetInfo | None, bool], TensorData]  # (spec, split, like, progress) -> the split
     info: DatasetInfo | None = None  # fixed facts of a built-in set; None when they come from the data
     options: frozenset[str] = frozenset()  # which of OPTIONS it takes
 
 
 def _builtin(name: str) -> Source:
-    def load(spec: DataSpec, split: str, like: DatasetInfo | None) -> TensorData:
+    def load(spec: DataSpec, split: str, like: DatasetInfo | None, progress: bool) -> TensorData:
         x, y = load_builtin(name, split, spec.root, spec.download)
         return TensorData(x, y, _with_recipe_stats(DATASETS[name], spec))
 
@@ -48,9 +48,10 @@ def _with_recipe_stats(info: DatasetInfo, spec: DataSpec) -> DatasetInfo:
 REGISTRY: dict[str, Source] = {
     **{name: _builtin(name) for name in DATASETS},
     "imagefolder": Source("imagefolder", "image folder", "a folder holding train/<class>/* and test/<class>/* (or val/)",
-                          lambda spec, split, like: load_imagefolder(spec, split, like=like), None,
+                          lambda spec, split, like, progress: load_imagefolder(spec, split, like=like, progress=progress), None,
                           frozenset({"image_size", "channels"})),
-    "npz": Source("npz", "arrays (.npz)", "an .npz file with arrays x_train, y_train, x_test, y_test", load_npz),
+    "npz": Source("npz", "arrays (.npz)", "an .npz file with arrays x_train, y_train, x_test, y_test",
+                  lambda spec, split, like, progress: load_npz(spec, split, like)),
 }
 
 
@@ -66,28 +67,30 @@ def _source(spec: DataSpec) -> Source:
     return source
 
 
-def load_split(spec: DataSpec | Mapping[str, Any] | Any, split: str = "train", like: DatasetInfo | None = None) -> TensorData:
+def load_split(spec: DataSpec | Mapping[str, Any] | Any, split: str = "train", like: DatasetInfo | None = None, *,
+               progress: bool = False) -> TensorData:
     """One split ("train" or "test") of the data a recipe's `data:` section describes, as CPU tensors.
 
     `spec`: a `DataSpec`, a recipe's data section as a mapping (e.g. a checkpoint's `config["data"]`) or a
     `config.DataConfig`. `like`: the training data's `DatasetInfo` (e.g. from a checkpoint), which image
     folders and .npz files are read against (class names, channels, size, normalization); built-in sets
-    have fixed facts and ignore it. Every problem with the data is a one-line `DataError`.
+    have fixed facts and ignore it. `progress`: report a long first read (decoding an image folder) as
+    `flatrobust.progress` does. Every problem with the data is a one-line `DataError`.
     """
     spec = DataSpec.of(spec)
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-    return _source(spec).load(spec, split, like)
+    return _source(spec).load(spec, split, like, progress)
 
 
-def dataset_info(spec: DataSpec | Mapping[str, Any] | Any) -> DatasetInfo:
+def dataset_info(spec: DataSpec | Mapping[str, Any] | Any, *, progress: bool = False) -> DatasetInfo:
     """The facts of the data a spec describes: a built-in set's registry entry (with the recipe's
     normalization, if given), or the training split's info for image folders and .npz (which reads it)."""
     spec = DataSpec.of(spec)
     source = _source(spec)
     if source.info is not None:
         return _with_recipe_stats(source.info, spec)
-    return source.load(spec, "train", None).info
+    return source.load(spec, "train", None, progress).info
 
 
 def info_from_checkpoint(state: Mapping[str, Any]) -> DatasetInfo:
