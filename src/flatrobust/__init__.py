@@ -5,12 +5,13 @@ The public API, small enough to remember:
   - `pgd`, `fgsm`, `LinfBall`, `L2Ball`: attacks and threat models (inputs in [0, 1]);
   - `AT`, `TRADES`, `MART`, `AttackConfig`, `create_objective`: the training objectives;
   - `models.create`: the model zoo with normalization inside the model;
+  - `data.load_split`, `data.REGISTRY`: datasets as tensors (built-in sets, image folders, .npz arrays);
   - `train_step`: one AT/TRADES/MART step with optional AWP;
   - `EMA`: an exponential moving average of the weights for any training loop (update after each step);
   - `landscape_1d`, `landscape_2d`, `average_flatness`, `worst_flatness`: the analysis of the weight loss
     landscape (`flatrobust.report` and `flatrobust.evaluate` are imported on use).
 """
-from . import models
+from . import data, models
 from .attacks import L2Ball, LinfBall, fgsm, pgd
 from .awp import AWP
 from .ema import EMA
@@ -24,6 +25,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AWP", "EMA", "pgd", "fgsm", "LinfBall", "L2Ball", "AT", "TRADES", "MART", "AttackConfig", "Objective",
-    "create_objective", "models", "frozen_bn_stats", "train_mode", "train_step", "landscape_1d", "landscape_2d",
+    "create_objective", "data", "models", "frozen_bn_stats", "train_mode", "train_step", "landscape_1d", "landscape_2d",
     "filter_normalized_direction", "average_flatness", "worst_flatness", "__version__",
 ]
