@@ -580,6 +580,7 @@ def test_eval_plain_state_dict_builtin_data_and_model_args(tmp_path):
     (["--model", "nosuchnet", "--data", "digits", "--eps", "0.1"], "--model: unknown model"),
     (["--model", "smallcnn", "--model-args", "[1]", "--data", "digits", "--eps", "0.1"], "--model-args must be a YAML mapping"),
     ([], "for a plain state_dict file give --model NAME and --data SPEC"),
+    (["--model", "smallcnn", "--data", "digits", "--eps", "0.1", "--weights", "ema"], "--weights ema needs a flatrobust checkpoint"),
 ])
 def test_eval_plain_state_dict_errors_one_line(tmp_path, capsys, args, message):
     torch.manual_seed(0)
