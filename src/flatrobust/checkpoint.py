@@ -16,7 +16,7 @@ import os
 import re
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Callable
 
 import torch
 from torch import nn
@@ -35,18 +35,18 @@ class NotACheckpointError(CheckpointError):
     """A readable file that is not a flatrobust checkpoint (e.g. a plain state_dict)."""
 
 
-def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> None:
-    """Write `state` to `path` atomically: temporary file in the same folder, fsync, rename.
+def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> None:
+    """Call `write(f)` on a temporary file in `path`'s folder, fsync it, rename it to `path`, fsync the folder.
 
-    A crash during the write leaves the previous file at `path` intact.
+    A crash at any moment leaves either the previous file at `path` or the new one, never half of one,
+    and no temporary file behind.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    state = {"format": FORMAT, "version": VERSION, **state}
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -59,6 +59,13 @@ def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> None:
+    """Write `state` to `path` atomically (`write_atomic`): a crash during the write leaves the previous
+    file at `path` intact."""
+    state = {"format": FORMAT, "version": VERSION, **state}
+    write_atomic(path, lambda f: torch.save(state, f))
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:

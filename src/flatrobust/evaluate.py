@@ -18,13 +18,16 @@ import math
 import time
 import zlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from torch import nn
 
-from .attacks import fgsm, pgd, threat_model
+from . import trust
+from .attacks import default_alpha, fgsm, pgd, threat_model
 from .errors import UserError
+from .evalstore import fingerprint_model, fingerprint_tensors, open_store
 from .modes import train_mode
 from .progress import Progress
 
@@ -32,12 +35,6 @@ __all__ = [
     "ATTACKS", "AUTOATTACK_STAGES", "PROTOCOL", "Attack", "AttackContext", "default_alpha", "evaluate",
     "format_table", "require_autoattack", "resolve_attacks",
 ]
-
-
-def default_alpha(norm: str, eps: float) -> float:
-    """PGD step size: the paper's steps scaled with eps, eps/4 for L-inf (2/255 at 8/255) and eps * 15/128
-    for L2 (15/255 at 128/255), the step sizes of AWP's official training and evaluation code."""
-    return eps / 4 if norm == "linf" else eps * 15 / 128
 
 
 @dataclass(frozen=True)
@@ -216,6 +213,9 @@ def evaluate(
     progress: bool = True,
     checks: bool = True,
     checks_n: int = 200,
+    resume_dir: str | Path | None = None,
+    chunk_size: int | None = None,
+    restart: bool = False,
 ) -> dict:
     """Accuracy of `model` on (x, y) under each attack of `attacks`, plus the worst case over them and the
     trust checks of `flatrobust.trust`.
@@ -234,6 +234,12 @@ def evaluate(
             `flatrobust.progress` does everywhere: a bar on a terminal, otherwise a heartbeat line every
             30 s (with AutoAttack's current stage); False: silent.
         checks: run the trust checks on a fixed subset of `checks_n` examples (seeded by `seed`).
+        resume_dir: keep every finished chunk of every attack in this folder (`flatrobust.evalstore`) and
+            reuse the chunks already there: an interrupted evaluation called again with the same arguments
+            continues where it stopped, with the result it would have had uninterrupted. A folder written
+            for other arguments (model weights, data, threat model, alpha, seed, batch or chunk size, device
+            type) is refused with a UserError; `restart=True` deletes it first.
+        chunk_size: examples per chunk, a multiple of `batch_size`; default the multiple nearest to 1000.
 
     Returns a JSON-ready dict:
         {"n", "norm", "eps", "alpha", "seed", "batch_size", "device",
@@ -241,7 +247,8 @@ def evaluate(
                             "outside_threat_model",
                             ["stages": {stage: {"accuracy", "correct", "seconds"}}, "warnings": [str]]}},
          "worst_case": {"accuracy", "correct", "over": [names]},  # correct clean and under every attack
-         "checks": [{"name", "passed", "detail", "suggests"}] or None, "checks_n", "seconds"}
+         "checks": [{"name", "passed", "detail", "suggests"}] or None, "checks_n", "seconds",
+         ["chunks": {"size", "count", "reused": {name: chunks loaded from resume_dir}}]}
     """
     names = resolve_attacks(attacks)
     if "autoattack" in names:
@@ -255,6 +262,9 @@ def evaluate(
         raise UserError(f"alpha must be a finite number >= 0, got {alpha!r}")
     if batch_size < 1:
         raise UserError(f"batch size must be >= 1, got {batch_size}")
+    chunk_size = batch_size * max(1, round(1000 / batch_size)) if chunk_size is None else chunk_size
+    if chunk_size < 1 or chunk_size % batch_size:
+        raise UserError(f"chunk size must be a positive multiple of the batch size {batch_size}, got {chunk_size}")
     n = len(y)
     if n < 1 or x.shape[0] != n:
         raise UserError(f"need at least one example and as many labels as images, got {x.shape[0]} images and {n} labels")
@@ -266,6 +276,13 @@ def evaluate(
     start_all = time.perf_counter()
     result: dict[str, Any] = {"n": n, "norm": norm, "eps": float(eps), "alpha": float(alpha), "seed": seed,
                               "batch_size": batch_size, "device": str(device), "attacks": {}}
+    store = None
+    if resume_dir is not None:
+        key = {"model": fingerprint_model(model), "data": fingerprint_tensors([("x", x), ("y", y)]), "n": n, "norm": norm,
+               "eps": float(eps), "alpha": float(alpha), "seed": seed, "batch_size": batch_size, "chunk_size": chunk_size,
+               "device": device.type}
+        store = open_store(resume_dir, key, restart=restart)
+        result["chunks"] = {"size": chunk_size, "count": math.ceil(n / chunk_size), "reused": {}}
     robust_all = {}
     n_batches = math.ceil(n / batch_size)
     enabled = progress is not False  # None, the former "only on a terminal", is what True now means
@@ -276,40 +293,37 @@ def evaluate(
             s = _attack_seed(seed, name)
             ctx = AttackContext(norm, float(eps), float(alpha), s, torch.Generator(device).manual_seed(s), device,
                                 note=bar.set_postfix_str)
-            robust = torch.zeros(n, dtype=torch.bool)
-            stages = {}
-            warnings: list[str] = []
-            max_pert, outside, seconds = 0.0, 0, 0.0
+            chunks, reused = [], 0
             bar.set_description(f"eval {name}")
             bar.set_postfix_str("")
-            for lo in range(0, n, batch_size):
-                xb = x[lo : lo + batch_size].to(device)  # (B, C, H, W)
-                yb = y[lo : lo + batch_size].to(device)  # (B,)
-                _sync(device)
-                t0 = time.perf_counter()
-                out = attack.run(model, xb, yb, ctx)
-                x_adv, extras = out if isinstance(out, tuple) else (out, {})
-                with torch.no_grad():
-                    correct = model(x_adv).argmax(1) == yb
-                _sync(device)
-                seconds += time.perf_counter() - t0
-                robust[lo : lo + batch_size] = correct.cpu()
-                dist = ball.norm(x_adv - xb)  # (B,)
-                bad = (dist > eps + 1e-5) | (x_adv.flatten(1).amin(1) < 0) | (x_adv.flatten(1).amax(1) > 1)
-                max_pert = max(max_pert, float(dist.max()))
-                outside += int(bad.sum())
-                for stage, (mask, secs) in extras.get("stages", {}).items():
-                    masks, total = stages.get(stage, ([], 0.0))
-                    stages[stage] = (masks + [mask.cpu()], total + secs)
-                warnings += [w for w in extras.get("warnings", []) if w not in warnings]
-                bar.update(1)
+            for c, lo in enumerate(range(0, n, chunk_size)):
+                hi = min(lo + chunk_size, n)
+                record = store.load(name, c) if store is not None else None
+                if record is None:
+                    if chunks:  # the generator as the uninterrupted run left it after the previous chunk
+                        ctx.generator.set_state(chunks[-1]["generator_state"])
+                    record = _run_chunk(attack, model, x, y, lo, hi, batch_size, ctx, ball, bar)
+                    if store is not None:
+                        store.save(name, c, record)
+                else:
+                    reused += 1
+                    bar.update(math.ceil((hi - lo) / batch_size))
+                chunks.append(record)
+            if store is not None:
+                result["chunks"]["reused"][name] = reused
+            robust = torch.cat([r["robust"] for r in chunks])
             robust_all[name] = robust
-            res = {"accuracy": robust.float().mean().item(), "correct": int(robust.sum()), "seconds": round(seconds, 3),
-                   "params": attack.params(ctx), "max_perturbation": max_pert, "outside_threat_model": outside}
-            if stages:
-                res["stages"] = {k: {"accuracy": torch.cat(m).float().mean().item(), "correct": int(torch.cat(m).sum()),
-                                     "seconds": round(secs, 3)} for k, (m, secs) in stages.items()}
-                res["warnings"] = warnings
+            res = {"accuracy": robust.float().mean().item(), "correct": int(robust.sum()),
+                   "seconds": round(sum(r["seconds"] for r in chunks), 3), "params": attack.params(ctx),
+                   "max_perturbation": max(r["max_perturbation"] for r in chunks),
+                   "outside_threat_model": sum(r["outside"] for r in chunks)}
+            if chunks[0]["stages"]:
+                res["stages"] = {}
+                for stage in chunks[0]["stages"]:
+                    mask = torch.cat([r["stages"][stage]["mask"] for r in chunks])
+                    res["stages"][stage] = {"accuracy": mask.float().mean().item(), "correct": int(mask.sum()),
+                                            "seconds": round(sum(r["stages"][stage]["seconds"] for r in chunks), 3)}
+                res["warnings"] = list(dict.fromkeys(w for r in chunks for w in r["warnings"]))
             result["attacks"][name] = res
         bar.close()
         if "clean" not in robust_all:  # the worst case also asks for a correct clean prediction
@@ -320,8 +334,6 @@ def evaluate(
         result["worst_case"] = {"accuracy": worst.float().mean().item(), "correct": int(worst.sum()), "over": names}
         result["checks"], result["checks_n"] = None, 0
         if checks:
-            from . import trust
-
             g = torch.Generator().manual_seed(seed)
             idx = torch.randperm(n, generator=g)[:checks_n].sort().values  # a fixed subset for this seed
             result["checks"] = trust.run_checks(model, x[idx.to(x.device)], y[idx.to(y.device)], norm=norm, eps=eps,
@@ -330,6 +342,37 @@ def evaluate(
             result["checks_n"] = len(idx)
     result["seconds"] = round(time.perf_counter() - start_all, 3)
     return result
+
+
+def _run_chunk(attack: Attack, model, x, y, lo: int, hi: int, batch_size: int, ctx: AttackContext, ball, bar) -> dict:
+    """One chunk (examples lo..hi, batch after batch) of one attack: everything the result needs from it,
+    and the state of the attack's generator after it."""
+    robust, stages, warnings = [], {}, []
+    max_pert, outside, seconds = 0.0, 0, 0.0
+    for b in range(lo, hi, batch_size):
+        xb = x[b : min(b + batch_size, hi)].to(ctx.device)  # (B, C, H, W)
+        yb = y[b : min(b + batch_size, hi)].to(ctx.device)  # (B,)
+        _sync(ctx.device)
+        t0 = time.perf_counter()
+        out = attack.run(model, xb, yb, ctx)
+        x_adv, extras = out if isinstance(out, tuple) else (out, {})
+        with torch.no_grad():
+            correct = model(x_adv).argmax(1) == yb
+        _sync(ctx.device)
+        seconds += time.perf_counter() - t0
+        robust.append(correct.cpu())
+        dist = ball.norm(x_adv - xb)  # (B,)
+        bad = (dist > ctx.eps + 1e-5) | (x_adv.flatten(1).amin(1) < 0) | (x_adv.flatten(1).amax(1) > 1)
+        max_pert = max(max_pert, float(dist.max()))
+        outside += int(bad.sum())
+        for stage, (mask, secs) in extras.get("stages", {}).items():
+            masks, total = stages.get(stage, ([], 0.0))
+            stages[stage] = (masks + [mask.cpu()], total + secs)
+        warnings += [w for w in extras.get("warnings", []) if w not in warnings]
+        bar.update(1)
+    return {"robust": torch.cat(robust), "seconds": seconds, "max_perturbation": max_pert, "outside": outside,
+            "stages": {k: {"mask": torch.cat(m), "seconds": secs} for k, (m, secs) in stages.items()},
+            "warnings": warnings, "generator_state": ctx.generator.get_state()}
 
 
 def format_table(result: dict) -> str:

@@ -23,8 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attacks import fgsm, pgd, threat_model
-from .evaluate import default_alpha
+from .attacks import default_alpha, fgsm, pgd, threat_model
 from .modes import train_mode
 from .progress import Progress
 

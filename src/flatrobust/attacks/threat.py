@@ -88,3 +88,9 @@ def threat_model(norm: str, eps: float):
     if not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
         raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
     return THREAT_MODELS[norm](float(eps))
+
+
+def default_alpha(norm: str, eps: float) -> float:
+    """PGD step size: the paper's steps scaled with eps, eps/4 for L-inf (2/255 at 8/255) and eps * 15/128
+    for L2 (15/255 at 128/255), the step sizes of AWP's official training and evaluation code."""
+    return eps / 4 if norm == "linf" else eps * 15 / 128

@@ -11,21 +11,20 @@ A plain state_dict file (`torch.save(model.state_dict())`, as `init_from` takes)
 Writes eval.json next to the checkpoint (or --out): the resolved evaluation config and the command that
 reproduces it, the training config, per-attack results, the trust checks, and the versions used.
 `--weights ema` evaluates the moving average of the weights (runs trained with ema.decay > 0) and writes
-eval_ema.json instead.
-A thin layer over `flatrobust.evaluate.evaluate`.
+eval_ema.json instead. While it runs, finished chunks of every attack are kept in eval.parts/ (eval_ema.parts/)
+beside it (`flatrobust.evalstore`): the same command run again after an interruption continues where it
+stopped and gives the result it would have given uninterrupted; other arguments are refused until
+`--restart`. The folder is deleted once the JSON is written. A thin layer over `flatrobust.evaluate.evaluate`.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
-import os
 import platform
 import re
 import shlex
-import sys
-import tempfile
+import shutil
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -33,6 +32,7 @@ import torch
 
 from ..attacks import format_eps
 from ..errors import UserError
+from ..evalstore import write_json
 from ..evaluate import PROTOCOL, default_alpha, evaluate, format_table, require_autoattack, resolve_attacks
 
 _NUMBER = r"\s*[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?\s*"
@@ -77,6 +77,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-checks", action="store_true", help="skip the trust checks")
     p.add_argument("--weights", choices=("raw", "ema"), default="raw",
                    help="the trained weights (default) or their moving average (runs with ema.decay > 0); ema writes eval_ema.json")
+    p.add_argument("--chunk-size", type=int, default=None,
+                   help="examples per chunk kept on disk (a multiple of --batch-size; default the multiple nearest to 1000)")
+    p.add_argument("--restart", action="store_true", help="delete the partial results of an earlier run (OUT's .parts folder) and start over")
 
 
 def _device(name: str) -> torch.device:
@@ -118,21 +121,6 @@ def _environment(device: torch.device) -> dict:
     if device.type == "cuda":
         env["device_name"] = torch.cuda.get_device_name(device)
     return env
-
-
-def _write_json(obj: dict, path: Path) -> None:
-    """Atomically: a crash never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def data_from_arg(text: str) -> dict:
@@ -208,6 +196,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.checks_n < 1:
         raise UserError(f"--checks-n must be >= 1, got {args.checks_n}")
+    if args.chunk_size is not None and (args.chunk_size < 1 or args.chunk_size % args.batch_size):
+        raise UserError(f"--chunk-size must be a positive multiple of --batch-size ({args.batch_size}), got {args.chunk_size}")
     if args.eps is not None:
         parse_pixels(args.eps, "--eps")  # fail on a bad value before loading anything
     device = _device(args.device)
@@ -248,10 +238,17 @@ def run(args: argparse.Namespace) -> int:
     if args.n is not None:
         test = test.subset(args.n, seed=args.seed)
 
+    out = Path(args.out) if args.out else ckpt_file.parent / ("eval.json" if args.weights == "raw" else "eval_ema.json")
+    parts = out.with_suffix(".parts")
     print(f"evaluating {ckpt_file}{' (EMA weights)' if args.weights == 'ema' else ''} ({cfg['model']}, {data_cfg['name']} test, {len(test)} examples) "
-          f"under {norm} eps={format_eps(eps)} on {device}", flush=True)
+          f"under {norm} eps={format_eps(eps)} on {device}; finished chunks kept in {parts}", flush=True)
     result = evaluate(model, test.x, test.y, attacks=names, norm=norm, eps=eps, alpha=alpha, batch_size=args.batch_size,
-                      seed=args.seed, device=device, progress=True, checks=not args.no_checks, checks_n=args.checks_n)
+                      seed=args.seed, device=device, progress=True, checks=not args.no_checks, checks_n=args.checks_n,
+                      resume_dir=parts, chunk_size=args.chunk_size, restart=args.restart)
+    reused = sum(result["chunks"]["reused"].values())
+    if reused:
+        print(f"continued an interrupted evaluation: {reused} finished chunk(s) of {len(names) * result['chunks']['count']} "
+              f"read from {parts}")
 
     print(format_table(result))
     if result["checks"] is not None:
@@ -262,10 +259,10 @@ def run(args: argparse.Namespace) -> int:
               + (f"{len(failed)} FAILED ({', '.join(failed)})" if failed else "all passed"))
         print(format_checks(result["checks"]))
 
-    out = Path(args.out) if args.out else ckpt_file.parent / ("eval.json" if args.weights == "raw" else "eval_ema.json")
     command = ["flatrobust", "eval", str(ckpt_file), "--attacks", ",".join(names), "--norm", norm, "--eps", repr(eps),
                "--alpha", repr(result["alpha"]), "--seed", str(args.seed), "--batch-size", str(args.batch_size)]
     command += ["--n", str(args.n)] if args.n is not None else []
+    command += ["--chunk-size", str(result["chunks"]["size"])]
     # the number of examples the checks ran on: --checks-n, or all n when that is fewer (so the command and
     # config.checks_n agree and the command repeats the same checks)
     command += ["--no-checks"] if args.no_checks else ["--checks-n", str(result["checks_n"])]
@@ -286,12 +283,13 @@ def run(args: argparse.Namespace) -> int:
                             "n": args.n, "subset_seed": args.seed if args.n is not None else None},
                    "weights": args.weights, "attacks": names, "norm": norm, "eps": eps, "alpha": result["alpha"],
                    "alpha_default": default_alpha(norm, eps), "batch_size": args.batch_size, "seed": args.seed,
-                   "checks": not args.no_checks, "checks_n": result["checks_n"]},
+                   "checks": not args.no_checks, "checks_n": result["checks_n"], "chunk_size": result["chunks"]["size"]},
         "train_config": cfg if ckpt else None,  # None for a plain state_dict
         "checkpoint_kind": "state_dict" if args.model is not None else "flatrobust",
         "environment": _environment(device),
         **{k: result[k] for k in ("n", "attacks", "worst_case", "checks", "seconds")},
     }
-    _write_json(report, out)
+    write_json(report, out)
+    shutil.rmtree(parts, ignore_errors=True)  # finished: the partial results have served their purpose
     print(f"wrote {out}")
     return 0

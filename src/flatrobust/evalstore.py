@@ -1,0 +1,100 @@
+"""Finished chunks of a long evaluation kept on disk, so that an interrupted evaluation continues.
+
+A store is a folder (`flatrobust eval` uses `eval.parts/` beside `eval.json`):
+
+    manifest.json        what the stored chunks were computed from: fingerprints (sha256) of the model's
+                         weights and of the data, threat model, PGD step, seed, batch size, chunk size, device type
+    ATTACK.CHUNK.pt      one finished chunk of one attack: which examples stayed robust, seconds, largest
+                         perturbation, examples outside the threat model, AutoAttack's per-stage masks and
+                         warnings, and the state of the attack's random generator after the chunk
+
+Every file is written atomically (`checkpoint.write_atomic`), so an interruption at any moment leaves only
+whole chunks. `open_store` refuses a folder whose manifest differs from the evaluation asked for (one line
+naming what differs); chunks are per attack and an attack's randomness depends only on (seed, attack name),
+so a rerun may add or drop attacks and still reuse the others' chunks.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .checkpoint import write_atomic
+from .errors import UserError
+
+MANIFEST = "manifest.json"
+
+
+def fingerprint_tensors(tensors: list[tuple[str, torch.Tensor]]) -> str:
+    """sha256 over names, dtypes, shapes and bytes of the tensors (moved to the CPU once)."""
+    h = hashlib.sha256()
+    for name, t in tensors:
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def fingerprint_model(model: nn.Module) -> str:
+    return fingerprint_tensors(list(model.state_dict().items()))
+
+
+def write_json(obj: Any, path: str | Path) -> None:
+    """JSON to `path`, atomically."""
+    text = json.dumps(obj, indent=2) + "\n"
+    write_atomic(path, lambda f: f.write(text.encode()))
+
+
+class ChunkStore:
+    def __init__(self, folder: Path):
+        self.folder = folder
+
+    def _path(self, attack: str, chunk: int) -> Path:
+        return self.folder / f"{attack}.{chunk:05d}.pt"
+
+    def load(self, attack: str, chunk: int) -> dict | None:
+        """A finished chunk, or None if it is not there (or unreadable: it is then computed again)."""
+        path = self._path(attack, chunk)
+        if not path.exists():
+            return None
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:  # noqa: BLE001 - a damaged chunk is recomputed, never trusted
+            return None
+
+    def save(self, attack: str, chunk: int, record: dict) -> None:
+        write_atomic(self._path(attack, chunk), lambda f: torch.save(record, f))
+
+    def count(self, attack: str) -> int:
+        return len(list(self.folder.glob(f"{attack}.*.pt")))
+
+
+def open_store(folder: str | Path, key: dict[str, Any], *, restart: bool = False) -> ChunkStore:
+    """The store in `folder` for an evaluation described by `key` (JSON values), created if needed.
+
+    UserError (one line) if `folder` holds chunks of an evaluation with another key; `restart` deletes them first.
+    """
+    folder = Path(folder)
+    manifest = folder / MANIFEST
+    if restart and folder.exists():
+        shutil.rmtree(folder)
+    if manifest.exists():
+        try:
+            stored = json.loads(manifest.read_text())
+        except (OSError, json.JSONDecodeError):
+            stored = None
+        if not isinstance(stored, dict) or stored != key:
+            differs = [k for k in key if not isinstance(stored, dict) or stored.get(k) != key[k]] or ["its manifest"]
+            raise UserError(f"{folder} holds partial results of an evaluation with other arguments ({', '.join(differs)} "
+                            "differ): pass --restart (restart=True in Python) to delete them and start over, or write the results elsewhere")
+    elif folder.exists() and any(folder.iterdir()):
+        raise UserError(f"{folder} exists and is not a store of partial evaluation results (no {MANIFEST}): "
+                        "move it away or write the results elsewhere")
+    else:
+        write_json(key, manifest)
+    return ChunkStore(folder)
