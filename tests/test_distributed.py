@@ -107,3 +107,44 @@ def test_torchrun_training_two_processes(tmp_path):
     assert lines[-1]["test_clean_acc"] == pytest.approx(clean, abs=1e-9)
     assert lines[-1]["train_clean_acc"] == pytest.approx(clean_train, abs=1e-9)
     assert 0 <= lines[-1]["test_robust_acc"] <= lines[-1]["test_clean_acc"]
+
+
+def _fit_worker(rank: int, world: int, jobs: list[tuple[int, list[str], int | None, str | None]]) -> None:
+    """Each job (port, overrides, stop_after_steps, resume_dir) is one `fit` under DDP, one after the other."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    from flatrobust.config import load_config
+    from flatrobust.train import fit
+
+    for port, over, stop, resume in jobs:
+        os.environ["MASTER_PORT"] = str(port)
+        fit(load_config("recipes/digits_at_awp.yaml", over), progress=False, stop_after_steps=stop, resume_dir=resume)
+
+
+def test_ddp_mid_epoch_checkpoint_resumes_exactly(tmp_path):
+    """checkpoint_every under 2 processes: stopped inside an epoch and resumed with 2 processes, the run ends
+    bit-identical to the uninterrupted one (each process's noise stream is in the checkpoint); resuming it with
+    another number of processes is refused with one line."""
+    import json
+
+    from flatrobust.config import load_config
+    from flatrobust.errors import UserError
+    from flatrobust.train import TIMING_KEYS, fit
+
+    over = ["awp.warmup=0", "data.train_subset=256", "data.eval_subset=32", "batch_size=64", "attack.steps=1",
+            "eval.steps=1", "epochs=2", "checkpoint_every=1", "device=cpu", f"out_dir={tmp_path}"]
+    cut = tmp_path / "cut"
+    jobs = [(_free_port(), over + ["name=full"], None, None), (_free_port(), over + ["name=cut"], 6, None)]  # cut: epoch 2, step 2
+    mp.spawn(_fit_worker, args=(2, jobs), nprocs=2, join=True)
+    stopped = torch.load(cut / "last.pt", weights_only=True)
+    assert (stopped["epoch"], stopped["batch"], stopped["world_size"], len(stopped["ranks"])) == (1, 2, 2, 2)
+    assert not torch.equal(stopped["ranks"][0]["noise_state"], stopped["ranks"][1]["noise_state"])
+    with pytest.raises(UserError, match="taken inside epoch 2 by 2 process"):
+        fit(load_config(cut / "config.yaml"), resume_dir=cut, progress=False)
+    mp.spawn(_fit_worker, args=(2, [(_free_port(), over + ["name=cut"], None, str(cut))]), nprocs=2, join=True)
+    a, b = (torch.load(tmp_path / n / "last.pt", weights_only=True) for n in ("full", "cut"))
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    rows = [[{k: v for k, v in json.loads(ln).items() if k not in TIMING_KEYS and k != "eval_time_s"}
+             for ln in (tmp_path / n / "metrics.jsonl").read_text().splitlines()] for n in ("full", "cut")]
+    assert rows[0] == rows[1] and len(rows[0]) == 2

@@ -138,6 +138,14 @@ class Dist:
         torch.distributed.all_reduce(t)
         return t.tolist()
 
+    def gather(self, obj: Any) -> list[Any]:
+        """Every process's `obj`, in rank order, on every process (a collective)."""
+        if self.world == 1:
+            return [obj]
+        out: list[Any] = [None] * self.world
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
     def barrier(self) -> None:
         if self.world > 1:
             torch.distributed.barrier()
@@ -148,8 +156,6 @@ def init_distributed(cfg: RunConfig) -> Dist:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return Dist()
-    if cfg.checkpoint_every:
-        raise UserError("checkpoint_every is not supported with several processes: checkpoints are written at epoch ends")
     if not torch.distributed.is_initialized():
         cuda = cfg.device != "cpu" and torch.cuda.is_available()
         torch.distributed.init_process_group("nccl" if cuda else "gloo")
@@ -344,6 +350,17 @@ def _fetch(data: TensorData, idx: torch.Tensor, device: torch.device) -> tuple[t
     return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
 
 
+def _own_position(state: dict, dist: Dist) -> dict:
+    """This process's noise state, epoch sums and RNG states from a checkpoint (its entry of `ranks` when
+    it was taken inside an epoch under DDP). A checkpoint from inside an epoch resumes only with the
+    number of processes that wrote it: every process's noise stream is part of the exact resume."""
+    ranks, world = state.get("ranks"), state.get("world_size", 1)
+    if state["batch"] > 0 and world != dist.world:
+        raise UserError(f"the checkpoint was taken inside epoch {state['epoch'] + 1} by {world} process(es): resume it with "
+                        f"{world} (torchrun --nproc_per_node={world}), or from an epoch-end checkpoint with any number")
+    return ranks[dist.rank] if ranks is not None else state
+
+
 def _check_weights_finite(model: nn.Module, where: str, run_dir: Path) -> None:
     """Refuse to checkpoint non-finite weights (one host sync, at checkpoint time only)."""
     tensors = [t for t in [*model.parameters(), *model.buffers()] if t.is_floating_point()]
@@ -477,10 +494,11 @@ def _loop(run: Run, run_dir: Path, state: dict | None, *, progress: bool, stop_a
             run.ema.load_state_dict(state["ema"])
         start_epoch, start_batch, best = state["epoch"], state["batch"], state["best"]
         skipped_total = state.get("skipped", 0)
-        resume_noise, epoch_sums = state.get("noise_state"), state.get("epoch_sums")
-        torch.set_rng_state(state["torch_rng"])
-        if device.type == "cuda" and state.get("cuda_rng") is not None:
-            torch.cuda.set_rng_state(state["cuda_rng"], device)
+        own = _own_position(state, dist)
+        resume_noise, epoch_sums = own.get("noise_state"), own.get("epoch_sums")
+        torch.set_rng_state(own["torch_rng"])
+        if device.type == "cuda" and own.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(own["cuda_rng"], device)
         history = _truncate_metrics(metrics_path, start_epoch) if dist.main else []
     else:
         history = _truncate_metrics(metrics_path, 0) if dist.main else []
@@ -491,14 +509,16 @@ def _loop(run: Run, run_dir: Path, state: dict | None, *, progress: bool, stop_a
     def checkpoint(path: Path, epoch: int, batch: int, noise: torch.Generator | None, sums: dict | None) -> None:
         # epoch/batch as resume reads them: (e, 0) after epoch e (1-based), (e, b) after step b of epoch e + 1
         _check_weights_finite(model, f"epoch {epoch + 1}, step {batch}" if batch else f"epoch {epoch}", run_dir)
+        position = {"noise_state": noise.get_state() if noise is not None else None, "epoch_sums": sums,
+                    "torch_rng": torch.get_rng_state(), "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+        # Under DDP each process has its own noise, sums and RNG inside an epoch: all of them go into the file.
+        ranks = dist.gather(position) if dist.world > 1 and batch else None
         if not dist.main:
             return
         save_checkpoint({
             "config": cfg.to_dict(), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "epoch": epoch, "batch": batch, "best": best, "skipped": skipped_total,
-            "noise_state": noise.get_state() if noise is not None else None, "epoch_sums": sums,
-            "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+            "epoch": epoch, "batch": batch, "best": best, "skipped": skipped_total, **position,
+            "world_size": dist.world, "ranks": ranks,
             "awp": run.awp.state_dict() if run.awp is not None else None,
             "ema": run.ema.state_dict() if run.ema is not None else None,
             "data_info": run.info.to_dict() if run.info is not None else None,
