@@ -54,3 +54,13 @@ def trained_cnn(digits):
 def accuracy(model, x, y) -> float:
     with torch.no_grad():
         return (model(x).argmax(1) == y).float().mean().item()
+
+
+def write_digits_checkpoint(path, model, eps: float):
+    """A checkpoint as `flatrobust train` writes it for `model` (a digits SmallCNN) trained at L-inf `eps`."""
+    from flatrobust.checkpoint import save_checkpoint
+
+    cfg = {"model": "smallcnn", "seed": 0, "data": {"name": "digits", "root": None, "download": False},
+           "attack": {"norm": "linf", "eps": eps, "alpha": eps / 4, "steps": 10}}
+    save_checkpoint({"config": cfg, "model": model.state_dict(), "epoch": 7}, path)
+    return path

@@ -9,8 +9,8 @@ import json
 import pytest
 import torch
 
+from conftest import write_digits_checkpoint
 from flatrobust import evaluate as evaluate_module
-from flatrobust.checkpoint import save_checkpoint
 from flatrobust.cli import main
 from flatrobust.errors import UserError
 from flatrobust.evaluate import evaluate
@@ -95,11 +95,7 @@ def test_other_arguments_refuse_to_mix(trained_cnn, digits, tmp_path):
 
 @pytest.fixture
 def checkpoint(tmp_path, trained_cnn):
-    cfg = {"model": "smallcnn", "seed": 0, "data": {"name": "digits", "root": None, "download": False},
-           "attack": {"norm": "linf", "eps": EPS, "alpha": EPS / 4, "steps": 10}}
-    path = tmp_path / "run" / "best.pt"
-    save_checkpoint({"config": cfg, "model": trained_cnn.state_dict(), "epoch": 7}, path)
-    return path
+    return write_digits_checkpoint(tmp_path / "run" / "best.pt", trained_cnn, EPS)
 
 
 def test_cli_continues_and_refuses_other_arguments(checkpoint, capsys, monkeypatch):

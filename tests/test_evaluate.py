@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+from conftest import write_digits_checkpoint
 from flatrobust import models
 from flatrobust.checkpoint import save_checkpoint
 from flatrobust.cli import main
@@ -29,11 +30,7 @@ def one_thread():
 @pytest.fixture
 def checkpoint(tmp_path, trained_cnn):
     """A checkpoint as `flatrobust train` writes it, holding the conftest CNN, in a run directory."""
-    cfg = {"model": "smallcnn", "seed": 0, "data": {"name": "digits", "root": None, "download": False},
-           "attack": {"norm": "linf", "eps": EPS, "alpha": EPS / 4, "steps": 10}}
-    path = tmp_path / "run" / "best.pt"
-    save_checkpoint({"config": cfg, "model": trained_cnn.state_dict(), "epoch": 7}, path)
-    return path
+    return write_digits_checkpoint(tmp_path / "run" / "best.pt", trained_cnn, EPS)
 
 
 def _without_time(result):
