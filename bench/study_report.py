@@ -254,7 +254,10 @@ def write(out: Path, docs: Path, rows, gamma_curve) -> Path:
               "of the first seed of each row, best and last checkpoint.", "", "![landscapes](results/landscapes.png)", ""]
     L += _gamma(runs, gamma_curve, figs)
     L += _scatter(runs, figs)
-    L += _claims(runs)
+    L += ["## The paper's claims, here", "",
+          "Each marked *held*, *did not hold* or *not measured yet*, with the numbers (means over finished seeds), per setting.", ""]
+    L += _claims(runs, "at", "at_awp", "Setting v1")
+    L += _claims(runs, "at_v2", "at_awp_v2", "Setting v2")
     L += _commands()
     path = docs / "RESULTS.md"
     path.write_text("\n".join(L).rstrip() + "\n")
@@ -319,7 +322,7 @@ def _probes(out: Path, runs, figs) -> list[str]:
             ms = [json.loads(ln) for ln in (d / "metrics.jsonl").read_text().splitlines() if ln.strip()]
             if ms:
                 probes.append(RunData(d.name, "probe", -1, yaml.safe_load((d / "config.yaml").read_text()), ms))
-    v1 = [r for r in runs.get("at", []) if r.seed == 0]
+    v1 = [r for k in ("at", "at_v2") for r in runs.get(k, []) if r.seed == 0]
     shown = v1 + probes
     if not shown:
         return []
@@ -438,11 +441,10 @@ def _scatter(runs, figs) -> list[str]:
     return out if any_fig else out + ["No flatness measured yet.", ""]
 
 
-def _claims(runs) -> list[str]:
-    at = [r for r in runs.get("at", []) if r.finished]
-    awp = [r for r in runs.get("at_awp", []) if r.finished]
-    out = ["## The paper's claims, here", "",
-           "Each marked *held*, *did not hold* or *not measured yet*, with the numbers (means over finished seeds; AT vs AT-AWP).", ""]
+def _claims(runs, at_key: str, awp_key: str, title: str) -> list[str]:
+    at = [r for r in runs.get(at_key, []) if r.finished]
+    awp = [r for r in runs.get(awp_key, []) if r.finished]
+    out = [f"### {title} (AT vs AT-AWP)", ""]
 
     def line(claim: str, verdict: str, numbers: str) -> None:
         out.append(f"- **{claim}**: {verdict}. {numbers}")
@@ -473,9 +475,12 @@ def _claims(runs) -> list[str]:
         sd = math.sqrt((statistics.variance(a) if len(a) > 1 else 0) / len(a) + (statistics.variance(b) if len(b) > 1 else 0) / len(b))
         better = mb > ma if higher_better else mb < ma
         noise = len(a) < 2 or len(b) < 2 or abs(mb - ma) <= 2 * sd
-        verdict = ("held" if better else "did not hold") + (" (within seed noise: |difference| <= 2 standard errors, or one seed)" if noise else "")
-        line(claim, verdict, f"AT {ma:.3g}, AT-AWP {mb:.3g} {unit} (difference {mb - ma:+.3g}; standard error {sd:.2g}; "
-                             f"{len(a)} and {len(b)} seeds).")
+        if len(a) < 2 or len(b) < 2:
+            verdict, err = "not judged (one seed: no noise estimate)", "one seed"
+        else:
+            verdict = ("held" if better else "did not hold") + (" (within seed noise: |difference| <= 2 standard errors)" if noise else "")
+            err = f"standard error {sd:.2g}; {len(a)} and {len(b)} seeds"
+        line(claim, verdict, f"AT {ma:.3g}, AT-AWP {mb:.3g} {unit} (difference {mb - ma:+.3g}; {err}).")
 
     cmp("AWP flattens the landscape (average-case flatness of the last checkpoint, lower is flatter)", lambda r: r.flat("last", "average"), False, "nats")
     cmp("AWP flattens the landscape (worst-case flatness of the last checkpoint)", lambda r: r.flat("last", "worst"), False, "nats")
