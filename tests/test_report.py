@@ -231,3 +231,17 @@ def test_report_shows_eps_as_the_recipe_writes_it_and_sample_sizes(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert [(r["monitor_n"], r["monitor_n_exact"]) for r in summary["runs"]] == [(359, False), (1000, True)]
     assert summary["runs"][1]["best"] == pytest.approx(40.0) and summary["runs"][1]["seconds"]["train"] == 3.0
+
+
+def test_a_training_warning_in_metrics_is_shown(tmp_path):
+    run = tmp_path / "digits_at_awp"
+    _fake_run(run, "digits_at_awp", [0.1, 0.1, 0.1], [0.1, 0.1, 0.1])
+    rows = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    rows[-1]["warning"] = "epochs 1-3 with AWP active: the model gives one class to 100.0% of the test images"
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    md = (tmp_path / "out" / "report.md")
+    assert main(["report", str(run), "--out", str(tmp_path / "out")]) == 0
+    assert "**Warning, digits_at_awp** (epoch 3): epochs 1-3 with AWP active" in md.read_text()
+    _fake_run(tmp_path / "plain", "plain", [0.1, 0.2], [0.1, 0.2])
+    assert main(["report", str(tmp_path / "plain"), "--out", str(tmp_path / "out2")]) == 0
+    assert "**Warning," not in (tmp_path / "out2" / "report.md").read_text()

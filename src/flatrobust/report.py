@@ -668,6 +668,10 @@ def write_report(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike =
     lines += _table(["run", "best epoch", "test robust @best (%)", "last epoch", "test robust @last (%)",
                      "best - last (pts)", "train robust @last (%)", "gap @last (pts)", "test clean @last (%)"], rows)
     lines += sentences + [""]
+    for r in runs:  # warnings the training loop stored in metrics.jsonl (e.g. an AWP collapse)
+        warned = [m for m in r.metrics if isinstance(m.get("warning"), str)]
+        if warned:
+            lines += [f"**Warning, {r.name}** (epoch {warned[-1]['epoch']}): {warned[-1]['warning']}", ""]
     lines += _ema_section(runs)
 
     plot_robust_accuracy(runs, out / "fig_robust_accuracy.png")

@@ -28,6 +28,7 @@ from . import models
 from .attacks import pgd
 from .awp import AWP
 from .checkpoint import load_checkpoint, load_weights, save_checkpoint
+from .collapse import ChanceLevel, collapse_warning, top_class_share
 from .config import RunConfig, config_from_dict
 from .data import DATASETS, DataError, TensorData, augment, batches, load_extra, load_split, mixed_batch_sizes, mixed_batches
 from .ema import EMA
@@ -484,6 +485,7 @@ def _loop(run: Run, run_dir: Path, state: dict | None, *, progress: bool, stop_a
     aug = _augment_args(cfg)
     eval_attack = AttackConfig(eps=cfg.attack.eps, alpha=cfg.eval.alpha or cfg.attack.alpha, steps=cfg.eval.steps, norm=cfg.attack.norm)
     metrics_path = run_dir / "metrics.jsonl"
+    chance = ChanceLevel.of(run.eval_test.y)  # for the collapse check at epoch ends
 
     start_epoch, start_batch, best, skipped_total = 0, 0, -1.0, 0
     resume_noise, epoch_sums = None, None
@@ -604,6 +606,7 @@ def _loop(run: Run, run_dir: Path, state: dict | None, *, progress: bool, stop_a
         if run.ema is not None:
             accs |= evaluate_weights(run.ema_forward, run, eval_attack, prefix="ema_")
         test_clean, test_rob, train_rob = accs["test_clean_acc"], accs["test_robust_acc"], accs["train_robust_acc"]
+        top_share = top_class_share(run.local_forward, run.eval_test.x, batch_size=cfg.eval.batch_size)  # collapse check
         sums["loss"], sums["correct"], sums["seen"] = dist.all_sum([sums["loss"], sums["correct"], sums["seen"]], device)
         record = {
             "epoch": epoch + 1, "step": (epoch + 1) * steps_per_epoch, "lr": lr_at((epoch + 1) * steps_per_epoch - 1, total_steps, cfg),
@@ -611,10 +614,14 @@ def _loop(run: Run, run_dir: Path, state: dict | None, *, progress: bool, stop_a
             "train_batch_adv_acc": sums["correct"] / max(sums["seen"], 1),  # on the training batches, at w + v
             **accs,  # train/test clean and robust accuracy and the gap; with EMA the same again as ema_*
             "eval_n": len(run.eval_test),  # images in each of the fixed test and train monitoring subsets
+            "test_top_class_share": top_share,  # share of test images given the most frequent class (collapse check)
             "skipped_batches": sums["skipped"], "epoch_time_s": sums["time"], "eval_time_s": time.time() - t_eval,
             "images_per_s": sums["seen"] / max(sums["time"], 1e-9),
         }
         history.append(record)
+        warning = collapse_warning(history, chance=chance)  # AWP killed the model?
+        if warning:
+            record["warning"] = warning
         is_best = test_rob > best
         if is_best:
             best = test_rob
@@ -634,6 +641,8 @@ def _loop(run: Run, run_dir: Path, state: dict | None, *, progress: bool, stop_a
                   f"test PGD-{cfg.eval.steps} {test_rob:.2%}  train PGD-{cfg.eval.steps} {train_rob:.2%}  gap {record['gap']:+.2%}{awp_text}"
                   + (f"  EMA: test clean {accs['ema_test_clean_acc']:.2%}  test PGD-{cfg.eval.steps} {accs['ema_test_robust_acc']:.2%}"
                      if run.ema is not None else "") + f"{'  (best)' if is_best else ''}", file=sys.stderr)
+        if warning and dist.main and not (len(history) > 1 and history[-2].get("warning")):  # once per collapse
+            print(f"flatrobust: warning: {warning}", file=sys.stderr)
     if tb is not None:
         tb.close()
     if progress:
