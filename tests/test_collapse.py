@@ -112,3 +112,20 @@ def test_the_digits_recipe_collapse_is_detected(tmp_path, capsys, warmup, collap
         assert rows[-1]["test_top_class_share"] == 1.0 and "warning" in rows[-1]
     else:
         assert rows[-1]["test_clean_acc"] > 0.8
+
+
+def test_the_tool_replays_the_training_run(tmp_path, capsys):
+    """tools/awp_collapse.py (the measurements of docs/AWP_COLLAPSE.md) follows `flatrobust train` exactly."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    over = [*TINY, "awp.gamma=0.01", "awp.warmup=0", "epochs=2"]
+    rows, _ = _run(tmp_path, capsys, "recipes/digits_at_awp.yaml", over)
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, str(root / "tools" / "awp_collapse.py"), "outcome", *over, "--epochs", "2"],
+                         capture_output=True, text=True, check=True, timeout=300, cwd=root)
+    replay = json.loads(out.stdout.splitlines()[-1])["epochs"]
+    assert [e["train_loss"] for e in replay] == [round(r["train_loss"], 4) for r in rows]
+    assert [e["test_clean_acc"] for e in replay] == [round(r["test_clean_acc"], 3) for r in rows]
+    assert [e["top_class_share"] for e in replay] == [round(r["test_top_class_share"], 3) for r in rows]
