@@ -202,8 +202,8 @@ def cmd_outcome(args) -> None:
     per_epoch = []
 
     def step(epoch, step_no, x, y, noise, awp_now):
-        loss, correct = train_step(run.model, run.objective, run.optimizer, x, y, awp=awp_now, generator=noise)
-        return loss.item(), correct.item()
+        result = train_step(run.model, run.objective, run.optimizer, x, y, awp=awp_now, generator=noise)
+        return result.loss.item(), result.correct.item()
 
     def epoch_end(epoch, train_loss, batch_adv_acc):
         logits = taps.forward(run.model, run.eval_test.x, train=False)
