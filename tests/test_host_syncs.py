@@ -143,7 +143,8 @@ def test_fit_syncs_only_at_reads_checkpoints_and_evaluation(tmp_path, monkeypatc
     with counter.installed(monkeypatch):
         fit(cfg, progress=False)
         counter.active = False
-    allowed = ("guard.py:", "_check_weights_finite", "_accuracy")  # metric reads, checkpoints, evaluation
+    # metric reads, checkpoints, evaluation (accuracies; the top predicted-class share of the collapse check)
+    allowed = ("guard.py:", "_check_weights_finite", "_accuracy", "top_class_share")
     bad = [c for c in counter.calls if not any(a in c[1] for a in allowed)]
     assert bad == [], bad
     reads = [c for c in counter.calls if "guard.py" in c[1]]
