@@ -11,9 +11,10 @@ import math
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import yaml
+
+from flatrobust.report import _table  # the Markdown table of `flatrobust report`
 
 CKPTS = ("best", "last")
 
@@ -67,6 +68,16 @@ def _json(path: Path) -> dict | None:
         return None
 
 
+def _metrics(path: Path) -> list[dict]:
+    """metrics.jsonl as fractions, one record per epoch (a resumed run may log an epoch again: the last wins)."""
+    by_epoch = {}
+    for ln in path.read_text().splitlines():
+        if ln.strip():
+            r = json.loads(ln)
+            by_epoch[r["epoch"]] = r
+    return [by_epoch[k] for k in sorted(by_epoch)]
+
+
 def load(out: Path, rows) -> dict[str, list[RunData]]:
     by_row: dict[str, list[RunData]] = {}
     for row in rows:
@@ -74,14 +85,10 @@ def load(out: Path, rows) -> dict[str, list[RunData]]:
             d = out / row.run_name(seed)
             if not (d / "config.yaml").is_file() or not (d / "metrics.jsonl").is_file():
                 continue
-            by_epoch = {}
-            for ln in (d / "metrics.jsonl").read_text().splitlines():
-                if ln.strip():
-                    r = json.loads(ln)
-                    by_epoch[r["epoch"]] = r
-            if not by_epoch:
+            metrics = _metrics(d / "metrics.jsonl")
+            if not metrics:
                 continue
-            run = RunData(d.name, row.key, seed, yaml.safe_load((d / "config.yaml").read_text()), [by_epoch[k] for k in sorted(by_epoch)])
+            run = RunData(d.name, row.key, seed, yaml.safe_load((d / "config.yaml").read_text()), metrics)
             for kind in ("eval", "aa"):
                 for ck in CKPTS:
                     if (j := _json(d / f"{kind}_{ck}.json")) is not None:
@@ -110,11 +117,6 @@ def _ms(values: list[float | None], digits: int = 1) -> str:
 def _mean(values: list[float | None]) -> float | None:
     v = [x for x in values if x is not None]
     return statistics.mean(v) if v else None
-
-
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    return ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|",
-            *["| " + " | ".join(r) + " |" for r in rows], ""]
 
 
 def _spearman(x: list[float], y: list[float]) -> tuple[float, float] | None:
@@ -319,7 +321,7 @@ def _probes(out: Path, runs, figs) -> list[str]:
     probes = []
     for d in sorted((out.parent / "probes").glob("*")):
         if (d / "metrics.jsonl").is_file() and (d / "config.yaml").is_file():
-            ms = [json.loads(ln) for ln in (d / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+            ms = _metrics(d / "metrics.jsonl")
             if ms:
                 probes.append(RunData(d.name, "probe", -1, yaml.safe_load((d / "config.yaml").read_text()), ms))
     v1 = [r for k in ("at", "at_v2") for r in runs.get(k, []) if r.seed == 0]

@@ -26,15 +26,20 @@ def _poison(monkeypatch, bad_calls: set[int]):
     monkeypatch.setattr(objectives.AT, "loss_and_logits", poisoned)
 
 
-def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
-    _poison(monkeypatch, {4})  # 2 steps per epoch: call 4 is epoch 2, step 2
-    # gamma=0: with AWP on, the ascent also calls loss() and the calls would no longer count steps
+def _stops_keeping_epoch_1(tmp_path, pattern):
+    """A tiny run (awp.gamma=0: with AWP on, the ascent calls the poisoned functions too and calls no longer
+    count steps) stops with `pattern` in epoch 2, its last.pt still epoch 1's, every weight finite."""
     cfg = load_config("recipes/digits_at_awp.yaml", TINY + [f"out_dir={tmp_path}", "awp.gamma=0"])
-    with pytest.raises(NonFiniteError, match=r"epoch 2, step 2 .*training loss is nan"):
+    with pytest.raises(NonFiniteError, match=pattern):
         fit(cfg, progress=False)
     ckpt = torch.load(tmp_path / "digits_at_awp" / "last.pt", weights_only=True)
     assert ckpt["epoch"] == 1
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+
+
+def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    _poison(monkeypatch, {4})  # 2 steps per epoch: call 4 is epoch 2, step 2
+    _stops_keeping_epoch_1(tmp_path, r"epoch 2, step 2 .*training loss is nan")
 
 
 def test_nonfinite_awp_gradient_names_the_layer(tmp_path, monkeypatch):
@@ -106,12 +111,7 @@ def test_nonfinite_weights_after_a_finite_loss_are_never_checkpointed(tmp_path, 
         return out
 
     monkeypatch.setattr(torch.optim.SGD, "step", step)
-    cfg = load_config("recipes/digits_at_awp.yaml", TINY + [f"out_dir={tmp_path}", "awp.gamma=0"])
-    with pytest.raises(NonFiniteError, match=r"weights are non-finite after epoch 2"):
-        fit(cfg, progress=False)
-    ckpt = torch.load(tmp_path / "digits_at_awp" / "last.pt", weights_only=True)
-    assert ckpt["epoch"] == 1
-    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+    _stops_keeping_epoch_1(tmp_path, r"weights are non-finite after epoch 2")
 
 
 @pytest.mark.parametrize("awp_on", [False, True], ids=["plain", "awp"])

@@ -266,7 +266,7 @@ def _merge(base: dict, extra: dict) -> dict:
 
 
 def validate(cfg: RunConfig) -> RunConfig:
-    flat = _flatten(cfg.to_dict())
+    flat = _flatten(cfg)
     for key, choices in CHOICES.items():
         if flat[key] not in choices:
             close = difflib.get_close_matches(str(flat[key]), choices, n=1, cutoff=0.4)
@@ -313,13 +313,16 @@ def _validate_data(cfg: RunConfig) -> None:
         raise UserError(f"data.channels must be one of 0 (as the images are), 1 (greyscale), 3 (RGB), got {d.channels}")
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+def _flatten(section: Any, prefix: str = "") -> dict[str, Any]:
+    """Dotted key -> value of every leaf of a config; sections are the dataclass fields, so a dict-valued
+    key such as model_args stays one value."""
     out = {}
-    for k, v in tree.items():
-        if isinstance(v, dict) and f"{prefix}{k}" != "model_args":
-            out.update(_flatten(v, f"{prefix}{k}."))
+    for f in dataclasses.fields(section):
+        v = getattr(section, f.name)
+        if dataclasses.is_dataclass(v):
+            out.update(_flatten(v, f"{prefix}{f.name}."))
         else:
-            out[prefix + k] = v
+            out[prefix + f.name] = v
     return out
 
 
