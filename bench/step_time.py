@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import sys
 import warnings
 from pathlib import Path
@@ -118,6 +119,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 2)[2])
     p.add_argument("--model", default="smallcnn", choices=sorted(models.REGISTRY))
+    p.add_argument("--model-args", default="{}", type=json.loads,
+                   help='JSON keyword arguments of the model builder, e.g. \'{"width": 16, "stem_stride": 2}\'')
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--input", default=None, help="input shape CxHxW (default: 1x8x8 for smallcnn, 3x32x32 otherwise)")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | auto")
@@ -152,7 +155,7 @@ def main(argv=None) -> dict:
     device = common.resolve_device(args.device)
     shape = tuple(int(s) for s in args.input.split("x")) if args.input else DEFAULT_SHAPES.get(args.model, (3, 32, 32))
     torch.manual_seed(0)
-    base = models.create(args.model, num_classes=10, in_channels=shape[0])
+    base = models.create(args.model, num_classes=10, in_channels=shape[0], **args.model_args)
     g = torch.Generator().manual_seed(1)
     x = torch.rand((args.batch_size, *shape), generator=g).to(device)  # (B, C, H, W) in [0, 1]
     y = torch.randint(0, 10, (args.batch_size,), generator=g).to(device)
@@ -162,7 +165,7 @@ def main(argv=None) -> dict:
     times = common.interleaved({m: methods[m].step for m in methods}, device=device, warmup=args.warmup,
                                repeats=args.repeats, calls=args.steps, log=log)
     results: dict = {"env": common.environment(device), "config": {
-        "model": args.model, "input_shape": list(shape), "batch_size": args.batch_size, "steps_per_round": args.steps,
+        "model": args.model, "model_args": args.model_args, "input_shape": list(shape), "batch_size": args.batch_size, "steps_per_round": args.steps,
         "warmup": args.warmup, "repeats": args.repeats, "attack": {"norm": "linf", "eps": args.eps, "alpha": args.alpha,
         "steps": args.attack_steps}, "amp": args.amp, "channels_last": args.channels_last, "compile": args.compile,
         "parameters": sum(p.numel() for p in base.parameters())}, "methods": {}, "ratios": {}, "memory": {}}

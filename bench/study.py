@@ -21,7 +21,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,6 +55,11 @@ ROWS = [
     # Setting v2 probe (docs/RESULTS.md): 1,000 images seen 60 times; v1 above underfit after its decay.
     Row("at_v2", "AT, setting v2", "c10jpeg1k_at", (0,)),
     Row("at_awp_v2", "AT-AWP, setting v2", "c10jpeg1k_at_awp", (0,)),
+    # Setting v3 pilots: v2's 1,000 images seen 200 times in batches of 32, with (v3) and without (v3n) crop + flip.
+    Row("at_v3", "AT, setting v3", "c10jpeg3_at", (0,)),
+    Row("at_awp_v3", "AT-AWP, setting v3", "c10jpeg3_at_awp", (0,)),
+    Row("at_v3n", "AT, setting v3n", "c10jpeg3n_at", (0,)),
+    Row("at_awp_v3n", "AT-AWP, setting v3n", "c10jpeg3n_at_awp", (0,)),
 ]
 GAMMA_CURVE = [("0", "at"), ("0.0025", "gamma_0.0025"), ("0.005", "gamma_0.005"), ("0.01", "at_awp"), ("0.02", "gamma_0.02")]
 
@@ -68,7 +73,6 @@ class Task:
     needs: str | None = None  # the stage of the same run that must be done first
     done: bool = False
     running: bool = False
-    extra: dict = field(default_factory=dict)
 
 
 def _train_done(run_dir: Path) -> bool:
@@ -196,8 +200,9 @@ def _command(t: Task, dry: bool, train_argv: list[str]) -> int:
 
 
 def run(rows: list[Row], stages: set[str], jobs: int, dry: bool) -> int:
-    todo = [t for t in tasks(rows) if t.stage.split("_")[0] in stages]
-    state = {(t.run, t.stage): t for t in tasks(rows)}
+    every = tasks(rows)
+    state = {(t.run, t.stage): t for t in every}
+    todo = [t for t in every if t.stage.split("_")[0] in stages]
     lock, failed = threading.Lock(), []
 
     def next_task() -> Task | None:
@@ -224,7 +229,6 @@ def run(rows: list[Row], stages: set[str], jobs: int, dry: bool) -> int:
             with lock:
                 t.running = False
                 t.done = rc == 0 and (dry or (_train_done(OUT / t.run) if t.stage == "train" else t.output.is_file()))
-                state[(t.run, t.stage)].done = t.done
                 if not t.done:
                     failed.append(f"{t.run} {t.stage}")
                     todo.remove(t)
