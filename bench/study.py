@@ -32,6 +32,27 @@ N_ANALYSIS = 500  # flatness and landscape on a fixed subset of this many test i
 
 
 @dataclass(frozen=True)
+class Setting:
+    """One training setting of the study: its recipes are recipes/study/<prefix>_<method>.yaml."""
+
+    key: str
+    prefix: str
+    why: str  # why it was tried (docs/RESULTS.md prints it beside the numbers its recipe and runs give)
+    probe_methods: tuple[str, ...] = ("at", "at_awp")  # seed-0 rows while it is not MAIN
+
+
+SETTINGS = [
+    Setting("v1", "c10jpeg", "the first guess: a CPU-sized PreActResNet-18 on 3,000 images", ("at",)),
+    Setting("v2", "c10jpeg1k", "v1 was still underfitting after its decay: a third of the images, seen three times as often"),
+    Setting("v3", "c10jpeg3", "v2 still underfit its 1,000 images (training loss 1.9 at the end): 6.5 times the SGD steps, "
+                              "in batches of 32"),
+    Setting("v3n", "c10jpeg3n", "v3 without crop + flip, run beside it: memorizing is easier without augmentation"),
+]
+MAIN = "v3"  # the setting of the main comparison: AT vs AT-AWP over seeds, TRADES, the gamma curve
+METHODS = {"at": "AT", "at_awp": "AT-AWP", "trades": "TRADES", "trades_awp": "TRADES-AWP"}
+
+
+@dataclass(frozen=True)
 class Row:
     key: str
     label: str
@@ -39,28 +60,27 @@ class Row:
     seeds: tuple[int, ...]
     overrides: tuple[str, ...] = ()
     suffix: str = ""  # run name = recipe + suffix + _sSEED
+    setting: str = MAIN
+    method: str = "at"  # at, at_awp, trades, trades_awp (for colors and the claims)
 
     def run_name(self, seed: int) -> str:
         return f"{self.recipe}{self.suffix}_s{seed}"
 
 
-# In priority order: the main comparison first, the gamma curve (seed 0) and TRADES after.
-ROWS = [
-    Row("at", "AT", "c10jpeg_at", (0, 1, 2)),
-    Row("at_awp", "AT-AWP", "c10jpeg_at_awp", (0, 1, 2)),
-    Row("trades", "TRADES", "c10jpeg_trades", (0, 1)),
-    Row("trades_awp", "TRADES-AWP", "c10jpeg_trades_awp", (0, 1)),
-    *[Row(f"gamma_{g}", f"AT-AWP gamma {g}", "c10jpeg_at_awp", (0,), (f"awp.gamma={g}",), f"_g{g}")
-      for g in ("0.0025", "0.005", "0.02")],
-    # Setting v2 probe (docs/RESULTS.md): 1,000 images seen 60 times; v1 above underfit after its decay.
-    Row("at_v2", "AT, setting v2", "c10jpeg1k_at", (0,)),
-    Row("at_awp_v2", "AT-AWP, setting v2", "c10jpeg1k_at_awp", (0,)),
-    # Setting v3 pilots: v2's 1,000 images seen 200 times in batches of 32, with (v3) and without (v3n) crop + flip.
-    Row("at_v3", "AT, setting v3", "c10jpeg3_at", (0,)),
-    Row("at_awp_v3", "AT-AWP, setting v3", "c10jpeg3_at_awp", (0,)),
-    Row("at_v3n", "AT, setting v3n", "c10jpeg3n_at", (0,)),
-    Row("at_awp_v3n", "AT-AWP, setting v3n", "c10jpeg3n_at_awp", (0,)),
-]
+def _rows() -> list[Row]:
+    """In priority order: the main comparison first, the gamma curve (seed 0) and TRADES after, then the
+    seed-0 runs of the other settings."""
+    main = next(s for s in SETTINGS if s.key == MAIN)
+    rows = [Row(m, METHODS[m], f"{main.prefix}_{m}", seeds, method=m)
+            for m, seeds in (("at", (0, 1, 2)), ("at_awp", (0, 1, 2)), ("trades", (0, 1)), ("trades_awp", (0, 1)))]
+    rows += [Row(f"gamma_{g}", f"AT-AWP gamma {g}", f"{main.prefix}_at_awp", (0,), (f"awp.gamma={g}",), f"_g{g}", method="at_awp")
+             for g in ("0.0025", "0.005", "0.02")]
+    rows += [Row(f"{m}_{s.key}", f"{METHODS[m]}, setting {s.key}", f"{s.prefix}_{m}", (0,), setting=s.key, method=m)
+             for s in SETTINGS if s.key != MAIN for m in s.probe_methods]
+    return rows
+
+
+ROWS = _rows()
 GAMMA_CURVE = [("0", "at"), ("0.0025", "gamma_0.0025"), ("0.005", "gamma_0.005"), ("0.01", "at_awp"), ("0.02", "gamma_0.02")]
 
 
@@ -272,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         import study_report
 
-        study_report.write(OUT, Path(args.out), ROWS, GAMMA_CURVE)
+        study_report.write(OUT, Path(args.out), ROWS, GAMMA_CURVE, SETTINGS, MAIN, RECIPES)
         return 0
     keys = args.rows.split(",")
     unknown = [k for k in keys if k not in {row.key for row in ROWS}]

@@ -1,0 +1,77 @@
+"""bench/study_report.py (docs/RESULTS.md) reads run directories and judges the paper's claims from them alone."""
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _module(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "bench" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod  # dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    return mod
+
+
+study = _module("study")
+report = _module("study_report")
+
+CFG = {"model": "smallcnn", "model_args": {}, "epochs": 4, "batch_size": 32,
+       "data": {"train_subset": 100, "eval_subset": 50, "augment": "none"}}
+
+
+def _run(out: Path, name: str, test: list[float], train: list[float], evals: dict | None = None) -> None:
+    d = out / name
+    d.mkdir(parents=True)
+    (d / "config.yaml").write_text(yaml.safe_dump(CFG))
+    rows = [{"epoch": i + 1, "train_robust_acc": tr, "test_robust_acc": te, "train_clean_acc": tr + 0.1,
+             "gap": tr - te, "epoch_time_s": 60.0, "eval_time_s": 30.0} for i, (te, tr) in enumerate(zip(test, train))]
+    (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for ck, acc in (evals or {}).items():
+        (d / f"eval_{ck}.json").write_text(json.dumps({"attacks": {"pgd20": {"accuracy": acc}, "clean": {"accuracy": acc + 0.1}}}))
+
+
+def _write(tmp_path, runs: dict) -> str:
+    recipes, out, docs = tmp_path / "recipes", tmp_path / "results" / "c10jpeg", tmp_path / "docs"
+    recipes.mkdir()
+    (recipes / "toy_at.yaml").write_text(yaml.safe_dump(CFG))
+    settings = [study.Setting("vt", "toy", "a test")]
+    rows = [study.Row("at", "AT", "toy_at", (0, 1), setting="vt", method="at"),
+            study.Row("at_awp", "AT-AWP", "toy_at_awp", (0, 1), setting="vt", method="at_awp")]
+    for name, args in runs.items():
+        _run(out, name, *args)
+    report.write(out, docs, rows, [("0", "at"), ("0.01", "at_awp")], settings, "vt", recipes)
+    return (docs / "RESULTS.md").read_text()
+
+
+def test_overfitting_and_awp_claims_follow_the_runs(tmp_path):
+    # AT: test falls 10 points from its best (epoch 2) while train keeps rising; AT-AWP keeps its best to the end.
+    at = ([0.20, 0.40, 0.35, 0.30], [0.3, 0.5, 0.7, 0.9])
+    awp = ([0.20, 0.38, 0.38, 0.39], [0.3, 0.45, 0.5, 0.55])
+    text = _write(tmp_path, {"toy_at_s0": (*at, {"best": 0.40, "last": 0.30}), "toy_at_s1": (*at, {"best": 0.41, "last": 0.31}),
+                             "toy_at_awp_s0": (*awp, {"best": 0.38, "last": 0.38}), "toy_at_awp_s1": (*awp, {"best": 0.39, "last": 0.39})})
+    assert "- **Robust overfitting exists here" in text
+    line = next(ln for ln in text.splitlines() if ln.startswith("- **Robust overfitting"))
+    assert ": held." in line and "10.0, 10.0 points" in line and "+40.0, +40.0" in line
+    gap = next(ln for ln in text.splitlines() if "AWP narrows the robust generalization gap" in ln)
+    assert ": held" in gap and "AT 60, AT-AWP 16" in gap  # last-epoch gaps: 90-30 and 55-39 points
+    last = next(ln for ln in text.splitlines() if "AWP raises last-epoch robustness" in ln)
+    assert ": held" in last and "within seed noise" not in last  # 30.5 vs 38.5, SE 0.7
+    best = next(ln for ln in text.splitlines() if "AWP raises best-epoch robustness" in ln)
+    assert "did not hold" in best  # 40.5 vs 38.5
+    assert "AutoAttack agrees with PGD-20**: not measured yet" in text
+    assert "100 training images seen 4 times in batches of 32 (16 SGD steps, 8 after the first decay), no augmentation" in text
+    assert (tmp_path / "docs" / "results" / "curves_vt_at.png").is_file()
+
+
+def test_no_overfitting_and_unfinished_runs(tmp_path):
+    flat = ([0.20, 0.30, 0.31, 0.30], [0.3, 0.35, 0.36, 0.36])
+    text = _write(tmp_path, {"toy_at_s0": flat, "toy_at_awp_s0": ([0.2, 0.3], [0.3, 0.4])})  # AT-AWP stopped at epoch 2
+    line = next(ln for ln in text.splitlines() if ln.startswith("- **Robust overfitting"))
+    assert ": did not hold." in line and "1.0 points" in line
+    assert "| AT-AWP | vt | 0, 1 | 0 (+1 in progress)" in text
+    assert text.count("Needs finished AT and AT-AWP runs.") == 5
