@@ -2,7 +2,7 @@
 
     python bench/study.py run [--jobs 2] [--rows at,at_awp] [--stages train,pgd] [--dry-run]
     python bench/study.py status
-    python bench/study.py report            # rebuilds docs/RESULTS.md and docs/results/*.png
+    python bench/study.py report            # rebuilds docs/RESULTS.md, docs/results/*.png, README.md's results block
 
 `run` works through a fixed list of tasks (train every run, then the final evaluations, then AutoAttack,
 flatness and landscapes), `--jobs` at a time, each a `flatrobust` command on one thread. A task whose output
@@ -284,6 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("status", help="what is done")
     rep = sub.add_parser("report", help="rebuild docs/RESULTS.md and its figures from results/c10jpeg")
     rep.add_argument("--out", default=str(ROOT / "docs"), help="docs folder (default: docs/)")
+    rep.add_argument("--no-readme", dest="readme", action="store_false", help="leave README.md's results block alone")
     args = p.parse_args(argv)
     if args.cmd == "status":
         status(ROWS)
@@ -292,7 +293,8 @@ def main(argv: list[str] | None = None) -> int:
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         import study_report
 
-        study_report.write(OUT, Path(args.out), ROWS, GAMMA_CURVE, SETTINGS, MAIN, RECIPES)
+        study_report.write(OUT, Path(args.out), ROWS, GAMMA_CURVE, SETTINGS, MAIN, RECIPES,
+                           ROOT / "README.md" if args.readme else None)
         return 0
     keys = args.rows.split(",")
     unknown = [k for k in keys if k not in {row.key for row in ROWS}]

@@ -75,3 +75,17 @@ def test_no_overfitting_and_unfinished_runs(tmp_path):
     assert ": did not hold." in line and "1.0 points" in line
     assert "| AT-AWP | vt | 0, 1 | 0 (+1 in progress)" in text
     assert text.count("Needs finished AT and AT-AWP runs.") == 5
+
+
+def test_readme_results_block_is_generated_from_the_committed_runs():
+    """README's results block is what `python bench/study.py report` writes from results/c10jpeg/ (so its
+    numbers cannot be typed by hand), and every claim line in it is also in docs/RESULTS.md."""
+    runs = report.load(study.OUT, study.ROWS)
+    main = next(s for s in study.SETTINGS if s.key == study.MAIN)
+    cfg = yaml.safe_load((study.RECIPES / f"{main.prefix}_at.yaml").read_text())
+    block = report.readme_block(runs, report.row_keys(study.ROWS), study.MAIN, cfg)
+    readme = (REPO / "README.md").read_text()
+    assert report.replace_block(readme, block) == readme, "run `python bench/study.py report`"
+    results = (REPO / "docs" / "RESULTS.md").read_text().splitlines()
+    claims = [ln for ln in block if ln.startswith("- **")]
+    assert len(claims) >= 6 and all(ln in results for ln in claims)
