@@ -56,7 +56,7 @@ def test_overfitting_and_awp_claims_follow_the_runs(tmp_path):
                              "toy_at_awp_s0": (*awp, {"best": 0.38, "last": 0.38}), "toy_at_awp_s1": (*awp, {"best": 0.39, "last": 0.39})})
     assert "- **Robust overfitting exists here" in text
     line = next(ln for ln in text.splitlines() if ln.startswith("- **Robust overfitting"))
-    assert ": held." in line and "10.0, 10.0 points" in line and "+40.0, +40.0" in line
+    assert ": held." in line and "full-test PGD-20 of best.pt minus last.pt: 10.0, 10.0 points" in line and "+40.0, +40.0" in line
     gap = next(ln for ln in text.splitlines() if "AWP narrows the robust generalization gap" in ln)
     assert ": held" in gap and "AT 60, AT-AWP 16" in gap  # last-epoch gaps: 90-30 and 55-39 points
     last = next(ln for ln in text.splitlines() if "AWP raises last-epoch robustness" in ln)
@@ -72,7 +72,7 @@ def test_no_overfitting_and_unfinished_runs(tmp_path):
     flat = ([0.20, 0.30, 0.31, 0.30], [0.3, 0.35, 0.36, 0.36])
     text = _write(tmp_path, {"toy_at_s0": flat, "toy_at_awp_s0": ([0.2, 0.3], [0.3, 0.4])})  # AT-AWP stopped at epoch 2
     line = next(ln for ln in text.splitlines() if ln.startswith("- **Robust overfitting"))
-    assert ": did not hold." in line and "1.0 points" in line
+    assert ": did not hold." in line and "(full-test evaluation pending; biased upwards): 1.0 points" in line
     assert "| AT-AWP | vt | 0, 1 | 0 (+1 in progress)" in text
     assert text.count("Needs finished AT and AT-AWP runs.") == 5
 
