@@ -384,10 +384,14 @@ def _probes(out: Path, runs, figs, at_keys: list[str]) -> list[str]:
     tab = []
     for r in shown:
         c, b, la = r.cfg, r.best, r.last
+        decay = int(0.5 * c["epochs"])
+        after, end = r.metrics[decay:decay + 10], r.metrics[-10:]  # 10-epoch means: less noisy than single epochs
         tab.append([r.name, r.setting, f"{c['data']['train_subset']} x {c['epochs']} (batch {c['batch_size']})",
-                    f"{len(r.metrics)} of {c['epochs']}", f"{int(0.5 * c['epochs'])}",
+                    f"{len(r.metrics)} of {c['epochs']}", f"{decay}",
                     f"{100 * b['test_robust_acc']:.1f} (epoch {b['epoch']})", f"{100 * la['test_robust_acc']:.1f}",
-                    f"{100 * la['train_robust_acc']:.1f}", f"{100 * la['train_clean_acc']:.1f}", f"{r.hours():.2f}"])
+                    _window(after, "test_robust_acc"), _window(end, "test_robust_acc"),
+                    _window(after, "train_robust_acc"), _window(end, "train_robust_acc"),
+                    f"{100 * la['train_clean_acc']:.1f}", f"{r.hours():.2f}"])
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 4))
     for i, r in enumerate(shown):
@@ -404,9 +408,16 @@ def _probes(out: Path, runs, figs, at_keys: list[str]) -> list[str]:
     return ["## Settings tried", "",
             "Whether plain AT overfits is the first thing to establish. Runs of the settings tried so far (monitored "
             "PGD-20 on the fixed subsets; `results/probes/` holds runs stopped on purpose, whose curves are all they "
-            "give):", "", *_table(["run", "setting", "training images x epochs", "epochs run", "first decay at epoch",
-                                   "best test", "last test", "last train", "last train clean", "wall hours (one thread, shared machine)"], tab),
+            "give). *After decay* and *end*: means over the 10 epochs after the first decay and the last 10 epochs, "
+            "which show the trend with less noise than single epochs:", "",
+            *_table(["run", "setting", "training images x epochs", "epochs run", "first decay at epoch", "best test",
+                     "last test", "test after decay", "test end", "train after decay", "train end", "last train clean",
+                     "wall hours (one thread, shared machine)"], tab),
             "![probes](results/probes.png)", ""]
+
+
+def _window(ms: list[dict], key: str) -> str:
+    return f"{100 * statistics.mean(m[key] for m in ms):.1f}" if ms else "—"
 
 
 def _main_table(runs, rows, labels, cfgs) -> list[str]:
