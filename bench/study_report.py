@@ -145,6 +145,12 @@ def _plt():
 COLORS = {"at": "tab:blue", "at_awp": "tab:red", "trades": "tab:green", "trades_awp": "tab:purple"}
 
 
+def _smooth(y: list[float], k: int = 9) -> list[float]:
+    """Centered moving average (shorter windows at the ends)."""
+    h = k // 2
+    return [statistics.mean(y[max(0, i - h):i + h + 1]) for i in range(len(y))]
+
+
 def fig_curves(runs: dict[str, list[RunData]], keys: list[str], path: Path) -> bool:
     have = [(k, r) for k in keys for r in runs.get(k, [])]
     if not have:
@@ -155,9 +161,11 @@ def fig_curves(runs: dict[str, list[RunData]], keys: list[str], path: Path) -> b
         ep = [m["epoch"] for m in r.metrics]
         label = f"{r.name}"
         c = COLORS[r.method]
-        ax1.plot(ep, [100 * m["test_robust_acc"] for m in r.metrics], color=c, lw=1.2, label=f"{label} test")
-        ax1.plot(ep, [100 * m["train_robust_acc"] for m in r.metrics], color=c, lw=1.2, ls="--", label=f"{label} train")
-        ax2.plot(ep, [100 * m["gap"] for m in r.metrics], color=c, lw=1.2, label=label)
+        for ax, key, ls, lab in ((ax1, "test_robust_acc", "-", f"{label} test"), (ax1, "train_robust_acc", "--", f"{label} train"),
+                                 (ax2, "gap", "-", label)):
+            y = [100 * m[key] for m in r.metrics]
+            ax.plot(ep, y, color=c, lw=0.6, ls=ls, alpha=0.3)  # every epoch, faint
+            ax.plot(ep, _smooth(y), color=c, lw=1.4, ls=ls, label=lab)  # 9-epoch moving average
     e = have[0][1].cfg["epochs"]
     for ax in (ax1, ax2):
         for frac in (0.5, 0.75):
@@ -165,7 +173,7 @@ def fig_curves(runs: dict[str, list[RunData]], keys: list[str], path: Path) -> b
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
     ax1.set_ylabel("PGD-20 accuracy (%), monitoring subsets")
-    ax1.set_title("robust accuracy: train (dashed) and test (solid)")
+    ax1.set_title("robust accuracy: train (dashed) and test (solid)\nfaint: every epoch; bold: 9-epoch moving average", fontsize=9)
     ax2.set_ylabel("train - test PGD-20 accuracy (points)")
     ax2.set_title("robust generalization gap")
     ax1.legend(fontsize=6, ncol=2)
