@@ -113,11 +113,17 @@ STAGES = ("train", "pgd_best", "pgd_last", "flatness_best", "flatness_last", "la
 
 
 def tasks(rows: list[Row]) -> list[Task]:
-    """Run by run (seed 0 of every row first), each run's stages in order: a run is evaluated as soon as it is
+    """Run by run (the main AT vs AT-AWP seed by seed, then TRADES, then the gamma curve and other settings), each
+    run's stages in order: a run is evaluated as soon as it is
     trained, while its checkpoints are on this machine (they are not committed)."""
     fr = [sys.executable, "-m", "flatrobust"]
     out: list[Task] = []
-    order = sorted(((seed, i, row) for i, row in enumerate(rows) for seed in row.seeds), key=lambda t: (t[1] >= 4, t[0], t[1]))
+    def group(row: Row) -> int:  # AT vs AT-AWP of the main setting over its seeds first, then TRADES, then the rest
+        if row.setting == MAIN and not row.overrides:
+            return 0 if row.method in ("at", "at_awp") else 1
+        return 2
+
+    order = sorted(((seed, i, row) for i, row in enumerate(rows) for seed in row.seeds), key=lambda t: (group(t[2]), t[0], t[1]))
     for seed, _, row in order:
         name = row.run_name(seed)
         d = OUT / name
