@@ -114,8 +114,8 @@ STAGES = ("train", "pgd_best", "pgd_last", "flatness_best", "flatness_last", "la
 
 def tasks(rows: list[Row]) -> list[Task]:
     """Run by run (the main AT vs AT-AWP seed by seed, then TRADES, then the gamma curve and other settings), each
-    run's stages in order: a run is evaluated as soon as it is
-    trained, while its checkpoints are on this machine (they are not committed)."""
+    run's stages in order: a run is evaluated as soon as it is trained, while its checkpoints are on this machine
+    (they are not committed)."""
     fr = [sys.executable, "-m", "flatrobust"]
     out: list[Task] = []
     def group(row: Row) -> int:  # AT vs AT-AWP of the main setting over its seeds first, then TRADES, then the rest
