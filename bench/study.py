@@ -4,13 +4,15 @@
     python bench/study.py status
     python bench/study.py report            # rebuilds docs/RESULTS.md, docs/results/*.png, README.md's results block
 
-`run` works through a fixed list of tasks (train every run, then the final evaluations, then AutoAttack,
-flatness and landscapes), `--jobs` at a time, each a `flatrobust` command on one thread. A task whose output
+`run` works through a fixed list of tasks (run by run: training, then PGD-20 on the full test set, flatness,
+landscapes and AutoAttack of its best and last checkpoints), `--jobs` at a time, each a `flatrobust` command on one thread. A task whose output
 exists is skipped; an interrupted training is continued with `flatrobust train --resume`, so the command can
 be stopped at any time and started again (in a later session too). Run directories live in
-results/c10jpeg/<run>/ and are committed without their checkpoints (*.pt) and logs; `report` reads only them.
+results/<dataset>/<run>/ (c10jpeg, fmnist) and are committed without their checkpoints (*.pt) and logs; `report`
+reads only them.
 
-The data: "CIFAR-10 (JPEG q75 copy)", extracted as recipes/study/*.yaml say (data/cifar10-jpeg-q75).
+The data: "CIFAR-10 (JPEG q75 copy)", extracted as recipes/study/c10jpeg*.yaml say (data/cifar10-jpeg-q75);
+Fashion-MNIST from Debian's dataset-fashion-mnist (recipes/study/fmnist*.yaml, the built-in fashion_mnist set).
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes" / "study"
-OUT = ROOT / "results" / "c10jpeg"
+RESULTS = ROOT / "results"  # run directories: results/<dataset>/<run>/ (results/c10jpeg, results/fmnist)
 N_AUTOATTACK = 1000  # standard AutoAttack on a fixed subset of this many test images (seed 0)
 N_ANALYSIS = 500  # flatness and landscape on a fixed subset of this many test images
 
@@ -38,7 +40,9 @@ class Setting:
     key: str
     prefix: str
     why: str  # why it was tried (docs/RESULTS.md prints it beside the numbers its recipe and runs give)
-    probe_methods: tuple[str, ...] = ("at", "at_awp")  # seed-0 rows while it is not MAIN
+    probe_methods: tuple[str, ...] = ("at", "at_awp")  # its rows while it is not MAIN
+    seeds: tuple[int, ...] = (0,)  # of those rows
+    dataset: str = "c10jpeg"  # its runs live in results/<dataset>/
 
 
 SETTINGS = [
@@ -49,6 +53,8 @@ SETTINGS = [
                               "the standard augmentation and its test accuracy falls after the decay, as Rice et al. describe"),
     Setting("v3n", "c10jpeg3n", "v3 without crop + flip, run beside it in case v3 did not overfit (memorizing is easier "
                                 "without augmentation); its test accuracy falls already before the decay"),
+    Setting("f3", "fmnist3", "the second dataset: the main setting v3 on Fashion-MNIST, a smaller study (AT vs AT-AWP)",
+            seeds=(0, 1, 2), dataset="fmnist"),
 ]
 MAIN = "v3"  # the setting of the main comparison: AT vs AT-AWP over seeds, TRADES, the gamma curve
 METHODS = {"at": "AT", "at_awp": "AT-AWP", "trades": "TRADES", "trades_awp": "TRADES-AWP"}
@@ -64,20 +70,26 @@ class Row:
     suffix: str = ""  # run name = recipe + suffix + _sSEED
     setting: str = MAIN
     method: str = "at"  # at, at_awp, trades, trades_awp (for colors and the claims)
+    dataset: str = "c10jpeg"
 
     def run_name(self, seed: int) -> str:
         return f"{self.recipe}{self.suffix}_s{seed}"
+
+    def run_dir(self, seed: int, results: Path = RESULTS) -> Path:
+        return results / self.dataset / self.run_name(seed)
 
 
 def _rows() -> list[Row]:
     """In priority order: the main comparison first, the gamma curve (seed 0) and TRADES after, then the
     seed-0 runs of the other settings."""
     main = next(s for s in SETTINGS if s.key == MAIN)
-    rows = [Row(m, METHODS[m], f"{main.prefix}_{m}", seeds, method=m)
+    rows = [Row(m, METHODS[m], f"{main.prefix}_{m}", seeds, method=m, dataset=main.dataset)
             for m, seeds in (("at", (0, 1, 2)), ("at_awp", (0, 1, 2)), ("trades", (0, 1)), ("trades_awp", (0, 1)))]
-    rows += [Row(f"gamma_{g}", f"AT-AWP gamma {g}", f"{main.prefix}_at_awp", (0,), (f"awp.gamma={g}",), f"_g{g}", method="at_awp")
+    rows += [Row(f"gamma_{g}", f"AT-AWP gamma {g}", f"{main.prefix}_at_awp", (0,), (f"awp.gamma={g}",), f"_g{g}", method="at_awp",
+                 dataset=main.dataset)
              for g in ("0.0025", "0.005", "0.02")]
-    rows += [Row(f"{m}_{s.key}", f"{METHODS[m]}, setting {s.key}", f"{s.prefix}_{m}", (0,), setting=s.key, method=m)
+    rows += [Row(f"{m}_{s.key}", f"{METHODS[m]}, setting {s.key}", f"{s.prefix}_{m}", s.seeds, setting=s.key, method=m,
+                 dataset=s.dataset)
              for s in SETTINGS if s.key != MAIN for m in s.probe_methods]
     return rows
 
@@ -89,6 +101,7 @@ GAMMA_CURVE = [("0", "at"), ("0.0025", "gamma_0.0025"), ("0.005", "gamma_0.005")
 @dataclass
 class Task:
     run: str
+    dir: Path  # the run directory
     stage: str
     argv: list[str]
     output: Path  # done when it exists
@@ -118,6 +131,7 @@ def tasks(rows: list[Row]) -> list[Task]:
     (they are not committed)."""
     fr = [sys.executable, "-m", "flatrobust"]
     out: list[Task] = []
+
     def group(row: Row) -> int:  # AT vs AT-AWP of the main setting over its seeds first, then TRADES, then the rest
         if row.setting == MAIN and not row.overrides:
             return 0 if row.method in ("at", "at_awp") else 1
@@ -126,9 +140,9 @@ def tasks(rows: list[Row]) -> list[Task]:
     order = sorted(((seed, i, row) for i, row in enumerate(rows) for seed in row.seeds), key=lambda t: (group(t[2]), t[0], t[1]))
     for seed, _, row in order:
         name = row.run_name(seed)
-        d = OUT / name
-        out.append(Task(name, "train", [*fr, "train", str(RECIPES / f"{row.recipe}.yaml"), f"seed={seed}", f"name={name}",
-                                        f"out_dir={OUT}", *row.overrides], d / "metrics.jsonl"))
+        d = row.run_dir(seed)
+        out.append(Task(name, d, "train", [*fr, "train", str(RECIPES / f"{row.recipe}.yaml"), f"seed={seed}", f"name={name}",
+                                           f"out_dir={d.parent}", *row.overrides], d / "metrics.jsonl"))
         for stage in STAGES[1:]:
             kind, ck = stage.split("_")
             pt = str(d / f"{ck}.pt")
@@ -142,9 +156,9 @@ def tasks(rows: list[Row]) -> list[Task]:
             else:
                 argv, output = ([*fr, "landscape", pt, "--n", str(N_ANALYSIS), "--alphas=-1:1:11", "--directions", "2",
                                  "--out", str(d / stage)], d / stage / "landscape.json")
-            out.append(Task(name, stage, argv, output, "train"))
+            out.append(Task(name, d, stage, argv, output, "train"))
     for t in out:
-        t.done = _train_done(OUT / t.run) if t.stage == "train" else t.output.is_file()
+        t.done = _train_done(t.dir) if t.stage == "train" else t.output.is_file()
     return out
 
 
@@ -160,7 +174,7 @@ def _restore_checkpoints(t: Task, train_argv: list[str], env: dict, log) -> int:
     metrics.jsonl equals the committed one (training is deterministic on the CPU), and move the checkpoints in."""
     import shutil
 
-    d, tmp_out = OUT / t.run, OUT / ".restore"
+    d, tmp_out = t.dir, t.dir.parent / ".restore"
     argv = [a for a in train_argv if not a.startswith("out_dir=")] + [f"out_dir={tmp_out}", "--overwrite"]
     print(f"[{time.strftime('%H:%M:%S')}] {t.run}: checkpoints missing, training again to restore them", flush=True)
     rc = subprocess.call(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -198,7 +212,7 @@ _RESTORE = threading.Lock()  # one retraining at a time, so two stages of a run 
 
 
 def _command(t: Task, dry: bool, train_argv: list[str]) -> int:
-    d = OUT / t.run
+    d = t.dir
     argv = list(t.argv)
     if t.stage == "train" and (d / "last.pt").is_file():
         argv = [*argv[:3], "train", "--resume", str(d)]  # continue where it stopped
@@ -236,7 +250,7 @@ def run(rows: list[Row], stages: set[str], jobs: int, dry: bool) -> int:
     def next_task() -> Task | None:
         with lock:
             for t in todo:
-                if t.done or t.running or _busy(OUT / t.run):
+                if t.done or t.running or _busy(t.dir):
                     continue
                 if t.needs and not state[(t.run, t.needs)].done:
                     continue
@@ -256,7 +270,7 @@ def run(rows: list[Row], stages: set[str], jobs: int, dry: bool) -> int:
             rc = _command(t, dry, state[(t.run, "train")].argv)
             with lock:
                 t.running = False
-                t.done = rc == 0 and (dry or (_train_done(OUT / t.run) if t.stage == "train" else t.output.is_file()))
+                t.done = rc == 0 and (dry or (_train_done(t.dir) if t.stage == "train" else t.output.is_file()))
                 if not t.done:
                     failed.append(f"{t.run} {t.stage}")
                     todo.remove(t)
@@ -267,18 +281,18 @@ def run(rows: list[Row], stages: set[str], jobs: int, dry: bool) -> int:
     for th in threads:
         th.join()
     if failed:
-        print("failed (see results/c10jpeg/.logs/RUN/):", ", ".join(failed), file=sys.stderr)
+        print("failed (see results/DATASET/.logs/RUN/):", ", ".join(failed), file=sys.stderr)
     return 1 if failed else 0
 
 
 def status(rows: list[Row]) -> None:
-    by_run: dict[str, list[str]] = {}
+    by_run: dict[Path, list[str]] = {}
     for t in tasks(rows):
-        by_run.setdefault(t.run, []).append(("+" if t.done else "-") + t.stage)
-    for run_name, marks in by_run.items():
-        m = OUT / run_name / "metrics.jsonl"
+        by_run.setdefault(t.dir, []).append(("+" if t.done else "-") + t.stage)
+    for d, marks in by_run.items():
+        m = d / "metrics.jsonl"
         epochs = len(m.read_text().splitlines()) if m.is_file() else 0
-        print(f"{run_name:32s} epochs {epochs:3d}  {' '.join(marks)}")
+        print(f"{d.name:32s} epochs {epochs:3d}  {' '.join(marks)}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -301,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         import study_report
 
-        study_report.write(OUT, Path(args.out), ROWS, GAMMA_CURVE, SETTINGS, MAIN, RECIPES,
+        study_report.write(RESULTS, Path(args.out), ROWS, GAMMA_CURVE, SETTINGS, MAIN, RECIPES,
                            ROOT / "README.md" if args.readme else None)
         return 0
     keys = args.rows.split(",")

@@ -20,7 +20,7 @@ def _module(name: str):
 study = _module("study")
 report = _module("study_report")
 
-CFG = {"model": "smallcnn", "model_args": {}, "epochs": 4, "batch_size": 32,
+CFG = {"model": "smallcnn", "model_args": {}, "epochs": 4, "batch_size": 32, "attack": {"eps": "8/255"},
        "data": {"train_subset": 100, "eval_subset": 50, "augment": "none"}}
 
 
@@ -36,15 +36,15 @@ def _run(out: Path, name: str, test: list[float], train: list[float], evals: dic
 
 
 def _write(tmp_path, runs: dict) -> str:
-    recipes, out, docs = tmp_path / "recipes", tmp_path / "results" / "c10jpeg", tmp_path / "docs"
+    recipes, results, docs = tmp_path / "recipes", tmp_path / "results", tmp_path / "docs"
     recipes.mkdir()
     (recipes / "toy_at.yaml").write_text(yaml.safe_dump(CFG))
     settings = [study.Setting("vt", "toy", "a test")]
     rows = [study.Row("at", "AT", "toy_at", (0, 1), setting="vt", method="at"),
             study.Row("at_awp", "AT-AWP", "toy_at_awp", (0, 1), setting="vt", method="at_awp")]
     for name, args in runs.items():
-        _run(out, name, *args)
-    report.write(out, docs, rows, [("0", "at"), ("0.01", "at_awp")], settings, "vt", recipes)
+        _run(results / "c10jpeg", name, *args)
+    report.write(results, docs, rows, [("0", "at"), ("0.01", "at_awp")], settings, "vt", recipes)
     return (docs / "RESULTS.md").read_text()
 
 
@@ -78,9 +78,9 @@ def test_no_overfitting_and_unfinished_runs(tmp_path):
 
 
 def test_readme_results_block_is_generated_from_the_committed_runs():
-    """README's results block is what `python bench/study.py report` writes from results/c10jpeg/ (so its
+    """README's results block is what `python bench/study.py report` writes from results/ (so its
     numbers cannot be typed by hand), and every claim line in it is also in docs/RESULTS.md."""
-    runs = report.load(study.OUT, study.ROWS)
+    runs = report.load(study.RESULTS, study.ROWS)
     main = next(s for s in study.SETTINGS if s.key == study.MAIN)
     cfg = yaml.safe_load((study.RECIPES / f"{main.prefix}_at.yaml").read_text())
     block = report.readme_block(runs, report.row_keys(study.ROWS), study.MAIN, cfg)
