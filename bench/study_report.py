@@ -334,12 +334,14 @@ def describe(cfg: dict, dataset: str = "c10jpeg") -> str:
 
 
 def _setting(runs, settings, main: str, cfgs: dict) -> list[str]:
-    bullets = [f"- **Setting {s.key}**{' (main)' if s.key == main else ''} (`recipes/study/{s.prefix}_*.yaml`): "
+    bullets = [f"- **Setting {s.key}{', the main one' if s.key == main else ''}** (`recipes/study/{s.prefix}_*.yaml`): "
                f"{describe(cfgs[s.key], s.dataset)}. Why: {s.why}." for s in settings]
     return ["## The setting", "",
             "Data: **CIFAR-10 (JPEG q75 copy)**, the lossy JPEG re-encoding of CIFAR-10 in `../shared/data/` (not CIFAR-10: "
             "these numbers are never to be compared with published CIFAR-10 results), trained on a fixed random subset of "
-            "its 50,000 training images (drawn per seed), tested on its 10,000 test images.", "",
+            "its 50,000 training images (drawn per seed), tested on its 10,000 test images. The second dataset (settings f*): "
+            "**Fashion-MNIST** from Debian's package `dataset-fashion-mnist` (the full 60,000/10,000 set), subset and "
+            "tested the same way.", "",
             f"Model: PreActResNet-18, the paper's model, at width 16 (stages of 16/32/64/128 channels) with a stride-2 first "
             f"convolution: {_params(runs)} parameters. Training: the paper's AT / TRADES recipe scaled to CPU: SGD lr 0.1 "
             "momentum 0.9 weight decay 5e-4, lr /10 at 50% and /100 at 75% of training, L-inf eps 8/255, "
