@@ -115,11 +115,22 @@ class Method:
         return facts
 
 
+def _mapping(text: str) -> dict:
+    """--model-args: a JSON object."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        value = None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a JSON object such as '{{\"width\": 16}}'")
+    return value
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 2)[2])
     p.add_argument("--model", default="smallcnn", choices=sorted(models.REGISTRY))
-    p.add_argument("--model-args", default="{}", type=json.loads,
+    p.add_argument("--model-args", default="{}", type=_mapping,
                    help='JSON keyword arguments of the model builder, e.g. \'{"width": 16, "stem_stride": 2}\'')
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--input", default=None, help="input shape CxHxW (default: 1x8x8 for smallcnn, 3x32x32 otherwise)")
@@ -155,7 +166,11 @@ def main(argv=None) -> dict:
     device = common.resolve_device(args.device)
     shape = tuple(int(s) for s in args.input.split("x")) if args.input else DEFAULT_SHAPES.get(args.model, (3, 32, 32))
     torch.manual_seed(0)
-    base = models.create(args.model, num_classes=10, in_channels=shape[0], **args.model_args)
+    try:
+        base = models.create(args.model, num_classes=10, in_channels=shape[0], **args.model_args)
+    except ValueError as e:  # a models.ModelError: one line
+        print(f"step_time.py: --model-args: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     g = torch.Generator().manual_seed(1)
     x = torch.rand((args.batch_size, *shape), generator=g).to(device)  # (B, C, H, W) in [0, 1]
     y = torch.randint(0, 10, (args.batch_size,), generator=g).to(device)

@@ -26,6 +26,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from study_report import METHODS  # noqa: E402  (the one name -> label table of the methods)
+
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes" / "study"
 RESULTS = ROOT / "results"  # run directories: results/<dataset>/<run>/ (results/c10jpeg, results/fmnist)
@@ -57,7 +60,6 @@ SETTINGS = [
             seeds=(0, 1, 2), dataset="fmnist"),
 ]
 MAIN = "v3"  # the setting of the main comparison: AT vs AT-AWP over seeds, TRADES, the gamma curve
-METHODS = {"at": "AT", "at_awp": "AT-AWP", "trades": "TRADES", "trades_awp": "TRADES-AWP"}
 
 
 @dataclass(frozen=True)
@@ -312,7 +314,6 @@ def main(argv: list[str] | None = None) -> int:
         status(ROWS)
         return 0
     if args.cmd == "report":
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
         import study_report
 
         study_report.write(RESULTS, Path(args.out), ROWS, GAMMA_CURVE, SETTINGS, MAIN, RECIPES,
