@@ -306,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--stages", default="train,pgd,flatness,landscape,aa", help="comma-separated: train,pgd,aa,flatness,landscape")
     r.add_argument("--dry-run", action="store_true", help="print the commands only")
     sub.add_parser("status", help="what is done")
-    rep = sub.add_parser("report", help="rebuild docs/RESULTS.md and its figures from results/c10jpeg")
+    rep = sub.add_parser("report", help="rebuild docs/RESULTS.md and its figures from results/<dataset>/")
     rep.add_argument("--out", default=str(ROOT / "docs"), help="docs folder (default: docs/)")
     rep.add_argument("--no-readme", dest="readme", action="store_false", help="leave README.md's results block alone")
     args = p.parse_args(argv)

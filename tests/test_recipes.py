@@ -1,9 +1,9 @@
 """Every recipe loads and validates, names what it reproduces and the command that runs it."""
-import sys
 from pathlib import Path
 
 import pytest
 
+from bench_scripts import load
 from flatrobust.config import load_config, read_yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,14 +37,20 @@ def test_recipe_validates(path):
 
 def test_study_rows_are_the_recipes():
     """bench/study.py runs exactly the study recipes; every AWP row has its baseline (same recipe without AWP)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("study", REPO / "bench" / "study.py")
-    study = importlib.util.module_from_spec(spec)
-    sys.modules["study"] = study  # dataclasses look their module up there
-    spec.loader.exec_module(study)
+    study = load("study")
     assert {row.recipe for row in study.ROWS} == {p.stem for p in STUDY}
     for path in STUDY:
         if path.stem.endswith("_awp"):
             base, awp = read_yaml(path.with_name(path.stem[:-4] + ".yaml")), read_yaml(path)
             assert {k: v for k, v in base.items() if k not in ("name", "awp")} == {k: v for k, v in awp.items() if k not in ("name", "awp")}
+
+
+def test_every_study_row_is_named_in_its_recipe_header():
+    """A row that runs a recipe with overrides (the gamma curve) is named there, with its command."""
+    study = load("study")
+    for row in study.ROWS:
+        header = [ln for ln in (REPO / "recipes" / "study" / f"{row.recipe}.yaml").read_text().splitlines() if ln.startswith("#")]
+        for override in row.overrides:
+            key, value = override.split("=")
+            assert any(f"{key}=G" in ln for ln in header), (row.key, override)
+            assert any(value in ln for ln in header if "G in" in ln), (row.key, override)

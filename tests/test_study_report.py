@@ -1,24 +1,15 @@
 """bench/study_report.py (docs/RESULTS.md) reads run directories and judges the paper's claims from them alone."""
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import yaml
+from bench_scripts import load
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _module(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "bench" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod  # dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    return mod
-
-
-study = _module("study")
-report = _module("study_report")
+study = load("study")
+report = load("study_report")
 
 CFG = {"model": "smallcnn", "model_args": {}, "epochs": 4, "batch_size": 32, "attack": {"eps": "8/255"},
        "data": {"train_subset": 100, "eval_subset": 50, "augment": "none"}}
