@@ -27,13 +27,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from study_report import METHODS  # noqa: E402  (the one name -> label table of the methods)
+from study_report import METHODS, N_ANALYSIS, N_AUTOATTACK  # noqa: E402  (the methods' labels, the evaluation sizes: one place)
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes" / "study"
 RESULTS = ROOT / "results"  # run directories: results/<dataset>/<run>/ (results/c10jpeg, results/fmnist)
-N_AUTOATTACK = 1000  # standard AutoAttack on a fixed subset of this many test images (seed 0)
-N_ANALYSIS = 500  # flatness and landscape on a fixed subset of this many test images
 
 
 @dataclass(frozen=True)
@@ -151,7 +149,7 @@ def tasks(rows: list[Row]) -> list[Task]:
             if kind == "pgd":
                 argv, output = [*fr, "eval", pt, "--attacks", "clean,pgd20", "--no-checks", "--out", str(d / f"eval_{ck}.json")], d / f"eval_{ck}.json"
             elif kind == "aa":
-                argv, output = ([*fr, "eval", pt, "--attacks", "clean,autoattack", "--n", str(N_AUTOATTACK), "--checks-n", "100",
+                argv, output = ([*fr, "eval", pt, "--attacks", "clean,pgd20,autoattack", "--n", str(N_AUTOATTACK), "--checks-n", "100",
                                  "--out", str(d / f"aa_{ck}.json")], d / f"aa_{ck}.json")
             elif kind == "flatness":
                 argv, output = [*fr, "flatness", pt, "--n", str(N_ANALYSIS), "--out", str(d / stage)], d / stage / "flatness.json"

@@ -15,7 +15,7 @@ CFG = {"model": "smallcnn", "model_args": {}, "epochs": 4, "batch_size": 32, "at
        "data": {"train_subset": 100, "eval_subset": 50, "augment": "none"}}
 
 
-def _run(out: Path, name: str, test: list[float], train: list[float], evals: dict | None = None) -> None:
+def _run(out: Path, name: str, test: list[float], train: list[float], evals: dict | None = None, aa: dict | None = None) -> None:
     d = out / name
     d.mkdir(parents=True)
     (d / "config.yaml").write_text(yaml.safe_dump(CFG))
@@ -24,11 +24,13 @@ def _run(out: Path, name: str, test: list[float], train: list[float], evals: dic
     (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     for ck, acc in (evals or {}).items():
         (d / f"eval_{ck}.json").write_text(json.dumps({"attacks": {"pgd20": {"accuracy": acc}, "clean": {"accuracy": acc + 0.1}}}))
+    for ck, (pgd, auto) in (aa or {}).items():  # PGD-20 and AutoAttack on the same images
+        (d / f"aa_{ck}.json").write_text(json.dumps({"n": 1000, "attacks": {"pgd20": {"accuracy": pgd}, "autoattack": {"accuracy": auto}}}))
 
 
 def _write(tmp_path, runs: dict) -> str:
     recipes, results, docs = tmp_path / "recipes", tmp_path / "results", tmp_path / "docs"
-    recipes.mkdir()
+    recipes.mkdir(parents=True)
     (recipes / "toy_at.yaml").write_text(yaml.safe_dump(CFG))
     settings = [study.Setting("vt", "toy", "a test")]
     rows = [study.Row("at", "AT", "toy_at", (0, 1), setting="vt", method="at"),
@@ -54,9 +56,32 @@ def test_overfitting_and_awp_claims_follow_the_runs(tmp_path):
     assert ": held" in last and "within seed noise" not in last  # 30.5 vs 38.5, SE 0.7
     best = next(ln for ln in text.splitlines() if "AWP raises best-epoch robustness" in ln)
     assert "did not hold" in best  # 40.5 vs 38.5
-    assert "AutoAttack agrees with PGD-20**: not measured yet" in text
+    aa = next(ln for ln in text.splitlines() if "AutoAttack agrees with PGD-20" in ln)
+    assert "**: not measured yet." in aa
     assert "100 training images seen 4 times in batches of 32 (16 SGD steps, 8 after the first decay), no augmentation" in text
     assert (tmp_path / "docs" / "results" / "curves_vt_at.png").is_file()
+
+
+def _aa_line(tmp_path, at_aa: dict, awp_aa: dict) -> str:
+    at = ([0.20, 0.40, 0.35, 0.30], [0.3, 0.5, 0.7, 0.9])
+    awp = ([0.20, 0.38, 0.38, 0.39], [0.3, 0.45, 0.5, 0.55])
+    text = _write(tmp_path, {"toy_at_s0": (*at, None, at_aa), "toy_at_awp_s0": (*awp, None, awp_aa)})
+    return next(ln for ln in text.splitlines() if "AutoAttack agrees with PGD-20" in ln)
+
+
+def test_autoattack_claim_holds_when_it_is_stronger_and_ranks_alike(tmp_path):
+    line = _aa_line(tmp_path, {"best": (0.40, 0.38), "last": (0.30, 0.27)}, {"best": (0.38, 0.37), "last": (0.38, 0.36)})
+    assert "**: held." in line and "over 4 checkpoints: 1.0 to 3.0 points" in line
+    assert "last.pt: AT-AWP minus AT +8.0 points under PGD-20, +9.0 under AutoAttack (1 and 1 seed)" in line
+
+
+def test_autoattack_claim_fails_on_a_flipped_ranking_or_a_weaker_autoattack(tmp_path):
+    flipped = _aa_line(tmp_path / "a", {"best": (0.40, 0.30), "last": (0.30, 0.27)}, {"best": (0.38, 0.37), "last": (0.38, 0.36)})
+    assert "**: did not hold." in flipped and "best.pt: AT-AWP minus AT -2.0 points under PGD-20, +7.0 under AutoAttack" in flipped
+    weaker = _aa_line(tmp_path / "b", {"best": (0.40, 0.41), "last": (0.30, 0.27)}, {"best": (0.38, 0.37), "last": (0.38, 0.36)})
+    assert "**: did not hold." in weaker and "AutoAttack found more robustness than PGD-20" in weaker
+    partial = _aa_line(tmp_path / "c", {"best": (0.40, 0.38)}, {"best": (0.38, 0.37)})
+    assert "**: not measured yet." in partial and "best.pt: AT-AWP minus AT -2.0" in partial
 
 
 def test_no_overfitting_and_unfinished_runs(tmp_path):
