@@ -155,20 +155,30 @@ def _smooth(y: list[float], k: int = 9) -> list[float]:
 
 
 def fig_curves(runs: dict[str, list[RunData]], keys: list[str], path: Path) -> bool:
+    """Thin: each seed (finished or in progress), 9-epoch moving average; bold: the mean over a row's finished seeds."""
     have = [(k, r) for k in keys for r in runs.get(k, [])]
     if not have:
         return False
     plt = _plt()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    for k, r in have:
-        ep = [m["epoch"] for m in r.metrics]
-        label = f"{r.name}"
-        c = COLORS[r.method]
-        for ax, key, ls, lab in ((ax1, "test_robust_acc", "-", f"{label} test"), (ax1, "train_robust_acc", "--", f"{label} train"),
-                                 (ax2, "gap", "-", label)):
-            y = [100 * m[key] for m in r.metrics]
-            ax.plot(ep, y, color=c, lw=0.6, ls=ls, alpha=0.3)  # every epoch, faint
-            ax.plot(ep, _smooth(y), color=c, lw=1.4, ls=ls, label=lab)  # 9-epoch moving average
+    panels = ((ax1, "test_robust_acc", "-", "test"), (ax1, "train_robust_acc", "--", "train"), (ax2, "gap", "-", ""))
+    for k in keys:
+        rs = runs.get(k, [])
+        if not rs:
+            continue
+        c, label = COLORS[rs[0].method], METHODS[rs[0].method]
+        done = [r for r in rs if r.finished]
+        for ax, key, ls, what in panels:
+            for r in rs:
+                ax.plot([m["epoch"] for m in r.metrics], _smooth([100 * m[key] for m in r.metrics]), color=c, ls=ls,
+                        lw=0.7 if len(rs) > 1 else 1.4, alpha=0.35 if len(rs) > 1 else 1.0)
+            if done and len(rs) > 1:
+                n = min(len(r.metrics) for r in done)
+                mean = [statistics.mean(100 * r.metrics[i][key] for r in done) for i in range(n)]
+                ax.plot([done[0].metrics[i]["epoch"] for i in range(n)], _smooth(mean), color=c, lw=1.8, ls=ls,
+                        label=f"{label} {what} (mean of {len(done)})".replace("  ", " "))
+            else:
+                ax.plot([], [], color=c, lw=1.4, ls=ls, label=f"{label} {what} ({rs[0].name})".replace("  ", " "))
     e = have[0][1].cfg["epochs"]
     for ax in (ax1, ax2):
         for frac in (0.5, 0.75):
@@ -176,7 +186,8 @@ def fig_curves(runs: dict[str, list[RunData]], keys: list[str], path: Path) -> b
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
     ax1.set_ylabel("PGD-20 accuracy (%), monitoring subsets")
-    ax1.set_title("robust accuracy: train (dashed) and test (solid)\nfaint: every epoch; bold: 9-epoch moving average", fontsize=9)
+    ax1.set_title("robust accuracy: train (dashed) and test (solid), 9-epoch moving averages\n"
+                  "thin: each seed; bold: mean over the finished seeds", fontsize=9)
     ax2.set_ylabel("train - test PGD-20 accuracy (points)")
     ax2.set_title("robust generalization gap")
     ax1.legend(fontsize=6, ncol=2)
