@@ -15,15 +15,6 @@ from flatrobust.landscape import filter_normalized_direction, landscape_1d, land
 ATTACK = dict(norm="linf", eps=0.1, alpha=0.025, steps=3)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Tiny models are dominated by thread synchronization: on a busy 2-core machine one thread is ~10x faster.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def data():
     from sklearn.datasets import load_digits

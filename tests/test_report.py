@@ -14,15 +14,6 @@ from flatrobust.report import load_run
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Tiny models are dominated by thread synchronization: on a busy 2-core machine one thread is ~10x faster.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _fake_run(path, name, test_robust, train_robust, percent=False, with_eval=False, eval_n=200, warmup=0):
     """A run directory as `flatrobust train` writes it: config.yaml, metrics.jsonl, env.json, best.pt."""
     from flatrobust.data import DATASETS
