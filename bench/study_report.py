@@ -65,6 +65,11 @@ class RunData:
     def hours(self) -> float:
         return sum(m.get("epoch_time_s", 0) + m.get("eval_time_s", 0) for m in self.metrics) / 3600
 
+    def eval_hours(self) -> float:
+        """The evaluations after training: full-test PGD-20, AutoAttack, flatness, landscapes (their own timings)."""
+        done = [*self.evals.values(), *self.flatness.values(), *self.landscape.values()]
+        return sum(d.get("seconds") or 0 for d in done if isinstance(d, dict)) / 3600
+
 
 def _json(path: Path) -> dict | None:
     try:
@@ -385,7 +390,8 @@ def _params(runs) -> str:
 
 def _status(runs, rows) -> list[str]:
     out = ["## What has been run", ""]
-    hdr = ["row", "setting", "seeds planned", "trained", "PGD-20 full test", "AutoAttack", "flatness", "landscape", "wall hours (train + monitoring, one thread, shared machine)"]
+    hdr = ["row", "setting", "seeds planned", "trained", "PGD-20 full test", "AutoAttack", "flatness", "landscape",
+           "wall hours per run: training + monitoring / evaluations (one thread, shared machine)"]
     tab = []
     for row in rows:
         rs = runs.get(row.key, [])
@@ -395,7 +401,7 @@ def _status(runs, rows) -> list[str]:
                     str(sum("eval_best" in r.evals and "eval_last" in r.evals for r in rs)),
                     str(sum("aa_best" in r.evals and "aa_last" in r.evals for r in rs)),
                     str(sum(len(r.flatness) == 2 for r in rs)), str(sum(len(r.landscape) == 2 for r in rs)),
-                    " + ".join(f"{r.hours():.2f}" for r in rs) or "—"])
+                    ", ".join(f"{r.hours():.2f} / {r.eval_hours():.2f}" for r in rs) or "—"])
     return out + _table(hdr, tab) + ["Runs in progress appear in the curves but not in the tables below, which use finished runs only.", ""]
 
 

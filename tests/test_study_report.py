@@ -90,6 +90,7 @@ def test_no_overfitting_and_unfinished_runs(tmp_path):
     line = next(ln for ln in text.splitlines() if ln.startswith("- **Robust overfitting"))
     assert ": did not hold." in line and "(full-test evaluation pending; biased upwards): 1.0 points" in line
     assert "| AT-AWP | vt | 0, 1 | 0 (+1 in progress)" in text
+    assert "| 0.10 / 0.00 |" in text  # 4 epochs of 60 s training + 30 s monitoring; no evaluation yet
     assert text.count("Needs finished AT and AT-AWP runs.") == 5
 
 
