@@ -77,6 +77,7 @@ class _Payload:
         return (open, (self.marker, "w"))  # would create the marker file if unpickled
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # torch's note on the hand-made pickle: expected here
 def test_malicious_pickle_is_refused_and_not_executed(tmp_path):
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.pt"
