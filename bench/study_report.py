@@ -18,6 +18,7 @@ import yaml
 from flatrobust.report import _table  # the Markdown table of `flatrobust report`
 
 CKPTS = ("best", "last")
+ALPHA = 0.05  # a claim about AT vs AT-AWP holds when the difference has the claimed sign and Welch's t-test p < ALPHA
 N_AUTOATTACK = 1000  # standard AutoAttack (and PGD-20 beside it, on the same images) on a fixed subset of this many test images (seed 0)
 N_ANALYSIS = 500  # flatness and landscape on a fixed subset of this many test images
 
@@ -136,6 +137,15 @@ def _spearman(x: list[float], y: list[float]) -> tuple[float, float] | None:
 
     r = spearmanr(x, y)
     return float(r.statistic), float(r.pvalue)
+
+
+def _welch_p(a: list[float], b: list[float]) -> float:
+    """Two-sided p-value of Welch's t-test for a difference of means (0 or 1 when neither group varies)."""
+    if statistics.variance(a) == 0 and statistics.variance(b) == 0:
+        return 1.0 if statistics.mean(a) == statistics.mean(b) else 0.0
+    from scipy.stats import ttest_ind
+
+    return float(ttest_ind(a, b, equal_var=False).pvalue)
 
 
 # ----------------------------------------------------------------------------------------------- figures
@@ -291,7 +301,9 @@ def write(results: Path, docs: Path, rows, gamma_curve, settings, main: str, rec
     L += _gamma(runs, gamma_curve, figs)
     L += _scatter({k: v for k, v in runs.items() if v[0].setting == main}, figs, main)
     L += ["## The paper's claims, here", "",
-          "Each marked *held*, *did not hold* or *not measured yet*, with the numbers (means over finished seeds), per setting.", ""]
+          "Each marked *held*, *did not hold* or *not measured yet*, with the numbers (means over finished seeds), per setting. "
+          f"An AT vs AT-AWP comparison holds when the difference of the seed means has the claimed sign and Welch's t-test "
+          f"gives p < {ALPHA}; with one seed a side it is not judged.", ""]
     for s in sorted(settings, key=lambda s: s.key != main):
         if (s.key, "at") in keys:
             L += _claims(runs, keys[(s.key, "at")], keys.get((s.key, "at_awp"), ""), f"Setting {s.key}" + (", the main one" if s.key == main else ""))
@@ -584,12 +596,14 @@ def _claims(runs, at_key: str, awp_key: str, title: str) -> list[str]:
         ma, mb = statistics.mean(a), statistics.mean(b)
         sd = math.sqrt((statistics.variance(a) if len(a) > 1 else 0) / len(a) + (statistics.variance(b) if len(b) > 1 else 0) / len(b))
         better = mb > ma if higher_better else mb < ma
-        noise = len(a) < 2 or len(b) < 2 or abs(mb - ma) <= 2 * sd
         if len(a) < 2 or len(b) < 2:
             verdict, err = "not judged (one seed: no noise estimate)", "one seed"
         else:
-            verdict = ("held" if better else "did not hold") + (" (within seed noise: |difference| <= 2 standard errors)" if noise else "")
-            err = f"standard error {sd:.2g}; {len(a)} and {len(b)} seeds"
+            p = _welch_p(a, b)
+            verdict = "held" if better and p < ALPHA else "did not hold"
+            if p >= ALPHA:
+                verdict += " (the difference, in AWP's favour, is within seed noise)" if better else " (the difference, against AWP, is within seed noise)"
+            err = f"standard error {sd:.2g}, Welch t-test p = {p:.2g}; {len(a)} and {len(b)} seeds"
         line(claim, verdict, f"AT {ma:.3g}, AT-AWP {mb:.3g} {unit} (difference {mb - ma:+.3g}; {err}).")
 
     cmp("AWP flattens the landscape (average-case flatness of the last checkpoint, lower is flatter)", lambda r: r.flat("last", "average"), False, "nats")
