@@ -15,7 +15,14 @@ from pathlib import Path
 
 import yaml
 
-from flatrobust.report import _table  # the Markdown table of `flatrobust report`
+
+def _table(header, rows) -> list[str]:
+    """The Markdown table of `flatrobust report`, imported when a table is drawn: flatrobust.report loads torch and
+    matplotlib, which bench/study.py (it imports this module for METHODS and the evaluation sizes) does not need."""
+    from flatrobust.report import _table as table
+
+    return table(header, rows)
+
 
 CKPTS = ("best", "last")
 ALPHA = 0.05  # a claim about AT vs AT-AWP holds when the difference has the claimed sign and Welch's t-test p < ALPHA
@@ -176,7 +183,7 @@ def fig_curves(runs: dict[str, list[RunData]], keys: list[str], path: Path) -> b
         return False
     plt = _plt()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    panels = ((ax1, "test_robust_acc", "-", "test"), (ax1, "train_robust_acc", "--", "train"), (ax2, "gap", "-", ""))
+    panels = ((ax1, "test_robust_acc", "-", " test"), (ax1, "train_robust_acc", "--", " train"), (ax2, "gap", "-", ""))
     for k in keys:
         rs = runs.get(k, [])
         if not rs:
@@ -191,9 +198,9 @@ def fig_curves(runs: dict[str, list[RunData]], keys: list[str], path: Path) -> b
                 n = min(len(r.metrics) for r in done)
                 mean = [statistics.mean(100 * r.metrics[i][key] for r in done) for i in range(n)]
                 ax.plot([done[0].metrics[i]["epoch"] for i in range(n)], _smooth(mean), color=c, lw=1.8, ls=ls,
-                        label=f"{label} {what} (mean of {len(done)})".replace("  ", " "))
+                        label=f"{label}{what} (mean of {len(done)})")
             else:
-                ax.plot([], [], color=c, lw=1.4, ls=ls, label=f"{label} {what} ({rs[0].name})".replace("  ", " "))
+                ax.plot([], [], color=c, lw=1.4, ls=ls, label=f"{label}{what} ({rs[0].name})")
     e = have[0][1].cfg["epochs"]
     for ax in (ax1, ax2):
         for frac in (0.5, 0.75):
@@ -583,7 +590,7 @@ def _claims(runs, at_key: str, awp_key: str, title: str) -> list[str]:
         return out + [""]
     if not (at and awp):
         for c in ("AWP flattens the landscape", "AWP narrows the gap", "AWP raises last-epoch robustness",
-                  "AWP raises best-epoch robustness", "AutoAttack agrees with PGD-20"):
+                  "AWP raises best-epoch robustness", AA_CLAIM):
             line(c, "not measured yet", "Needs finished AT and AT-AWP runs.")
         return out + [""]
 
