@@ -321,7 +321,11 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [k for k in keys if k not in {row.key for row in ROWS}]
     if unknown:
         p.error(f"unknown row {unknown[0]!r}: choose from {', '.join(row.key for row in ROWS)}")
-    return run([row for row in ROWS if row.key in keys], set(args.stages.split(",")), args.jobs, args.dry_run)
+    stages = set(args.stages.split(","))
+    kinds = {st.split("_")[0] for st in STAGES}
+    if not stages <= kinds:
+        p.error(f"unknown stage {sorted(stages - kinds)[0]!r}: choose from {','.join(sorted(kinds))}")
+    return run([row for row in ROWS if row.key in keys], stages, args.jobs, args.dry_run)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 import json
 from pathlib import Path
 
+import pytest
 import yaml
 from bench_scripts import load
 
@@ -107,3 +108,12 @@ def test_readme_results_block_is_generated_from_the_committed_runs():
     results = (REPO / "docs" / "RESULTS.md").read_text().splitlines()
     claims = [ln for ln in block if ln.startswith("- **")]
     assert len(claims) >= 6 and all(ln in results for ln in claims)
+
+
+def test_study_run_refuses_an_unknown_row_or_stage(capsys):
+    for argv in (["run", "--rows", "at,nope", "--dry-run"], ["run", "--stages", "train,eval", "--dry-run"]):
+        with pytest.raises(SystemExit) as e:
+            study.main(argv)
+        assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "unknown row 'nope'" in err and "unknown stage 'eval': choose from aa,flatness,landscape,pgd,train" in err
