@@ -563,6 +563,17 @@ def _scatter(runs, figs, main: str) -> list[str]:
     return out if any_fig else out + ["No flatness measured yet.", ""]
 
 
+# The claims about AT vs AT-AWP judged by Welch's t-test over seeds: (claim, value of a run, higher is better, unit).
+AWP_CLAIMS = (
+    ("AWP flattens the landscape (average-case flatness of the last checkpoint, lower is flatter)",
+     lambda r: r.flat("last", "average"), False, "nats"),
+    ("AWP flattens the landscape (worst-case flatness of the last checkpoint)", lambda r: r.flat("last", "worst"), False, "nats"),
+    ("AWP narrows the robust generalization gap (last epoch)", lambda r: r.gap("last"), False, "points"),
+    ("AWP raises last-epoch robustness (PGD-20, full test set)", lambda r: r.acc("eval", "last", "pgd20"), True, "points"),
+    ("AWP raises best-epoch robustness (PGD-20, full test set)", lambda r: r.acc("eval", "best", "pgd20"), True, "points"),
+)
+
+
 def _claims(runs, at_key: str, awp_key: str, title: str) -> list[str]:
     at = [r for r in runs.get(at_key, []) if r.finished]
     awp = [r for r in runs.get(awp_key, []) if r.finished]
@@ -589,8 +600,7 @@ def _claims(runs, at_key: str, awp_key: str, title: str) -> list[str]:
     if not awp_key:
         return out + [""]
     if not (at and awp):
-        for c in ("AWP flattens the landscape", "AWP narrows the gap", "AWP raises last-epoch robustness",
-                  "AWP raises best-epoch robustness", AA_CLAIM):
+        for c in [claim for claim, *_ in AWP_CLAIMS] + [AA_CLAIM]:
             line(c, "not measured yet", "Needs finished AT and AT-AWP runs.")
         return out + [""]
 
@@ -613,11 +623,8 @@ def _claims(runs, at_key: str, awp_key: str, title: str) -> list[str]:
             err = f"standard error {sd:.2g}, Welch t-test p = {p:.2g}; {len(a)} and {len(b)} seeds"
         line(claim, verdict, f"AT {ma:.3g}, AT-AWP {mb:.3g} {unit} (difference {mb - ma:+.3g}; {err}).")
 
-    cmp("AWP flattens the landscape (average-case flatness of the last checkpoint, lower is flatter)", lambda r: r.flat("last", "average"), False, "nats")
-    cmp("AWP flattens the landscape (worst-case flatness of the last checkpoint)", lambda r: r.flat("last", "worst"), False, "nats")
-    cmp("AWP narrows the robust generalization gap (last epoch)", lambda r: r.gap("last"), False)
-    cmp("AWP raises last-epoch robustness (PGD-20, full test set)", lambda r: r.acc("eval", "last", "pgd20"), True)
-    cmp("AWP raises best-epoch robustness (PGD-20, full test set)", lambda r: r.acc("eval", "best", "pgd20"), True)
+    for claim, get, higher_better, unit in AWP_CLAIMS:
+        cmp(claim, get, higher_better, unit)
     claim, verdict, numbers = aa_agreement(at, awp)
     line(claim, verdict, numbers)
     return out + [""]

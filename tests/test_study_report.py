@@ -93,7 +93,9 @@ def test_no_overfitting_and_unfinished_runs(tmp_path):
     assert ": did not hold." in line and "(full-test evaluation pending; biased upwards): 1.0 points" in line
     assert "| AT-AWP | vt | 0, 1 | 0 (+1 in progress)" in text
     assert "| 0.10 / 0.00 |" in text  # 4 epochs of 60 s training + 30 s monitoring; no evaluation yet
-    assert text.count("Needs finished AT and AT-AWP runs.") == 5
+    assert text.count("Needs finished AT and AT-AWP runs.") == len(report.AWP_CLAIMS) + 1
+    for claim in [c for c, *_ in report.AWP_CLAIMS] + [report.AA_CLAIM]:  # the same names as when judged
+        assert f"- **{claim}**: not measured yet. Needs finished AT and AT-AWP runs." in text
 
 
 def test_readme_results_block_is_generated_from_the_committed_runs():
