@@ -62,6 +62,10 @@ def test_overfitting_and_awp_claims_follow_the_runs(tmp_path):
     assert "**: not measured yet." in aa
     assert "100 training images seen 4 times in batches of 32 (16 SGD steps, 8 after the first decay), no augmentation" in text
     assert (tmp_path / "docs" / "results" / "curves_vt_at.png").is_file()
+    # the gamma curve (seed 0 of each gamma) reads the full-test PGD-20 of both checkpoints, then the monitored values
+    assert "| 0 | toy_at_s0 | 40.0 | 30.0 | 40.0 | 30.0 | 60.0 | — | — |" in text
+    assert "| 0.01 | toy_at_awp_s0 | 38.0 | 38.0 | 39.0 | 39.0 | 16.0 | — | — |" in text
+    assert (tmp_path / "docs" / "results" / "gamma.png").is_file()
 
 
 def _aa_line(tmp_path, at_aa: dict, awp_aa: dict) -> str:
