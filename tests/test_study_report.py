@@ -123,3 +123,24 @@ def test_study_run_refuses_an_unknown_row_or_stage(capsys):
         assert e.value.code == 2
     err = capsys.readouterr().err
     assert "unknown row 'nope'" in err and "unknown stage 'eval': choose from aa,flatness,landscape,pgd,train" in err
+
+
+def test_study_trains_the_main_setting_seed_by_seed_and_evaluates_each_run_after_it():
+    order = study.tasks(study.ROWS)
+    trains = [t.run for t in order if t.stage == "train"]
+    assert trains[:4] == ["c10jpeg3_at_s0", "c10jpeg3_at_awp_s0", "c10jpeg3_trades_s0", "c10jpeg3_trades_awp_s0"]
+    assert trains.index("c10jpeg3_trades_awp_s1") < trains.index("c10jpeg3_at_s3") < trains.index("c10jpeg3_at_awp_g0.0025_s0")
+    assert trains.index("c10jpeg3_at_awp_s4") < trains.index("c10jpeg3_at_awp_g0.0025_s0") < trains.index("fmnist3_at_s0")
+    for i, t in enumerate(order):  # a run's evaluations follow its training, which they need
+        assert (t.stage == "train") == (t.needs is None)
+        if t.needs:
+            assert any(u.run == t.run and u.stage == "train" for u in order[:i])
+
+
+def test_study_dry_run_prints_whole_lines_from_parallel_workers(capsys, tmp_path, monkeypatch):
+    monkeypatch.setattr(study, "RESULTS", tmp_path)  # no run done: every task is printed
+    assert study.main(["run", "--rows", "trades,trades_awp", "--stages", "train,pgd", "--jobs", "2", "--dry-run"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 * 2 * 3  # 2 rows x 2 seeds x (train, pgd best, pgd last)
+    assert all(ln.startswith("[") and (" train: " in ln or " pgd_" in ln) for ln in lines)
+    assert sum(" train: flatrobust train " in ln for ln in lines) == 4
