@@ -64,3 +64,20 @@ def write_digits_checkpoint(path, model, eps: float):
            "attack": {"norm": "linf", "eps": eps, "alpha": eps / 4, "steps": 10}}
     save_checkpoint({"config": cfg, "model": model.state_dict(), "epoch": 7}, path)
     return path
+
+
+def write_untrained_checkpoint(tmp_path):
+    """tmp_path/run/best.pt: an untrained digits SmallCNN (seed 0) with a short PGD in its config, for CLI tests."""
+    from flatrobust import models
+    from flatrobust.checkpoint import save_checkpoint
+    from flatrobust.data import DATASETS
+
+    info = DATASETS["digits"]
+    torch.manual_seed(0)
+    model = models.create("smallcnn", info.num_classes, info.in_channels, info.mean, info.std)
+    cfg = {"name": "tiny", "model": "smallcnn", "seed": 0,
+           "data": {"name": "digits", "root": str(tmp_path / "data"), "download": False},
+           "attack": {"norm": "linf", "eps": 0.1, "alpha": 0.025, "steps": 2}}
+    path = tmp_path / "run" / "best.pt"
+    save_checkpoint({"config": cfg, "model": model.state_dict()}, path)
+    return path

@@ -1,5 +1,4 @@
 """Checkpoints: atomic writes, safe loading, one-line errors."""
-import os
 import pickle
 
 import pytest

@@ -80,7 +80,7 @@ def test_torchrun_training_two_processes(tmp_path):
 
     from flatrobust.checkpoint import model_from_checkpoint
     from flatrobust.config import load_config
-    from flatrobust.train import build, robust_accuracy
+    from flatrobust.train import build
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
            "-m", "flatrobust", "train", "recipes/digits_at_awp.yaml", "awp.warmup=0", "data.train_subset=256", "data.eval_subset=60",

@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from conftest import write_digits_checkpoint
-from flatrobust import models
 from flatrobust.checkpoint import save_checkpoint
 from flatrobust.cli import main
 from flatrobust.cli.evaluate import parse_pixels
@@ -15,16 +14,6 @@ from flatrobust.errors import UserError
 from flatrobust.evaluate import ATTACKS, PROTOCOL, default_alpha, evaluate, format_table, resolve_attacks
 
 EPS = 0.1  # L-inf, pixel units: PGD-20 takes the natural digits CNN from ~98% to ~50%
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Batches of 8x8 images are too small for intra-op threads: one thread is as fast alone and much
-    faster on a busy machine (measured: 2 threads spent ~0.5 s per forward+backward under load)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture

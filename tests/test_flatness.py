@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from conftest import write_untrained_checkpoint
 from flatrobust import models
-from flatrobust.checkpoint import save_checkpoint
 from flatrobust.cli import main
 from flatrobust.flatness import average_flatness, relative_sphere_sample, worst_flatness
 from flatrobust.landscape import perturbed_parameters, robust_loss
@@ -131,22 +131,8 @@ def test_flatness_is_invariant_to_relu_rescaling(mlp, data):
 # --------------------------------------------------------------------------------------------- CLI
 
 
-def _checkpoint(tmp_path):
-    from flatrobust.data import DATASETS
-
-    info = DATASETS["digits"]
-    torch.manual_seed(0)
-    model = models.create("smallcnn", info.num_classes, info.in_channels, info.mean, info.std)
-    cfg = {"name": "tiny", "model": "smallcnn", "seed": 0,
-           "data": {"name": "digits", "root": str(tmp_path / "data"), "download": False},
-           "attack": {"norm": "linf", "eps": 0.1, "alpha": 0.025, "steps": 2}}
-    path = tmp_path / "run" / "best.pt"
-    save_checkpoint({"config": cfg, "model": model.state_dict()}, path)
-    return path
-
-
 def test_cli_writes_json_and_prints_summary(tmp_path, capsys):
-    ckpt = _checkpoint(tmp_path)
+    ckpt = write_untrained_checkpoint(tmp_path)
     assert main(["flatness", str(ckpt), "--n", "16", "--draws", "2", "--worst-steps", "3"]) == 0
     res = json.loads((ckpt.parent / "flatness.json").read_text())
     assert res["average"]["xi"] == 0.5 and res["average"]["draws"] == 2
@@ -157,7 +143,7 @@ def test_cli_writes_json_and_prints_summary(tmp_path, capsys):
 
 
 def test_cli_one_measure(tmp_path):
-    ckpt = _checkpoint(tmp_path)
+    ckpt = write_untrained_checkpoint(tmp_path)
     assert main(["flatness", str(ckpt), "--n", "8", "--measure", "average", "--draws", "1", "--out", str(tmp_path / "o")]) == 0
     res = json.loads((tmp_path / "o" / "flatness.json").read_text())
     assert "average" in res and "worst" not in res and res["average"]["standard_error"] is None
@@ -169,7 +155,7 @@ def test_cli_one_measure(tmp_path):
     (["--draws", "0"], "--draws"),
 ])
 def test_cli_bad_input_exits_2_with_one_line(tmp_path, capsys, args, message):
-    ckpt = _checkpoint(tmp_path)
+    ckpt = write_untrained_checkpoint(tmp_path)
     assert main(["flatness", str(ckpt), *args]) == 2
     err = capsys.readouterr().err
     assert err.startswith("flatrobust: error:") and message in err and err.count("\n") == 1

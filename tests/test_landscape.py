@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from conftest import write_untrained_checkpoint
 from flatrobust import models
-from flatrobust.checkpoint import save_checkpoint
 from flatrobust.cli import main
 from flatrobust.landscape import filter_normalized_direction, landscape_1d, landscape_2d, robust_loss
 
@@ -146,22 +146,8 @@ def test_landscape_is_invariant_to_relu_rescaling(data):
 # --------------------------------------------------------------------------------------------- CLI
 
 
-def _checkpoint(tmp_path):
-    from flatrobust.data import DATASETS
-
-    info = DATASETS["digits"]
-    torch.manual_seed(0)
-    model = models.create("smallcnn", info.num_classes, info.in_channels, info.mean, info.std)
-    cfg = {"name": "tiny", "model": "smallcnn", "seed": 0,
-           "data": {"name": "digits", "root": str(tmp_path / "data"), "download": False},
-           "attack": {"norm": "linf", "eps": 0.1, "alpha": 0.025, "steps": 2}}
-    path = tmp_path / "run" / "best.pt"
-    save_checkpoint({"config": cfg, "model": model.state_dict()}, path)
-    return path
-
-
 def test_cli_writes_json_and_png(tmp_path, capsys):
-    ckpt = _checkpoint(tmp_path)
+    ckpt = write_untrained_checkpoint(tmp_path)
     code = main(["landscape", str(ckpt), "--n", "12", "--alphas=-1:1:3", "--directions", "2", "--2d", "--steps", "1"])
     assert code == 0
     run = ckpt.parent
@@ -177,7 +163,7 @@ def test_cli_writes_json_and_png(tmp_path, capsys):
 
 
 def test_cli_out_folder_and_comma_alphas(tmp_path):
-    ckpt = _checkpoint(tmp_path)
+    ckpt = write_untrained_checkpoint(tmp_path)
     out = tmp_path / "elsewhere"
     assert main(["landscape", str(ckpt.parent), "--n", "8", "--alphas", "0,0.5", "--directions", "1",
                  "--eps", "4/255", "--out", str(out), "--data", "train"]) == 0
@@ -188,7 +174,7 @@ def test_cli_out_folder_and_comma_alphas(tmp_path):
 
 @pytest.mark.parametrize("alphas, expected", [("-1:1:3", [-1.0, 0.0, 1.0]), ("-.5,0.5", [-0.5, 0.5])])
 def test_cli_alphas_starting_with_a_minus_work_with_a_space(tmp_path, alphas, expected):
-    ckpt = _checkpoint(tmp_path)
+    ckpt = write_untrained_checkpoint(tmp_path)
     results = []
     for form in (["--alphas", alphas], [f"--alphas={alphas}"]):
         out = tmp_path / form[0]
@@ -219,7 +205,7 @@ def test_only_options_that_take_a_value_get_the_minus_value_attached():
     (["--norm", "l2"], "--norm"),
 ])
 def test_cli_bad_input_exits_2_with_one_line(tmp_path, capsys, args, message):
-    ckpt = _checkpoint(tmp_path)
+    ckpt = write_untrained_checkpoint(tmp_path)
     assert main(["landscape", str(ckpt), *args]) == 2
     err = capsys.readouterr().err
     assert err.startswith("flatrobust: error:") and message in err and err.count("\n") == 1

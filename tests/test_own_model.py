@@ -103,7 +103,7 @@ def test_import_model_trains_and_is_rebuilt_from_the_recipe_folder(tmp_path, mon
     rc = main(["train", str(recipes / "own.yaml"), *TINY, f"out_dir={tmp_path / 'runs'}", "name=own", "--quiet"])
     assert rc == 0, capsys.readouterr().err
     run = tmp_path / "runs" / "own"
-    cfg = load_config(None, [f"model=own_train:build"])  # no recipe: the working directory
+    cfg = load_config(None, ["model=own_train:build"])  # no recipe: the working directory
     assert cfg.model_dir == str(Path.cwd().resolve())
     ckpt = torch.load(run / "best.pt", weights_only=True)
     assert ckpt["config"]["model_dir"] == str(recipes.resolve())

@@ -13,16 +13,6 @@ EPS = 0.1  # L-inf, pixel units: PGD-20 takes a natural digits CNN from ~98% to 
 N = 64  # examples the checks run on in these tests
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Batches of 8x8 images are too small for intra-op threads: one thread is as fast alone and much
-    faster on a busy machine (measured: 2 threads spent ~0.5 s per forward+backward under load)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def robust_cnn(trained_cnn, digits):
     """The natural CNN fine-tuned by PGD-3 adversarial training at eps=EPS for 2 epochs (a few seconds)."""
