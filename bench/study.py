@@ -80,7 +80,7 @@ class Row:
 
 
 # Seeds 3-4 because with 2-3 seeds the best-epoch difference of AT and AT-AWP was within seed noise (issue 13 asks
-# for more seeds there); they run after TRADES seed 1.
+# for more seeds there); they run after the gamma curve and the second dataset's seed 0 (tasks()).
 AT_SEEDS = (0, 1, 2, 3, 4)
 
 
@@ -131,16 +131,20 @@ STAGES = ("train", "pgd_best", "pgd_last", "flatness_best", "flatness_last", "la
 
 def tasks(rows: list[Row]) -> list[Task]:
     """Run by run (the main setting's AT, AT-AWP, TRADES and TRADES-AWP seed by seed, then the gamma curve and the
-    other settings), each run's stages in order: a run is evaluated as soon as it is trained, while its checkpoints
+    other settings' seed 0, then more seeds: wave() below), each run's stages in order: a run is evaluated as soon as it is trained, while its checkpoints
     are on this machine (they are not committed)."""
     fr = [sys.executable, "-m", "flatrobust"]
     out: list[Task] = []
 
-    def group(row: Row) -> int:  # the main setting's methods seed by seed first, then the gamma curve and other settings
-        return 0 if row.setting == MAIN and not row.overrides else 1
+    def wave(row: Row, seed: int) -> int:
+        """0-2: the main setting's methods, seeds 0-2; 3: the gamma curve and the other settings' seed 0; then the
+        main setting's extra seeds beside the other settings' seeds 1 and 2."""
+        if row.setting == MAIN and not row.overrides:
+            return seed if seed < 3 else seed + 1
+        return 3 + seed
 
-    order = sorted(((seed, i, row) for i, row in enumerate(rows) for seed in row.seeds), key=lambda t: (group(t[2]), t[0], t[1]))
-    for seed, _, row in order:
+    order = sorted(((wave(row, seed), i, seed, row) for i, row in enumerate(rows) for seed in row.seeds), key=lambda t: t[:2])
+    for _, _, seed, row in order:
         name = row.run_name(seed)
         d = row.run_dir(seed)
         out.append(Task(name, d, "train", [*fr, "train", str(RECIPES / f"{row.recipe}.yaml"), f"seed={seed}", f"name={name}",

@@ -129,8 +129,9 @@ def test_study_trains_the_main_setting_seed_by_seed_and_evaluates_each_run_after
     order = study.tasks(study.ROWS)
     trains = [t.run for t in order if t.stage == "train"]
     assert trains[:4] == ["c10jpeg3_at_s0", "c10jpeg3_at_awp_s0", "c10jpeg3_trades_s0", "c10jpeg3_trades_awp_s0"]
-    assert trains.index("c10jpeg3_trades_awp_s1") < trains.index("c10jpeg3_at_s3") < trains.index("c10jpeg3_at_awp_g0.0025_s0")
-    assert trains.index("c10jpeg3_at_awp_s4") < trains.index("c10jpeg3_at_awp_g0.0025_s0") < trains.index("fmnist3_at_s0")
+    i = trains.index
+    assert i("c10jpeg3_trades_awp_s1") < i("c10jpeg3_at_s2") < i("c10jpeg3_at_awp_g0.0025_s0") < i("fmnist3_at_awp_s0") < i("c10jpeg3_at_s3")
+    assert i("c10jpeg3_at_awp_s3") < i("fmnist3_at_s1") < i("c10jpeg3_at_s4") < i("fmnist3_at_awp_s2") == len(trains) - 1
     for i, t in enumerate(order):  # a run's evaluations follow its training, which they need
         assert (t.stage == "train") == (t.needs is None)
         if t.needs:
