@@ -29,13 +29,13 @@ def _run(out: Path, name: str, test: list[float], train: list[float], evals: dic
         (d / f"aa_{ck}.json").write_text(json.dumps({"n": 1000, "attacks": {"pgd20": {"accuracy": pgd}, "autoattack": {"accuracy": auto}}}))
 
 
-def _write(tmp_path, runs: dict) -> str:
+def _write(tmp_path, runs: dict, autoattack: bool = True) -> str:
     recipes, results, docs = tmp_path / "recipes", tmp_path / "results", tmp_path / "docs"
     recipes.mkdir(parents=True)
     (recipes / "toy_at.yaml").write_text(yaml.safe_dump(CFG))
     settings = [study.Setting("vt", "toy", "a test")]
-    rows = [study.Row("at", "AT", "toy_at", (0, 1), setting="vt", method="at"),
-            study.Row("at_awp", "AT-AWP", "toy_at_awp", (0, 1), setting="vt", method="at_awp")]
+    rows = [study.Row("at", "AT", "toy_at", (0, 1), setting="vt", method="at", autoattack=autoattack),
+            study.Row("at_awp", "AT-AWP", "toy_at_awp", (0, 1), setting="vt", method="at_awp", autoattack=autoattack)]
     for name, args in runs.items():
         _run(results / "c10jpeg", name, *args)
     report.write(results, docs, rows, [("0", "at"), ("0.01", "at_awp")], settings, "vt", recipes)
@@ -145,3 +145,15 @@ def test_study_dry_run_prints_whole_lines_from_parallel_workers(capsys, tmp_path
     assert len(lines) == 2 * 2 * 3  # 2 rows x 2 seeds x (train, pgd best, pgd last)
     assert all(ln.startswith("[") and (" train: " in ln or " pgd_" in ln) for ln in lines)
     assert sum(" train: flatrobust train " in ln for ln in lines) == 4
+
+
+def test_a_setting_without_autoattack_says_so_instead_of_waiting_for_it(tmp_path):
+    at = ([0.20, 0.40, 0.35, 0.30], [0.3, 0.5, 0.7, 0.9])
+    text = _write(tmp_path, {"toy_at_s0": (*at, {"best": 0.40, "last": 0.30}), "toy_at_awp_s0": (*at, {"best": 0.41, "last": 0.31})},
+                  autoattack=False)
+    aa = next(ln for ln in text.splitlines() if "AutoAttack agrees with PGD-20" in ln)
+    assert "**: not planned in this setting." in aa
+    assert "| AT | vt | 0, 1 | 1 | 1 | not planned |" in text
+    planned = study.tasks([study.Row("x", "X", "c10jpeg3_at", (0,))])
+    unplanned = study.tasks([study.Row("x", "X", "c10jpeg3_at", (0,), autoattack=False)])
+    assert [t.stage for t in planned if t.stage not in [u.stage for u in unplanned]] == ["aa_best", "aa_last"]
