@@ -275,7 +275,10 @@ def run(rows: list[Row], stages: set[str], jobs: int, dry: bool) -> int:
             for t in todo:
                 if t.done or t.running or _busy(t.dir):
                     continue
-                if t.needs and not state[(t.run, t.needs)].done:
+                need = state[(t.run, t.needs)] if t.needs else None
+                if need is not None and not need.done and need not in todo:  # trained by another runner since?
+                    need.done = _train_done(need.dir)
+                if need is not None and not need.done:
                     continue
                 t.running = True
                 return t
@@ -286,8 +289,10 @@ def run(rows: list[Row], stages: set[str], jobs: int, dry: bool) -> int:
             t = next_task()
             if t is None:
                 with lock:
-                    if not any(x.running for x in todo):
-                        return  # nothing runs, nothing is ready: done (or blocked by a failed training)
+                    # done when nothing runs here and no run with work left here is held by another process (a
+                    # second runner training it: its evaluations here wait for that), else blocked by a failure
+                    if not any(x.running for x in todo) and not any(not x.done and _busy(x.dir) for x in todo):
+                        return
                 time.sleep(5)  # a task may become ready when a running training ends
                 continue
             rc = _command(t, dry, state[(t.run, "train")].argv)

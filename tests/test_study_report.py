@@ -157,3 +157,19 @@ def test_a_setting_without_autoattack_says_so_instead_of_waiting_for_it(tmp_path
     planned = study.tasks([study.Row("x", "X", "c10jpeg3_at", (0,))])
     unplanned = study.tasks([study.Row("x", "X", "c10jpeg3_at", (0,), autoattack=False)])
     assert [t.stage for t in planned if t.stage not in [u.stage for u in unplanned]] == ["aa_best", "aa_last"]
+
+
+def test_an_evaluation_runner_takes_runs_another_runner_trained_after_it_started(tmp_path, monkeypatch, capsys):
+    """`study.py run --stages aa` beside a training runner: a run whose training ends after this runner started is
+    evaluated (it was skipped for good before: its training's state was read once, at the start)."""
+    monkeypatch.setattr(study, "RESULTS", tmp_path)
+    trained = set()
+    monkeypatch.setattr(study, "_train_done", lambda d: d.name in trained)
+    row = study.Row("x", "X", "c10jpeg3_at", (0,))
+    every = study.tasks([row])  # what the runner sees at its start: nothing trained
+    assert not any(t.done for t in every)
+    trained.add(row.run_name(0))  # the other runner finishes the training
+    monkeypatch.setattr(study, "tasks", lambda rows: every)
+    assert study.run([row], {"aa"}, 1, dry=True) == 0
+    out = capsys.readouterr().out
+    assert " aa_best: flatrobust eval " in out and " aa_last: flatrobust eval " in out
