@@ -643,8 +643,11 @@ def _claims(runs, at_key: str, awp_key: str, title: str, autoattack: bool = True
     if autoattack:
         line(*aa_agreement(at, awp))
     else:
-        line(AA_CLAIM, "not planned in this setting", "AutoAttack (20-35 minutes a checkpoint on one thread here) runs for the "
-             "rows of the comparisons, the main setting's and the second dataset's; this setting was a pilot.")
+        took = [e["seconds"] / 60 for rs in runs.values() for r in rs for k, e in r.evals.items() if k.startswith("aa_") and e.get("seconds")]
+        span = f"{min(took):.0f}" + (f"-{max(took):.0f}" if round(max(took)) > round(min(took)) else "")
+        cost = f"{span} minutes a checkpoint here, the `seconds` of the aa_*.json files" if took else "its cost"
+        line(AA_CLAIM, "not planned in this setting", f"AutoAttack ({cost}) runs for the rows of the comparisons, the main "
+             "setting's and the second dataset's; this setting was a pilot.")
     return out + [""]
 
 

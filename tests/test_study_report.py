@@ -26,7 +26,8 @@ def _run(out: Path, name: str, test: list[float], train: list[float], evals: dic
     for ck, acc in (evals or {}).items():
         (d / f"eval_{ck}.json").write_text(json.dumps({"attacks": {"pgd20": {"accuracy": acc}, "clean": {"accuracy": acc + 0.1}}}))
     for ck, (pgd, auto) in (aa or {}).items():  # PGD-20 and AutoAttack on the same images
-        (d / f"aa_{ck}.json").write_text(json.dumps({"n": 1000, "attacks": {"pgd20": {"accuracy": pgd}, "autoattack": {"accuracy": auto}}}))
+        (d / f"aa_{ck}.json").write_text(json.dumps({"n": 1000, "attacks": {"pgd20": {"accuracy": pgd}, "autoattack": {"accuracy": auto}},
+                                                           "seconds": 600.0}))
 
 
 def _write(tmp_path, runs: dict, autoattack: bool = True) -> str:
@@ -149,11 +150,12 @@ def test_study_dry_run_prints_whole_lines_from_parallel_workers(capsys, tmp_path
 
 def test_a_setting_without_autoattack_says_so_instead_of_waiting_for_it(tmp_path):
     at = ([0.20, 0.40, 0.35, 0.30], [0.3, 0.5, 0.7, 0.9])
-    text = _write(tmp_path, {"toy_at_s0": (*at, {"best": 0.40, "last": 0.30}), "toy_at_awp_s0": (*at, {"best": 0.41, "last": 0.31})},
-                  autoattack=False)
+    text = _write(tmp_path, {"toy_at_s0": (*at, {"best": 0.40, "last": 0.30}), "toy_at_awp_s0": (*at, {"best": 0.41, "last": 0.31}),
+                             "toy_at_s1": (*at, None, {"best": (0.40, 0.38), "last": (0.30, 0.28)})},
+                  autoattack=False)  # AutoAttack from before it was left out
     aa = next(ln for ln in text.splitlines() if "AutoAttack agrees with PGD-20" in ln)
-    assert "**: not planned in this setting." in aa
-    assert "| AT | vt | 0, 1 | 1 | 1 | not planned |" in text
+    assert "**: not planned in this setting. AutoAttack (10 minutes a checkpoint here, the `seconds`" in aa
+    assert "| AT | vt | 0, 1 | 2 | 1 | 1 |" in text and "| AT-AWP | vt | 0, 1 | 1 | 1 | not planned |" in text
     planned = study.tasks([study.Row("x", "X", "c10jpeg3_at", (0,))])
     unplanned = study.tasks([study.Row("x", "X", "c10jpeg3_at", (0,), autoattack=False)])
     assert [t.stage for t in planned if t.stage not in [u.stage for u in unplanned]] == ["aa_best", "aa_last"]
