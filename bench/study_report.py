@@ -306,16 +306,18 @@ def write(results: Path, docs: Path, rows, gamma_curve, settings, main: str, rec
         L += ["## Weight loss landscapes", "", f"`flatrobust landscape` (1-D, 2 filter-normalized directions, {N_ANALYSIS} test images) "
               f"of the first seed of each row of setting {main}, best and last checkpoint.", "", "![landscapes](results/landscapes.png)", ""]
     L += _gamma(runs, gamma_curve, figs)
-    L += _scatter({k: v for k, v in runs.items() if v[0].setting == main}, figs, main)
+    L += _scatter({k: v for k, v in runs.items() if v[0].setting == main}, figs, main, labels)
     L += ["## The paper's claims, here", "",
           "Each marked *held*, *did not hold* or *not measured yet*, with the numbers (means over finished seeds), per setting. "
-          f"An AT vs AT-AWP comparison holds when the difference of the seed means has the claimed sign and Welch's t-test "
-          f"gives p < {ALPHA}; with one seed a side it is not judged.", ""]
+          f"A comparison of a method without and with AWP (AT vs AT-AWP, TRADES vs TRADES-AWP) holds when the difference "
+          f"of the seed means has the claimed sign and Welch's t-test gives p < {ALPHA}; with one seed a side it is not "
+          "judged. Robust overfitting is a claim about plain AT.", ""]
     for s in sorted(settings, key=lambda s: s.key != main):
-        if (s.key, "at") in keys:
-            at, awp = keys[(s.key, "at")], keys.get((s.key, "at_awp"), "")
-            aa = all(row.autoattack for row in rows if row.key in (at, awp))
-            L += _claims(runs, at, awp, f"Setting {s.key}" + (", the main one" if s.key == main else ""), aa)
+        for method in ("at", "trades"):
+            if (s.key, method) in keys:
+                base, awp = keys[(s.key, method)], keys.get((s.key, f"{method}_awp"), "")
+                aa = all(row.autoattack for row in rows if row.key in (base, awp))
+                L += _claims(runs, base, awp, f"Setting {s.key}" + (", the main one" if s.key == main else ""), aa, METHODS[method])
     L += _commands(next(s for s in settings if s.key == main))
     path = docs / "RESULTS.md"
     path.write_text("\n".join(L).rstrip() + "\n")
@@ -339,11 +341,17 @@ END = "<!-- results:end -->"
 
 
 def readme_block(runs, keys: dict, main: str, cfg: dict, dataset: str = "c10jpeg") -> list[str]:
-    """The README's summary: the main setting's claim lines, verbatim as docs/RESULTS.md has them."""
-    at, awp = keys.get((main, "at"), ""), keys.get((main, "at_awp"), "")
-    n_at, n_awp = (len([r for r in runs.get(k, []) if r.finished]) for k in (at, awp))
-    return [f"Main setting {main} of docs/RESULTS.md: {describe(cfg, dataset)}; finished so far: {n_at} AT and {n_awp} AT-AWP runs.", "",
-            *[ln for ln in _claims(runs, at, awp, "")[2:] if ln]]
+    """The README's summary: the main setting's claim lines, verbatim as docs/RESULTS.md has them (TRADES vs
+    TRADES-AWP once both have a finished run)."""
+    done = {m: len([r for r in runs.get(keys.get((main, m), ""), []) if r.finished]) for m in METHODS}
+    counts = ", ".join(f"{n} {METHODS[m]}" for m, n in done.items() if (main, m) in keys)
+    out = [f"Main setting {main} of docs/RESULTS.md: {describe(cfg, dataset)}; finished runs so far: {counts}.", ""]
+    for method in ("at", "trades"):
+        base, awp = keys.get((main, method), ""), keys.get((main, f"{method}_awp"), "")
+        if method == "at" or (done.get(method) and done.get(f"{method}_awp")):
+            claims = [ln for ln in _claims(runs, base, awp, "", base=METHODS[method])[2:] if ln]
+            out += ([f"{METHODS[method]} vs {METHODS[method + '_awp']}:", ""] if method != "at" else []) + claims + [""]
+    return out[:-1]
 
 
 def replace_block(text: str, lines: list[str]) -> str:
@@ -557,12 +565,12 @@ def _points(runs) -> list[dict]:
             if not r.finished:
                 continue
             for ck in CKPTS:
-                pts.append({"row": r.method, "run": r.name, "ck": ck, "gap": r.gap(ck),
+                pts.append({"row": r.method, "key": key, "run": r.name, "ck": ck, "gap": r.gap(ck),
                             "average": r.flat(ck, "average"), "worst": r.flat(ck, "worst")})
     return pts
 
 
-def _scatter(runs, figs, main: str) -> list[str]:
+def _scatter(runs, figs, main: str, labels: dict[str, str]) -> list[str]:
     pts = _points(runs)
     out = ["## Flatness against the robust generalization gap", "",
            f"Runs of setting {main} (gaps of different settings are not on one scale).", ""]
@@ -575,7 +583,18 @@ def _scatter(runs, figs, main: str) -> list[str]:
             out += [f"![{measure}](results/scatter_{measure}.png)", "",
                     f"{measure}-case flatness vs gap over {len(have)} checkpoints (every finished run, best and last epoch): "
                     + (f"Spearman rank correlation {rho[0]:+.2f} (p = {rho[1]:.2g})." if rho else "too few points for a rank correlation."), ""]
-    return out if any_fig else out + ["No flatness measured yet.", ""]
+    if not any_fig:
+        return out + ["No flatness measured yet.", ""]
+    # Where each row and checkpoint sits: early stopping (best vs last), TRADES and AWP against plain AT's last epoch.
+    tab = []
+    for key in runs:
+        for ck in CKPTS:
+            group = [p for p in pts if p["key"] == key and p["ck"] == ck]
+            if group:
+                tab.append([labels.get(key, key), f"{ck}.pt", str(len(group)), _ms([p["gap"] for p in group]),
+                            *(_ms([p[m] for p in group], 3) for m in ("average", "worst"))])
+    return out + ["Means over seeds (± std) of each row at each checkpoint:", "",
+                  *_table(["row", "checkpoint", "seeds", "gap (points)", "average-case flatness", "worst-case flatness"], tab)]
 
 
 # The claims about AT vs AT-AWP judged by Welch's t-test over seeds: (claim, value of a run, higher is better, unit).
@@ -589,15 +608,17 @@ AWP_CLAIMS = (
 )
 
 
-def _claims(runs, at_key: str, awp_key: str, title: str, autoattack: bool = True) -> list[str]:
+def _claims(runs, at_key: str, awp_key: str, title: str, autoattack: bool = True, base: str = "AT") -> list[str]:
+    """The claims about `base` (AT or TRADES) without and with AWP in one setting; robust overfitting for AT only."""
     at = [r for r in runs.get(at_key, []) if r.finished]
     awp = [r for r in runs.get(awp_key, []) if r.finished]
-    out = [f"### {title}: AT" + (" vs AT-AWP" if awp_key else ""), ""]
+    with_awp = f"{base}-AWP"
+    out = [f"### {title}: {base}" + (f" vs {with_awp}" if awp_key else ""), ""]
 
     def line(claim: str, verdict: str, numbers: str) -> None:
         out.append(f"- **{claim}**: {verdict}. {numbers}")
 
-    if at:
+    if base == "AT" and at:
         # Judged on the full test set (10,000 images) where both checkpoints are evaluated: the monitored best is the
         # maximum of noisy 200-500-image estimates, so monitored best - last is biased upwards.
         full = [(r.acc("eval", "best", "pgd20"), r.acc("eval", "last", "pgd20")) for r in at]
@@ -610,20 +631,20 @@ def _claims(runs, at_key: str, awp_key: str, title: str, autoattack: bool = True
              "held" if ok else "did not hold",
              f"AT {where}: {', '.join(f'{d:.1f}' for d in drops)} points; monitored train PGD-20 from the best "
              f"to the last epoch: {', '.join(f'{d:+.1f}' for d in rising)} points ({len(at)} seed{'s' if len(at) > 1 else ''}).")
-    else:
+    elif base == "AT":
         line("Robust overfitting exists here", "not measured yet", "No AT run has finished.")
     if not awp_key:
         return out + [""]
     if not (at and awp):
-        for c in [claim for claim, *_ in AWP_CLAIMS] + ([AA_CLAIM] if autoattack else []):
-            line(c, "not measured yet", "Needs finished AT and AT-AWP runs.")
+        for c in [claim for claim, *_ in AWP_CLAIMS] + ([aa_claim(base)] if autoattack else []):
+            line(c, "not measured yet", f"Needs finished {base} and {with_awp} runs.")
         return out + [""]
 
     def cmp(claim: str, get, higher_better: bool, unit: str = "points") -> None:
         a, b = [get(r) for r in at], [get(r) for r in awp]
         a, b = [x for x in a if x is not None], [x for x in b if x is not None]
         if not a or not b:
-            line(claim, "not measured yet", f"({len(a)} AT and {len(b)} AT-AWP values so far).")
+            line(claim, "not measured yet", f"({len(a)} {base} and {len(b)} {with_awp} values so far).")
             return
         ma, mb = statistics.mean(a), statistics.mean(b)
         sd = math.sqrt((statistics.variance(a) if len(a) > 1 else 0) / len(a) + (statistics.variance(b) if len(b) > 1 else 0) / len(b))
@@ -636,58 +657,63 @@ def _claims(runs, at_key: str, awp_key: str, title: str, autoattack: bool = True
             if p >= ALPHA:
                 verdict += " (the difference, in AWP's favour, is within seed noise)" if better else " (the difference, against AWP, is within seed noise)"
             err = f"standard error {sd:.2g}, Welch t-test p = {p:.2g}; {len(a)} and {len(b)} seeds"
-        line(claim, verdict, f"AT {ma:.3g}, AT-AWP {mb:.3g} {unit} (difference {mb - ma:+.3g}; {err}).")
+        line(claim, verdict, f"{base} {ma:.3g}, {with_awp} {mb:.3g} {unit} (difference {mb - ma:+.3g}; {err}).")
 
     for claim, get, higher_better, unit in AWP_CLAIMS:
         cmp(claim, get, higher_better, unit)
     if autoattack:
-        line(*aa_agreement(at, awp))
+        line(*aa_agreement(at, awp, base))
     else:
         took = [e["seconds"] / 60 for rs in runs.values() for r in rs for k, e in r.evals.items() if k.startswith("aa_") and e.get("seconds")]
         span = f"{min(took):.0f}" + (f"-{max(took):.0f}" if round(max(took)) > round(min(took)) else "")
         cost = f"{span} minutes a checkpoint here, the `seconds` of the aa_*.json files" if took else "its cost"
-        line(AA_CLAIM, "not planned in this setting", f"AutoAttack ({cost}) runs for the rows of the comparisons, the main "
+        line(aa_claim(base), "not planned in this setting", f"AutoAttack ({cost}) runs for the rows of the comparisons, the main "
              "setting's and the second dataset's; this setting was a pilot.")
     return out + [""]
 
 
-AA_CLAIM = (f"AutoAttack agrees with PGD-20 (on the same {N_AUTOATTACK:,} test images: it finds no more robustness than PGD-20 on "
-            "any checkpoint, and ranks AT and AT-AWP as PGD-20 does at the best and at the last epoch)")
+def aa_claim(base: str = "AT") -> str:
+    return (f"AutoAttack agrees with PGD-20 (on the same {N_AUTOATTACK:,} test images: it finds no more robustness than PGD-20 on "
+            f"any checkpoint, and ranks {base} and {base}-AWP as PGD-20 does at the best and at the last epoch)")
 
 
-def aa_agreement(at: list[RunData], awp: list[RunData]) -> tuple[str, str, str]:
+AA_CLAIM = aa_claim("AT")
+
+
+def aa_agreement(at: list[RunData], awp: list[RunData], base: str = "AT") -> tuple[str, str, str]:
     """The AutoAttack claim from the aa_{best,last}.json files, which hold PGD-20 and AutoAttack on the same images.
 
     Held when AutoAttack's accuracy is at most PGD-20's on every evaluated checkpoint and, for the best and for the
     last checkpoint, the mean AT-AWP minus AT difference has the same sign under both attacks (a difference of
     exactly zero agrees with anything). This is a statement about the evaluation of these models, so it is judged
     from one seed on; the seed counts are printed."""
+    claim, with_awp = aa_claim(base), f"{base}-AWP"
     pairs = {(who, ck): [(r.acc("aa", ck, "pgd20"), r.acc("aa", ck, "autoattack")) for r in runs]
-             for who, runs in (("AT", at), ("AT-AWP", awp)) for ck in CKPTS}
+             for who, runs in ((base, at), (with_awp, awp)) for ck in CKPTS}
     pairs = {k: [(p, a) for p, a in v if p is not None and a is not None] for k, v in pairs.items()}
     every = [pa for v in pairs.values() for pa in v]
     if not every:
-        return AA_CLAIM, "not measured yet", "No AutoAttack evaluation (with PGD-20 beside it) has finished."
+        return claim, "not measured yet", "No AutoAttack evaluation (with PGD-20 beside it) has finished."
     margins = [p - a for p, a in every]
     stronger = all(m >= 0 for m in margins)
     ranks, parts, complete = [], [], True
     for ck in CKPTS:
-        a, b = pairs[("AT", ck)], pairs[("AT-AWP", ck)]
+        a, b = pairs[(base, ck)], pairs[(with_awp, ck)]
         if not a or not b:
             complete = False
             continue
         d_pgd = statistics.mean(p for p, _ in b) - statistics.mean(p for p, _ in a)
         d_aa = statistics.mean(x for _, x in b) - statistics.mean(x for _, x in a)
         ranks.append(d_pgd * d_aa >= 0)
-        parts.append(f"{ck}.pt: AT-AWP minus AT {d_pgd:+.1f} points under PGD-20, {d_aa:+.1f} under AutoAttack "
+        parts.append(f"{ck}.pt: {with_awp} minus {base} {d_pgd:+.1f} points under PGD-20, {d_aa:+.1f} under AutoAttack "
                      f"({len(a)} and {len(b)} seed{'s' if len(b) > 1 else ''})")
     numbers = (f"PGD-20 minus AutoAttack over {len(every)} checkpoints: {min(margins):.1f} to {max(margins):.1f} points"
                + ("; " + "; ".join(parts) if parts else "") + ".")
     if not stronger:
-        return AA_CLAIM, "did not hold", numbers + " AutoAttack found more robustness than PGD-20 on some checkpoint."
+        return claim, "did not hold", numbers + " AutoAttack found more robustness than PGD-20 on some checkpoint."
     if not complete:
-        return AA_CLAIM, "not measured yet", numbers + " Needs AutoAttack on the best and last checkpoints of both AT and AT-AWP."
-    return AA_CLAIM, "held" if all(ranks) else "did not hold", numbers
+        return claim, "not measured yet", numbers + f" Needs AutoAttack on the best and last checkpoints of both {base} and {with_awp}."
+    return claim, "held" if all(ranks) else "did not hold", numbers
 
 
 def _commands(main) -> list[str]:

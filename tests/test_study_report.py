@@ -30,16 +30,19 @@ def _run(out: Path, name: str, test: list[float], train: list[float], evals: dic
                                                            "seconds": 600.0}))
 
 
-def _write(tmp_path, runs: dict, autoattack: bool = True) -> str:
+def _rows(autoattack: bool = True, trades: bool = False) -> list:
+    methods = [("at", "AT"), ("at_awp", "AT-AWP")] + ([("trades", "TRADES"), ("trades_awp", "TRADES-AWP")] if trades else [])
+    return [study.Row(m, label, f"toy_{m}", (0, 1), setting="vt", method=m, autoattack=autoattack) for m, label in methods]
+
+
+def _write(tmp_path, runs: dict, autoattack: bool = True, trades: bool = False) -> str:
     recipes, results, docs = tmp_path / "recipes", tmp_path / "results", tmp_path / "docs"
     recipes.mkdir(parents=True)
     (recipes / "toy_at.yaml").write_text(yaml.safe_dump(CFG))
     settings = [study.Setting("vt", "toy", "a test")]
-    rows = [study.Row("at", "AT", "toy_at", (0, 1), setting="vt", method="at", autoattack=autoattack),
-            study.Row("at_awp", "AT-AWP", "toy_at_awp", (0, 1), setting="vt", method="at_awp", autoattack=autoattack)]
     for name, args in runs.items():
         _run(results / "c10jpeg", name, *args)
-    report.write(results, docs, rows, [("0", "at"), ("0.01", "at_awp")], settings, "vt", recipes)
+    report.write(results, docs, _rows(autoattack, trades), [("0", "at"), ("0.01", "at_awp")], settings, "vt", recipes)
     return (docs / "RESULTS.md").read_text()
 
 
@@ -67,6 +70,53 @@ def test_overfitting_and_awp_claims_follow_the_runs(tmp_path):
     assert "| 0 | toy_at_s0 | 40.0 | 30.0 | 40.0 | 30.0 | 60.0 | — | — |" in text
     assert "| 0.01 | toy_at_awp_s0 | 38.0 | 38.0 | 39.0 | 39.0 | 16.0 | — | — |" in text
     assert (tmp_path / "docs" / "results" / "gamma.png").is_file()
+
+
+def _flatness(results: Path, name: str, values: dict) -> None:
+    for ck, (avg, worst) in values.items():
+        d = results / "c10jpeg" / name / f"flatness_{ck}"
+        d.mkdir(parents=True)
+        (d / "flatness.json").write_text(json.dumps({"average": {"average_flatness": avg}, "worst": {"worst_flatness": worst}}))
+
+
+def test_trades_vs_trades_awp_is_judged_like_at_and_reaches_the_readme_block(tmp_path):
+    at = ([0.20, 0.40, 0.35, 0.30], [0.3, 0.5, 0.7, 0.9])
+    awp = ([0.20, 0.38, 0.38, 0.39], [0.3, 0.45, 0.5, 0.55])
+    runs = {}
+    for m, curve, best, last in (("at", at, 0.40, 0.30), ("at_awp", awp, 0.38, 0.38),
+                                 ("trades", at, 0.42, 0.33), ("trades_awp", awp, 0.41, 0.40)):
+        for seed in (0, 1):
+            runs[f"toy_{m}_s{seed}"] = (*curve, {"best": best + seed / 100, "last": last + seed / 100})
+    text = _write(tmp_path, runs, trades=True)
+    assert "### Setting vt, the main one: TRADES vs TRADES-AWP" in text
+    section = text.split("TRADES vs TRADES-AWP\n", 1)[1].split("\n#", 1)[0]
+    assert "Robust overfitting" not in section  # a claim about plain AT
+    last = next(ln for ln in section.splitlines() if "AWP raises last-epoch robustness" in ln)
+    assert ": held" in last and "TRADES 33.5, TRADES-AWP 40.5 points" in last
+    gap = next(ln for ln in section.splitlines() if "AWP narrows the robust generalization gap" in ln)
+    assert "TRADES 60, TRADES-AWP 16 points" in gap
+    aa = next(ln for ln in section.splitlines() if "AutoAttack agrees" in ln)
+    assert "ranks TRADES and TRADES-AWP as PGD-20 does" in aa and "not measured yet" in aa
+    keys = report.row_keys(_rows(trades=True))
+    block = report.readme_block(report.load(tmp_path / "results", _rows(trades=True)), keys, "vt", CFG)
+    assert "finished runs so far: 2 AT, 2 AT-AWP, 2 TRADES, 2 TRADES-AWP." in block[0]
+    assert "TRADES vs TRADES-AWP:" in block and last in block
+    assert all(ln in text.splitlines() for ln in block if ln.startswith("- **"))
+
+
+def test_the_scatter_table_places_each_row_and_checkpoint(tmp_path):
+    at = ([0.20, 0.40, 0.35, 0.30], [0.3, 0.5, 0.7, 0.9])
+    awp = ([0.20, 0.38, 0.38, 0.39], [0.3, 0.45, 0.5, 0.55])
+    for seed, (name, curve) in enumerate((("toy_at_s0", at), ("toy_at_s1", at), ("toy_at_awp_s0", awp))):
+        _run(tmp_path / "results" / "c10jpeg", name, *curve)
+    _flatness(tmp_path / "results", "toy_at_s0", {"best": (0.05, 0.04), "last": (0.40, 0.30)})
+    _flatness(tmp_path / "results", "toy_at_s1", {"best": (0.07, 0.06), "last": (0.50, 0.50)})
+    _flatness(tmp_path / "results", "toy_at_awp_s0", {"best": (0.08, 0.03), "last": (0.09, 0.05)})
+    text = _write(tmp_path, {})
+    assert "| AT | best.pt | 2 | 10.0 ± 0.0 | 0.060 ± 0.014 | 0.050 ± 0.014 |" in text  # gap at epoch 2: 50-40
+    assert "| AT | last.pt | 2 | 60.0 ± 0.0 | 0.450 ± 0.071 | 0.400 ± 0.141 |" in text
+    assert "| AT-AWP | last.pt | 1 | 16.0 (n=1) | 0.090 (n=1) | 0.050 (n=1) |" in text
+    assert "average-case flatness vs gap over 6 checkpoints" in text
 
 
 def _aa_line(tmp_path, at_aa: dict, awp_aa: dict) -> str:
