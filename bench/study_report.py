@@ -198,7 +198,7 @@ def fig_curves(runs: dict[str, list[RunData]], keys: list[str], path: Path) -> b
                 n = min(len(r.metrics) for r in done)
                 mean = [statistics.mean(100 * r.metrics[i][key] for r in done) for i in range(n)]
                 ax.plot([done[0].metrics[i]["epoch"] for i in range(n)], _smooth(mean), color=c, lw=1.8, ls=ls,
-                        label=f"{label}{what} (mean of {len(done)})")
+                        label=f"{label}{what} (" + (f"mean of {len(done)}" if len(done) > 1 else done[0].name) + ")")
             else:
                 ax.plot([], [], color=c, lw=1.4, ls=ls, label=f"{label}{what} ({rs[0].name})")
     e = have[0][1].cfg["epochs"]
@@ -350,7 +350,7 @@ def readme_block(runs, keys: dict, main: str, cfg: dict, dataset: str = "c10jpeg
         base, awp = keys.get((main, method), ""), keys.get((main, f"{method}_awp"), "")
         if method == "at" or (done.get(method) and done.get(f"{method}_awp")):
             claims = [ln for ln in _claims(runs, base, awp, "", base=METHODS[method])[2:] if ln]
-            out += ([f"{METHODS[method]} vs {METHODS[method + '_awp']}:", ""] if method != "at" else []) + claims + [""]
+            out += [f"{METHODS[method]} vs {METHODS[method + '_awp']}:", "", *claims, ""]
     return out[:-1]
 
 
