@@ -684,7 +684,8 @@ def aa_agreement(at: list[RunData], awp: list[RunData], base: str = "AT") -> tup
     """The AutoAttack claim from the aa_{best,last}.json files, which hold PGD-20 and AutoAttack on the same images.
 
     Held when AutoAttack's accuracy is at most PGD-20's on every evaluated checkpoint and, for the best and for the
-    last checkpoint, the mean AT-AWP minus AT difference has the same sign under both attacks (a difference of
+    last checkpoint, the mean with-AWP minus without (AT-AWP minus AT, TRADES-AWP minus TRADES) difference has the
+    same sign under both attacks (a difference of
     exactly zero agrees with anything). This is a statement about the evaluation of these models, so it is judged
     from one seed on; the seed counts are printed."""
     claim, with_awp = aa_claim(base), f"{base}-AWP"
