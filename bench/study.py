@@ -246,9 +246,11 @@ def _command(t: Task, dry: bool, train_argv: list[str]) -> int:
         argv = [*argv[:3], "train", "--resume", str(d)]  # continue where it stopped
     elif t.stage == "train" and d.exists():
         argv.append("--overwrite")  # a run directory without a checkpoint: nothing to keep
-    _say(f"{t.run} {t.stage}: {' '.join(argv[2:])}")
-    if dry:
+    if dry:  # what this runner would do; a run another process holds is named, not waited for
+        held = "  (held by another process now: a real run waits for it)" if _busy(d) else ""
+        _say(f"{t.run} {t.stage}: {' '.join(argv[2:])}{held}")
         return 0
+    _say(f"{t.run} {t.stage}: {' '.join(argv[2:])}")
     logs = _logs(d)
     logs.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=str(ROOT / "src"))
@@ -279,7 +281,7 @@ def run(rows: list[Row], stages: set[str], jobs: int, dry: bool) -> int:
     def next_task() -> Task | None:
         with lock:
             for t in todo:
-                if t.done or t.running or _busy(t.dir):
+                if t.done or t.running or (not dry and _busy(t.dir)):
                     continue
                 need = state[(t.run, t.needs)] if t.needs else None
                 if need is not None and not need.done and (need.run, need.stage) not in mine:  # trained elsewhere since?
@@ -297,7 +299,7 @@ def run(rows: list[Row], stages: set[str], jobs: int, dry: bool) -> int:
                 with lock:
                     # done when nothing runs here and no run with work left here is held by another process (a
                     # second runner training it: its evaluations here wait for that), else blocked by a failure
-                    if not any(x.running for x in todo) and not any(not x.done and _busy(x.dir) for x in todo):
+                    if not any(x.running for x in todo) and (dry or not any(not x.done and _busy(x.dir) for x in todo)):
                         return
                 time.sleep(5)  # a task may become ready when a running training ends
                 continue

@@ -226,3 +226,30 @@ def test_an_evaluation_runner_takes_runs_another_runner_trained_after_it_started
     assert study.run([row], {"aa"}, 1, dry=True) == 0
     out = capsys.readouterr().out
     assert " aa_best: flatrobust eval " in out and " aa_last: flatrobust eval " in out
+
+
+def test_a_dry_run_names_runs_another_process_holds_instead_of_waiting_for_them(tmp_path, monkeypatch, capsys):
+    """A dry run beside a real runner returned only when that runner let go of its runs (it waited on them)."""
+    import subprocess
+    import sys
+    import threading
+
+    monkeypatch.setattr(study, "RESULTS", tmp_path)
+    row = study.Row("x", "X", "c10jpeg3_at", (0,))
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # the other runner
+    try:
+        logs = study._logs(row.run_dir(0))
+        logs.mkdir(parents=True)
+        (logs / "lock.train").write_text(f"{holder.pid} train\n")
+        assert study._busy(row.run_dir(0))
+        result = []
+        th = threading.Thread(target=lambda: result.append(study.run([row], {"train", "pgd"}, 2, dry=True)), daemon=True)
+        th.start()
+        th.join(30)
+        assert not th.is_alive(), "the dry run waited for the run another process holds"
+        assert result == [0]
+    finally:
+        holder.kill()
+        holder.wait()
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 3 and all("(held by another process now: a real run waits for it)" in ln for ln in out)
