@@ -25,7 +25,7 @@ def _table(header, rows) -> list[str]:
 
 
 CKPTS = ("best", "last")
-ALPHA = 0.05  # a claim about AT vs AT-AWP holds when the difference has the claimed sign and Welch's t-test p < ALPHA
+ALPHA = 0.05  # a claim about a method vs the method with AWP holds when the difference has the claimed sign and Welch's t-test p < ALPHA
 N_AUTOATTACK = 1000  # standard AutoAttack (and PGD-20 beside it, on the same images) on a fixed subset of this many test images (seed 0)
 N_ANALYSIS = 500  # flatness and landscape on a fixed subset of this many test images
 
@@ -313,7 +313,7 @@ def write(results: Path, docs: Path, rows, gamma_curve, settings, main: str, rec
           f"of the seed means has the claimed sign and Welch's t-test gives p < {ALPHA}; with one seed a side it is not "
           "judged. Robust overfitting is a claim about plain AT.", ""]
     for s in sorted(settings, key=lambda s: s.key != main):
-        for method in ("at", "trades"):
+        for method in PAIRS:
             if (s.key, method) in keys:
                 base, awp = keys[(s.key, method)], keys.get((s.key, f"{method}_awp"), "")
                 aa = all(row.autoattack for row in rows if row.key in (base, awp))
@@ -346,7 +346,7 @@ def readme_block(runs, keys: dict, main: str, cfg: dict, dataset: str = "c10jpeg
     done = {m: len([r for r in runs.get(keys.get((main, m), ""), []) if r.finished]) for m in METHODS}
     counts = ", ".join(f"{n} {METHODS[m]}" for m, n in done.items() if (main, m) in keys)
     out = [f"Main setting {main} of docs/RESULTS.md: {describe(cfg, dataset)}; finished runs so far: {counts}.", ""]
-    for method in ("at", "trades"):
+    for method in PAIRS:
         base, awp = keys.get((main, method), ""), keys.get((main, f"{method}_awp"), "")
         if method == "at" or (done.get(method) and done.get(f"{method}_awp")):
             claims = [ln for ln in _claims(runs, base, awp, "", base=METHODS[method])[2:] if ln]
@@ -364,6 +364,7 @@ def replace_block(text: str, lines: list[str]) -> str:
 
 
 METHODS = {"at": "AT", "at_awp": "AT-AWP", "trades": "TRADES", "trades_awp": "TRADES-AWP"}
+PAIRS = ("at", "trades")  # the methods compared without and with AWP (METHODS[m] vs METHODS[m + "_awp"])
 AUGMENT = {"crop_flip": "crop + flip", "none": "no augmentation", "default": "crop + flip"}
 
 
@@ -608,9 +609,9 @@ AWP_CLAIMS = (
 )
 
 
-def _claims(runs, at_key: str, awp_key: str, title: str, autoattack: bool = True, base: str = "AT") -> list[str]:
+def _claims(runs, base_key: str, awp_key: str, title: str, autoattack: bool = True, base: str = "AT") -> list[str]:
     """The claims about `base` (AT or TRADES) without and with AWP in one setting; robust overfitting for AT only."""
-    at = [r for r in runs.get(at_key, []) if r.finished]
+    plain = [r for r in runs.get(base_key, []) if r.finished]
     awp = [r for r in runs.get(awp_key, []) if r.finished]
     with_awp = f"{base}-AWP"
     out = [f"### {title}: {base}" + (f" vs {with_awp}" if awp_key else ""), ""]
@@ -618,30 +619,30 @@ def _claims(runs, at_key: str, awp_key: str, title: str, autoattack: bool = True
     def line(claim: str, verdict: str, numbers: str) -> None:
         out.append(f"- **{claim}**: {verdict}. {numbers}")
 
-    if base == "AT" and at:
+    if base == "AT" and plain:
         # Judged on the full test set (10,000 images) where both checkpoints are evaluated: the monitored best is the
         # maximum of noisy 200-500-image estimates, so monitored best - last is biased upwards.
-        full = [(r.acc("eval", "best", "pgd20"), r.acc("eval", "last", "pgd20")) for r in at]
+        full = [(r.acc("eval", "best", "pgd20"), r.acc("eval", "last", "pgd20")) for r in plain]
         on_full = all(b is not None and la is not None for b, la in full)
-        drops = [b - la for b, la in full] if on_full else [100 * (r.best["test_robust_acc"] - r.last["test_robust_acc"]) for r in at]
-        rising = [100 * (r.last["train_robust_acc"] - r.best["train_robust_acc"]) for r in at]
+        drops = [b - la for b, la in full] if on_full else [100 * (r.best["test_robust_acc"] - r.last["test_robust_acc"]) for r in plain]
+        rising = [100 * (r.last["train_robust_acc"] - r.best["train_robust_acc"]) for r in plain]
         ok = statistics.mean(drops) >= 3 and statistics.mean(rising) > 0
         where = "full-test PGD-20 of best.pt minus last.pt" if on_full else "monitored test PGD-20, best minus last (full-test evaluation pending; biased upwards)"
         line("Robust overfitting exists here (AT: last epoch >= 3 points under the best while train robust accuracy rises)",
              "held" if ok else "did not hold",
              f"AT {where}: {', '.join(f'{d:.1f}' for d in drops)} points; monitored train PGD-20 from the best "
-             f"to the last epoch: {', '.join(f'{d:+.1f}' for d in rising)} points ({len(at)} seed{'s' if len(at) > 1 else ''}).")
+             f"to the last epoch: {', '.join(f'{d:+.1f}' for d in rising)} points ({len(plain)} seed{'s' if len(plain) > 1 else ''}).")
     elif base == "AT":
         line("Robust overfitting exists here", "not measured yet", "No AT run has finished.")
     if not awp_key:
         return out + [""]
-    if not (at and awp):
+    if not (plain and awp):
         for c in [claim for claim, *_ in AWP_CLAIMS] + ([aa_claim(base)] if autoattack else []):
             line(c, "not measured yet", f"Needs finished {base} and {with_awp} runs.")
         return out + [""]
 
     def cmp(claim: str, get, higher_better: bool, unit: str = "points") -> None:
-        a, b = [get(r) for r in at], [get(r) for r in awp]
+        a, b = [get(r) for r in plain], [get(r) for r in awp]
         a, b = [x for x in a if x is not None], [x for x in b if x is not None]
         if not a or not b:
             line(claim, "not measured yet", f"({len(a)} {base} and {len(b)} {with_awp} values so far).")
@@ -662,7 +663,7 @@ def _claims(runs, at_key: str, awp_key: str, title: str, autoattack: bool = True
     for claim, get, higher_better, unit in AWP_CLAIMS:
         cmp(claim, get, higher_better, unit)
     if autoattack:
-        line(*aa_agreement(at, awp, base))
+        line(*aa_agreement(plain, awp, base))
     else:
         took = [e["seconds"] / 60 for rs in runs.values() for r in rs for k, e in r.evals.items() if k.startswith("aa_") and e.get("seconds")]
         span = f"{min(took):.0f}" + (f"-{max(took):.0f}" if round(max(took)) > round(min(took)) else "")
@@ -680,17 +681,16 @@ def aa_claim(base: str = "AT") -> str:
 AA_CLAIM = aa_claim("AT")
 
 
-def aa_agreement(at: list[RunData], awp: list[RunData], base: str = "AT") -> tuple[str, str, str]:
+def aa_agreement(plain: list[RunData], awp: list[RunData], base: str = "AT") -> tuple[str, str, str]:
     """The AutoAttack claim from the aa_{best,last}.json files, which hold PGD-20 and AutoAttack on the same images.
 
     Held when AutoAttack's accuracy is at most PGD-20's on every evaluated checkpoint and, for the best and for the
     last checkpoint, the mean with-AWP minus without (AT-AWP minus AT, TRADES-AWP minus TRADES) difference has the
-    same sign under both attacks (a difference of
-    exactly zero agrees with anything). This is a statement about the evaluation of these models, so it is judged
-    from one seed on; the seed counts are printed."""
+    same sign under both attacks (a difference of exactly zero agrees with anything). This is a statement about the
+    evaluation of these models, so it is judged from one seed on; the seed counts are printed."""
     claim, with_awp = aa_claim(base), f"{base}-AWP"
     pairs = {(who, ck): [(r.acc("aa", ck, "pgd20"), r.acc("aa", ck, "autoattack")) for r in runs]
-             for who, runs in ((base, at), (with_awp, awp)) for ck in CKPTS}
+             for who, runs in ((base, plain), (with_awp, awp)) for ck in CKPTS}
     pairs = {k: [(p, a) for p, a in v if p is not None and a is not None] for k, v in pairs.items()}
     every = [pa for v in pairs.values() for pa in v]
     if not every:
