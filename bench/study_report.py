@@ -70,6 +70,22 @@ class RunData:
         m = self.best if ck == "best" else self.last
         return 100 * (m["train_robust_acc"] - m["test_robust_acc"])
 
+    def collapsed(self, ck: str) -> bool:
+        """The training loop's collapse warning stood at the checkpoint's epoch: the model gave one class to (nearly)
+        every test monitoring image under AWP (flatrobust.collapse). Such a model is flat and has no gap for reasons
+        that have nothing to do with robust generalization."""
+        return isinstance((self.best if ck == "best" else self.last).get("warning"), str)
+
+    def collapsed_epochs(self) -> str:
+        """The epochs with the collapse warning, as ranges ("1-26, 40"), or "" when none."""
+        spans: list[list[int]] = []
+        for e in (m["epoch"] for m in self.metrics if isinstance(m.get("warning"), str)):
+            if spans and e == spans[-1][1] + 1:
+                spans[-1][1] = e
+            else:
+                spans.append([e, e])
+        return ", ".join(f"{a}" if a == b else f"{a}-{b}" for a, b in spans)
+
     def hours(self) -> float:
         return sum(m.get("epoch_time_s", 0) + m.get("eval_time_s", 0) for m in self.metrics) / 3600
 
@@ -250,11 +266,14 @@ def fig_scatter(points: list[dict], measure: str, path: Path) -> bool:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5.5, 4.2))
     for p in pts:
-        ax.scatter(p[measure], p["gap"], color=COLORS.get(p["row"], "gray"), marker="o" if p["ck"] == "best" else "^", s=30)
+        marker = "x" if p.get("collapsed") else "o" if p["ck"] == "best" else "^"
+        ax.scatter(p[measure], p["gap"], color=COLORS.get(p["row"], "gray"), marker=marker, s=30)
     for row, c in COLORS.items():
         ax.scatter([], [], color=c, label=row.replace("_", "-").upper().replace("-AWP", "-AWP"))
     ax.scatter([], [], color="k", marker="o", label="best epoch")
     ax.scatter([], [], color="k", marker="^", label="last epoch")
+    if any(p.get("collapsed") for p in pts):
+        ax.scatter([], [], color="k", marker="x", label="collapsed (not in the correlation)")
     ax.set_xlabel(f"{measure}-case flatness (nats; lower is flatter)")
     ax.set_ylabel("robust generalization gap (points)")
     ax.grid(alpha=0.3)
@@ -514,7 +533,20 @@ def _main_table(runs, rows, labels, cfgs) -> list[str]:
                     _ms([r.acc("aa", "best", "autoattack") for r in rs]), _ms([r.acc("aa", "last", "autoattack") for r in rs]),
                     _ms([r.flat("best", "average") for r in rs], 3), _ms([r.flat("last", "average") for r in rs], 3),
                     _ms([r.flat("best", "worst") for r in rs], 3), _ms([r.flat("last", "worst") for r in rs], 3)])
-    return out + (_table(hdr, tab) if tab else ["No run has finished yet.", ""])
+    return out + (_table(hdr, tab) + _collapse_note(runs) if tab else ["No run has finished yet.", ""])
+
+
+def _collapse_note(runs) -> list[str]:
+    """One line naming the finished runs the training loop warned had collapsed (docs/AWP_COLLAPSE.md), if any."""
+    bad = [r for rs in runs.values() for r in rs if r.finished and r.collapsed_epochs()]
+    if not bad:
+        return []
+    return ["Collapsed under AWP (the training loop's one-line warning stood in `metrics.jsonl`: one class for at least "
+            "90% of the test monitoring images, clean accuracy at chance; docs/AWP_COLLAPSE.md): "
+            + "; ".join(f"{r.name} at epochs {r.collapsed_epochs()}" + (" (to the end)" if r.collapsed("last") else " (recovered)")
+                        for r in bad)
+            + ". A collapsed checkpoint's flatness and gap are those of a constant model: they are marked in the gamma "
+            "curve and left out of the flatness-gap correlation.", ""]
 
 
 def _gamma(runs, gamma_curve, figs) -> list[str]:
@@ -541,9 +573,12 @@ def _gamma(runs, gamma_curve, figs) -> list[str]:
     for measure, mk in (("average", "o-"), ("worst", "s-")):
         axes[2].plot(g, [r.flat("last", measure) for _, r in pts], mk, label=f"{measure} (last)")
     axes[2].set_ylabel("flatness (nats)")
+    dead = [gv for gv, r in pts if r.collapsed("last")]
     for ax in axes:
         ax.set_xlabel("gamma")
         ax.grid(alpha=0.3)
+        for i, gv in enumerate(dead):  # a constant model: its numbers say nothing about robust generalization
+            ax.axvline(gv, color="k", ls=":", lw=1, label="collapsed (one class)" if i == 0 else None)
     axes[0].legend(fontsize=7)
     axes[2].legend(fontsize=7)
     fig.tight_layout()
@@ -552,11 +587,16 @@ def _gamma(runs, gamma_curve, figs) -> list[str]:
     num = lambda v, fmt: format(v, fmt) if v is not None else "—"  # noqa: E731
     tab = [[f"{gv:g}", r.name, *(num(r.acc("eval", ck, "pgd20"), ".1f") for ck in CKPTS),
             f"{100 * r.best['test_robust_acc']:.1f}", f"{100 * r.last['test_robust_acc']:.1f}",
-            f"{r.gap('last'):.1f}", *(num(r.flat("last", m), ".3f") for m in ("average", "worst"))]
+            f"{r.gap('last'):.1f}", *(num(r.flat("last", m), ".3f") for m in ("average", "worst")),
+            f"collapsed at epochs {r.collapsed_epochs()}" if r.collapsed_epochs() else ""]
            for gv, r in pts]
+    note = ([f"Collapsed (dotted in the figure): gamma {', '.join(f'{gv:g}' for gv in dead)} with AWP from the first step "
+             "drove the model to one class and it stayed there to the last epoch; its flatness and gap are a constant "
+             "model's, not a sign of robust generalization (docs/AWP_COLLAPSE.md; the training loop said so in one line).", ""]
+            if dead else [])
     return ["## Gamma (AT-AWP, seed 0)", "", "![gamma](results/gamma.png)", "",
             *_table(["gamma", "run", "PGD-20 best", "PGD-20 last", "monitored best", "monitored last", "gap last",
-                     "avg flat. last", "worst flat. last"], tab)]
+                     "avg flat. last", "worst flat. last", "collapse"], tab), *note]
 
 
 def _points(runs) -> list[dict]:
@@ -567,22 +607,25 @@ def _points(runs) -> list[dict]:
                 continue
             for ck in CKPTS:
                 pts.append({"row": r.method, "key": key, "run": r.name, "ck": ck, "gap": r.gap(ck),
-                            "average": r.flat(ck, "average"), "worst": r.flat(ck, "worst")})
+                            "average": r.flat(ck, "average"), "worst": r.flat(ck, "worst"), "collapsed": r.collapsed(ck)})
     return pts
 
 
 def _scatter(runs, figs, main: str, labels: dict[str, str]) -> list[str]:
-    pts = _points(runs)
+    every = _points(runs)
+    pts = [p for p in every if not p["collapsed"]]  # a constant model is flat with no gap: not evidence either way
+    dead = len(every) - len(pts)
     out = ["## Flatness against the robust generalization gap", "",
            f"Runs of setting {main} (gaps of different settings are not on one scale).", ""]
     any_fig = False
     for measure in ("average", "worst"):
         have = [p for p in pts if p[measure] is not None]
-        if fig_scatter(pts, measure, figs / f"scatter_{measure}.png"):
+        if fig_scatter(every, measure, figs / f"scatter_{measure}.png"):
             any_fig = True
             rho = _spearman([p[measure] for p in have], [p["gap"] for p in have])
+            left_out = f", {dead} collapsed checkpoint{'s' if dead > 1 else ''} (x) left out" if dead else ""
             out += [f"![{measure}](results/scatter_{measure}.png)", "",
-                    f"{measure}-case flatness vs gap over {len(have)} checkpoints (every finished run, best and last epoch): "
+                    f"{measure}-case flatness vs gap over {len(have)} checkpoints (every finished run, best and last epoch{left_out}): "
                     + (f"Spearman rank correlation {rho[0]:+.2f} (p = {rho[1]:.2g})." if rho else "too few points for a rank correlation."), ""]
     if not any_fig:
         return out + ["No flatness measured yet.", ""]
@@ -594,7 +637,7 @@ def _scatter(runs, figs, main: str, labels: dict[str, str]) -> list[str]:
             if group:
                 tab.append([labels.get(key, key), f"{ck}.pt", str(len(group)), _ms([p["gap"] for p in group]),
                             *(_ms([p[m] for p in group], 3) for m in ("average", "worst"))])
-    return out + ["Means over seeds (± std) of each row at each checkpoint:", "",
+    return out + [f"Means over seeds (± std) of each row at each checkpoint{' (collapsed checkpoints left out)' if dead else ''}:", "",
                   *_table(["row", "checkpoint", "seeds", "gap (points)", "average-case flatness", "worst-case flatness"], tab)]
 
 

@@ -67,8 +67,9 @@ def test_overfitting_and_awp_claims_follow_the_runs(tmp_path):
     assert "100 training images seen 4 times in batches of 32 (16 SGD steps, 8 after the first decay), no augmentation" in text
     assert (tmp_path / "docs" / "results" / "curves_vt_at.png").is_file()
     # the gamma curve (seed 0 of each gamma) reads the full-test PGD-20 of both checkpoints, then the monitored values
-    assert "| 0 | toy_at_s0 | 40.0 | 30.0 | 40.0 | 30.0 | 60.0 | — | — |" in text
-    assert "| 0.01 | toy_at_awp_s0 | 38.0 | 38.0 | 39.0 | 39.0 | 16.0 | — | — |" in text
+    assert "| 0 | toy_at_s0 | 40.0 | 30.0 | 40.0 | 30.0 | 60.0 | — | — |  |" in text
+    assert "| 0.01 | toy_at_awp_s0 | 38.0 | 38.0 | 39.0 | 39.0 | 16.0 | — | — |  |" in text
+    assert "Collapsed" not in text and "collapsed checkpoint" not in text
     assert (tmp_path / "docs" / "results" / "gamma.png").is_file()
 
 
@@ -255,3 +256,40 @@ def test_a_dry_run_names_runs_another_process_holds_instead_of_waiting_for_them(
         holder.wait()
     out = capsys.readouterr().out.splitlines()
     assert len(out) == 3 and all("(held by another process now: a real run waits for it)" in ln for ln in out)
+
+
+def _warn(results: Path, name: str, epochs: set[int]) -> None:
+    """Give the epochs the training loop's collapse warning (flatrobust.collapse), as train.py stores it."""
+    path = results / "c10jpeg" / name / "metrics.jsonl"
+    recs = [json.loads(ln) for ln in path.read_text().splitlines()]
+    for r in recs:
+        if r["epoch"] in epochs:
+            r["warning"] = "epochs 1-3 with AWP active: the model gives one class to 100.0% of the test images"
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+
+
+def test_a_collapsed_run_is_named_marked_on_the_gamma_curve_and_kept_out_of_the_correlation(tmp_path):
+    """A model AWP drove to one class is flat and has no gap: on the gamma curve and in the flatness-gap scatter it
+    would read as the best of all (gamma 0.02 from the first step did this to the main setting)."""
+    results = tmp_path / "results"
+    at = ([0.20, 0.40, 0.35, 0.30], [0.3, 0.5, 0.7, 0.9])
+    dead = ([0.07, 0.10, 0.07, 0.07], [0.10, 0.10, 0.10, 0.10])  # one class throughout (best epoch 2)
+    lively = ([0.07, 0.10, 0.30, 0.35], [0.10, 0.10, 0.40, 0.50])  # one class at epochs 1-2, then it learned
+    at1 = ([0.20, 0.40, 0.35, 0.32], [0.3, 0.5, 0.7, 0.85])
+    for name, curve in (("toy_at_s0", at), ("toy_at_s1", at1), ("toy_at_awp_s0", dead), ("toy_at_awp_s1", lively)):
+        _run(results / "c10jpeg", name, *curve)
+    _warn(results, "toy_at_awp_s0", {1, 2, 3, 4})
+    _warn(results, "toy_at_awp_s1", {1, 2})
+    _flatness(results, "toy_at_s0", {"best": (0.05, 0.04), "last": (0.40, 0.30)})
+    _flatness(results, "toy_at_s1", {"best": (0.07, 0.06), "last": (0.50, 0.50)})
+    _flatness(results, "toy_at_awp_s0", {"best": (0.001, 0.0), "last": (0.001, 0.0)})
+    _flatness(results, "toy_at_awp_s1", {"best": (0.08, 0.03), "last": (0.09, 0.05)})
+    text = _write(tmp_path, {})
+    assert ("toy_at_awp_s0 at epochs 1-4 (to the end); toy_at_awp_s1 at epochs 1-2 (recovered). A collapsed checkpoint's"
+            in text)
+    assert "| 0.01 | toy_at_awp_s0 | — | — | 10.0 | 7.0 | 3.0 | 0.001 | 0.000 | collapsed at epochs 1-4 |" in text
+    assert "Collapsed (dotted in the figure): gamma 0.01 with AWP from the first step" in text
+    # 8 checkpoints, the dead run's two left out; the recovered run's last.pt stays (its best, epoch 4, is not collapsed)
+    assert "average-case flatness vs gap over 6 checkpoints (every finished run, best and last epoch, 2 collapsed checkpoints (x) left out)" in text
+    assert "Means over seeds (± std) of each row at each checkpoint (collapsed checkpoints left out):" in text
+    assert "| AT-AWP | last.pt | 1 | 15.0 (n=1) | 0.090 (n=1) | 0.050 (n=1) |" in text
