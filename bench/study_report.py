@@ -70,21 +70,30 @@ class RunData:
         m = self.best if ck == "best" else self.last
         return 100 * (m["train_robust_acc"] - m["test_robust_acc"])
 
-    def collapsed(self, ck: str) -> bool:
-        """The training loop's collapse warning stood at the checkpoint's epoch: the model gave one class to (nearly)
-        every test monitoring image under AWP (flatrobust.collapse). Such a model is flat and has no gap for reasons
-        that have nothing to do with robust generalization."""
-        return isinstance((self.best if ck == "best" else self.last).get("warning"), str)
+    def collapse_spans(self) -> list[tuple[int, int]]:
+        """The epochs the training loop's collapse warnings cover (AWP drove the model to one class for (nearly) every
+        test monitoring image: flatrobust.collapse), as (first, last) ranges: a warning at epoch e is about epochs
+        e - PATIENCE + 1 to e."""
+        from flatrobust.collapse import PATIENCE
 
-    def collapsed_epochs(self) -> str:
-        """The epochs with the collapse warning, as ranges ("1-26, 40"), or "" when none."""
         spans: list[list[int]] = []
         for e in (m["epoch"] for m in self.metrics if isinstance(m.get("warning"), str)):
-            if spans and e == spans[-1][1] + 1:
+            a = max(1, e - PATIENCE + 1)
+            if spans and a <= spans[-1][1] + 1:
                 spans[-1][1] = e
             else:
-                spans.append([e, e])
-        return ", ".join(f"{a}" if a == b else f"{a}-{b}" for a, b in spans)
+                spans.append([a, e])
+        return [(a, b) for a, b in spans]
+
+    def collapsed(self, ck: str) -> bool:
+        """The checkpoint's epoch lies in a collapse span. Such a model is flat and has no gap for reasons that have
+        nothing to do with robust generalization."""
+        e = (self.best if ck == "best" else self.last)["epoch"]
+        return any(a <= e <= b for a, b in self.collapse_spans())
+
+    def collapsed_epochs(self) -> str:
+        """The collapse spans as text ("1-26, 40-42"), or "" when none."""
+        return ", ".join(f"{a}" if a == b else f"{a}-{b}" for a, b in self.collapse_spans())
 
     def hours(self) -> float:
         return sum(m.get("epoch_time_s", 0) + m.get("eval_time_s", 0) for m in self.metrics) / 3600
