@@ -1,8 +1,9 @@
 """Detect a run that AWP has collapsed to a constant prediction (docs/AWP_COLLAPSE.md).
 
 With AWP active from the first step, a network that has learned nothing yet can be driven to predict one
-class for every input (on digits, every unit of SmallCNN's fc1 layer switched off) and then never recovers:
-the dead network is flat, so neither the training gradient nor the weight perturbation moves it.
+class for every input. On digits every unit of SmallCNN's fc1 layer switched off and the run never recovered:
+the dead network is flat, so neither the training gradient nor the weight perturbation moves it. A network
+with BatchNorm before every ReLU (the study's PreActResNet-18) can leave the plateau, after tens of epochs.
 
 At every epoch end the training loop measures `top_class_share`, the share of the test monitoring subset
 given the most frequent predicted class (one clean forward pass in eval mode), and `collapse_warning`
