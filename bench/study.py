@@ -250,11 +250,11 @@ def _command(t: Task, dry: bool, train_argv: list[str]) -> int:
         argv = [*argv[:3], "train", "--resume", str(d)]  # continue where it stopped
     elif t.stage == "train" and d.exists():
         argv.append("--overwrite")  # a run directory without a checkpoint: nothing to keep
-    if dry:  # what this runner would do; a run another process holds is named, not waited for
-        held = "  (held by another process now: a real run waits for it)" if _busy(d) else ""
-        _say(f"{t.run} {t.stage}: {' '.join(argv[2:])}{held}")
+    # a dry run names a run another process holds instead of waiting for it
+    held = "  (held by another process now: a real run waits for it)" if dry and _busy(d) else ""
+    _say(f"{t.run} {t.stage}: {' '.join(argv[2:])}{held}")
+    if dry:
         return 0
-    _say(f"{t.run} {t.stage}: {' '.join(argv[2:])}")
     logs = _logs(d)
     logs.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=str(ROOT / "src"))
