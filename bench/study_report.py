@@ -760,7 +760,9 @@ def aa_agreement(plain: list[RunData], awp: list[RunData], base: str = "AT") -> 
         ranks.append(d_pgd * d_aa >= 0)
         parts.append(f"{ck}.pt: {with_awp} minus {base} {d_pgd:+.1f} points under PGD-20, {d_aa:+.1f} under AutoAttack "
                      f"({len(a)} and {len(b)} seed{'s' if len(b) > 1 else ''})")
-    numbers = (f"PGD-20 minus AutoAttack over {len(every)} checkpoints: {min(margins):.1f} to {max(margins):.1f} points"
+    spread = (f"{margins[0]:.1f} points" if len(margins) == 1
+              else f"{min(margins):.1f} to {max(margins):.1f} points")
+    numbers = (f"PGD-20 minus AutoAttack over {len(every)} checkpoint{'s' if len(every) > 1 else ''}: {spread}"
                + ("; " + "; ".join(parts) if parts else "") + ".")
     if not stronger:
         return claim, "did not hold", numbers + " AutoAttack found more robustness than PGD-20 on some checkpoint."

@@ -140,6 +140,8 @@ def test_autoattack_claim_fails_on_a_flipped_ranking_or_a_weaker_autoattack(tmp_
     assert "**: did not hold." in weaker and "AutoAttack found more robustness than PGD-20" in weaker
     partial = _aa_line(tmp_path / "c", {"best": (0.40, 0.38)}, {"best": (0.38, 0.37)})
     assert "**: not measured yet." in partial and "best.pt: AT-AWP minus AT -2.0" in partial
+    single = _aa_line(tmp_path / "d", {"best": (0.40, 0.38)}, {})
+    assert "over 1 checkpoint: 2.0 points." in single and "**: not measured yet." in single
 
 
 def test_no_overfitting_and_unfinished_runs(tmp_path):
