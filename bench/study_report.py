@@ -738,8 +738,10 @@ def aa_agreement(plain: list[RunData], awp: list[RunData], base: str = "AT") -> 
 
     Held when AutoAttack's accuracy is at most PGD-20's on every evaluated checkpoint and, for the best and for the
     last checkpoint, the mean with-AWP minus without (AT-AWP minus AT, TRADES-AWP minus TRADES) difference has the
-    same sign under both attacks (a difference of exactly zero agrees with anything). This is a statement about the
-    evaluation of these models, so it is judged from one seed on; the seed counts are printed."""
+    same sign under both attacks (a difference of exactly zero agrees with anything), or both differences are within 2
+    binomial standard errors of the evaluation (a tie under both attacks agrees: where AWP changes nothing, the sign
+    of two near-zero differences is noise). This is a statement about the evaluation of these models, so it is judged
+    from one seed on; the seed counts are printed."""
     claim, with_awp = aa_claim(base), f"{base}-AWP"
     pairs = {(who, ck): [(r.acc("aa", ck, "pgd20"), r.acc("aa", ck, "autoattack")) for r in runs]
              for who, runs in ((base, plain), (with_awp, awp)) for ck in CKPTS}
@@ -757,9 +759,11 @@ def aa_agreement(plain: list[RunData], awp: list[RunData], base: str = "AT") -> 
             continue
         d_pgd = statistics.mean(p for p, _ in b) - statistics.mean(p for p, _ in a)
         d_aa = statistics.mean(x for _, x in b) - statistics.mean(x for _, x in a)
-        ranks.append(d_pgd * d_aa >= 0)
+        tie = max(abs(d_pgd), abs(d_aa)) < 2 * _eval_se(a, b, N_AUTOATTACK)
+        ranks.append(tie or d_pgd * d_aa >= 0)
         parts.append(f"{ck}.pt: {with_awp} minus {base} {d_pgd:+.1f} points under PGD-20, {d_aa:+.1f} under AutoAttack "
-                     f"({len(a)} and {len(b)} seed{'s' if len(b) > 1 else ''})")
+                     f"({len(a)} and {len(b)} seed{'s' if len(b) > 1 else ''}"
+                     + ("; both within 2 standard errors of the evaluation: a tie under both" if tie else "") + ")")
     spread = (f"{margins[0]:.1f} points" if len(margins) == 1
               else f"{min(margins):.1f} to {max(margins):.1f} points")
     numbers = (f"PGD-20 minus AutoAttack over {len(every)} checkpoint{'s' if len(every) > 1 else ''}: {spread}"
@@ -769,6 +773,16 @@ def aa_agreement(plain: list[RunData], awp: list[RunData], base: str = "AT") -> 
     if not complete:
         return claim, "not measured yet", numbers + f" Needs AutoAttack on the best and last checkpoints of both {base} and {with_awp}."
     return claim, "held" if all(ranks) else "did not hold", numbers
+
+
+def _eval_se(a: list[tuple[float, float]], b: list[tuple[float, float]], n: int) -> float:
+    """Binomial standard error (points) of the difference of two rows' mean accuracies (PGD-20 on `n` test images per
+    checkpoint, len(a) and len(b) checkpoints): the evaluation's own noise, with no seed noise in it."""
+    var = 0.0
+    for rows in (a, b):
+        p = statistics.mean(x for x, _ in rows) / 100
+        var += p * (1 - p) / (n * len(rows))
+    return 100 * math.sqrt(var)
 
 
 def _commands(main) -> list[str]:

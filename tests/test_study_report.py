@@ -140,6 +140,9 @@ def test_autoattack_claim_fails_on_a_flipped_ranking_or_a_weaker_autoattack(tmp_
     assert "**: did not hold." in weaker and "AutoAttack found more robustness than PGD-20" in weaker
     partial = _aa_line(tmp_path / "c", {"best": (0.40, 0.38)}, {"best": (0.38, 0.37)})
     assert "**: not measured yet." in partial and "best.pt: AT-AWP minus AT -2.0" in partial
+    tied = _aa_line(tmp_path / "e", {"best": (0.660, 0.650), "last": (0.30, 0.27)}, {"best": (0.652, 0.651), "last": (0.38, 0.36)})
+    assert "**: held." in tied and "best.pt: AT-AWP minus AT -0.8 points under PGD-20, +0.1 under AutoAttack (1 and 1 seed; " \
+        "both within 2 standard errors of the evaluation: a tie under both)" in tied
     single = _aa_line(tmp_path / "d", {"best": (0.40, 0.38)}, {})
     assert "over 1 checkpoint: 2.0 points." in single and "**: not measured yet." in single
 
