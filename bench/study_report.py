@@ -759,7 +759,7 @@ def aa_agreement(plain: list[RunData], awp: list[RunData], base: str = "AT") -> 
             continue
         d_pgd = statistics.mean(p for p, _ in b) - statistics.mean(p for p, _ in a)
         d_aa = statistics.mean(x for _, x in b) - statistics.mean(x for _, x in a)
-        tie = max(abs(d_pgd), abs(d_aa)) < 2 * _eval_se(a, b, N_AUTOATTACK)
+        tie = max(abs(d_pgd), abs(d_aa)) < _tie_bound(a, b, N_AUTOATTACK)
         ranks.append(tie or d_pgd * d_aa >= 0)
         parts.append(f"{ck}.pt: {with_awp} minus {base} {d_pgd:+.1f} points under PGD-20, {d_aa:+.1f} under AutoAttack "
                      f"({len(a)} and {len(b)} seed{'s' if len(b) > 1 else ''}"
@@ -775,14 +775,13 @@ def aa_agreement(plain: list[RunData], awp: list[RunData], base: str = "AT") -> 
     return claim, "held" if all(ranks) else "did not hold", numbers
 
 
-def _eval_se(a: list[tuple[float, float]], b: list[tuple[float, float]], n: int) -> float:
-    """Binomial standard error (points) of the difference of two rows' mean accuracies (PGD-20 on `n` test images per
-    checkpoint, len(a) and len(b) checkpoints): the evaluation's own noise, with no seed noise in it."""
-    var = 0.0
-    for rows in (a, b):
-        p = statistics.mean(x for x, _ in rows) / 100
-        var += p * (1 - p) / (n * len(rows))
-    return 100 * math.sqrt(var)
+def _tie_bound(a: list[tuple[float, float]], b: list[tuple[float, float]], n: int) -> float:
+    """`flatrobust report`'s noise bound (NOISE_SE binomial standard errors, in points) on the difference of two rows'
+    mean accuracies (PGD-20 on `n` test images per checkpoint, len(a) and len(b) checkpoints): the evaluation's own
+    noise, with no seed noise in it. Imported when needed, for the reason _table gives."""
+    from flatrobust.report import NOISE_SE, _binomial_var
+
+    return NOISE_SE * math.sqrt(sum(_binomial_var(statistics.mean(x for x, _ in rows), n) / len(rows) for rows in (a, b)))
 
 
 def _commands(main) -> list[str]:
