@@ -99,10 +99,42 @@ def test_trades_vs_trades_awp_is_judged_like_at_and_reaches_the_readme_block(tmp
     aa = next(ln for ln in section.splitlines() if "AutoAttack agrees" in ln)
     assert "ranks TRADES and TRADES-AWP as PGD-20 does" in aa and "not measured yet" in aa
     keys = report.row_keys(_rows(trades=True))
-    block = report.readme_block(report.load(tmp_path / "results", _rows(trades=True)), keys, "vt", CFG)
+    block = report.readme_block(report.load(tmp_path / "results", _rows(trades=True)), keys, [study.Setting("vt", "toy", "")], "vt", {"vt": CFG})
     assert "finished runs so far: 2 AT, 2 AT-AWP, 2 TRADES, 2 TRADES-AWP." in block[0]
     assert "TRADES vs TRADES-AWP:" in block and last in block
     assert all(ln in text.splitlines() for ln in block if ln.startswith("- **"))
+
+
+def test_readme_block_adds_the_second_dataset_once_at_and_at_awp_have_finished_there(tmp_path):
+    at = ([0.20, 0.40, 0.35, 0.30], [0.3, 0.5, 0.7, 0.9])
+    flat = ([0.60, 0.65, 0.66, 0.66], [0.6, 0.66, 0.68, 0.70])
+    settings = [study.Setting("vt", "toy", ""), study.Setting("ft", "ftoy", "", dataset="fmnist", autoattack=True),
+                study.Setting("pt", "ptoy", "a pilot", dataset="fmnist")]  # no AutoAttack: a pilot, never in the README
+    rows = _rows() + [study.Row(f"{m}_{s.key}", m, f"{s.prefix}_{m}", (0, 1), setting=s.key, method=m, dataset="fmnist")
+                      for s in settings[1:] for m in ("at", "at_awp")]
+    results = tmp_path / "results"
+    for name, curve in (("toy_at_s0", at), ("toy_at_awp_s0", at), ("ftoy_at_s0", flat), ("ptoy_at_s0", at), ("ptoy_at_awp_s0", at)):
+        _run(results / ("c10jpeg" if name.startswith("toy") else "fmnist"), name, *curve, {"best": curve[0][2], "last": curve[0][-1]})
+    keys, cfgs = report.row_keys(rows), {s.key: CFG for s in settings}
+
+    def block() -> list[str]:
+        return report.readme_block(report.load(results, rows), keys, settings, "vt", cfgs)
+
+    assert not any(ln.startswith("Second dataset") for ln in block())  # ft's AT-AWP has not finished
+    _run(results / "fmnist", "ftoy_at_awp_s0", *flat, {"best": 0.66, "last": 0.66})
+    lines = block()
+    head = next(i for i, ln in enumerate(lines) if ln.startswith("Second dataset"))
+    assert lines[head].startswith("Second dataset, setting ft of docs/RESULTS.md: Fashion-MNIST, L-inf eps 8/255")
+    assert lines[head].endswith("finished runs so far: 1 AT, 1 AT-AWP.")
+    overfit = next(ln for ln in lines[head:] if ln.startswith("- **Robust overfitting"))
+    assert ": did not hold." in overfit and "best.pt minus last.pt: 0.0 points" in overfit
+    assert not any("setting pt" in ln for ln in lines) and lines[-1] != ""
+    assert sum(ln.startswith("- **Robust overfitting") for ln in lines) == 2  # main and second dataset
+    gap = next(ln for ln in lines[head:] if "AWP narrows the robust generalization gap" in ln)
+    assert "not judged (one seed: no noise estimate)" in gap and gap.endswith("; one seed).")
+    _run(results / "fmnist", "ftoy_at_s1", *flat, {"best": 0.66, "last": 0.66})  # 2 AT seeds against 1 AT-AWP seed
+    gap = next(ln for ln in block() if "AWP narrows the robust generalization gap" in ln and "AT 4" in ln)
+    assert "not judged (one seed on a side: no noise estimate)" in gap and gap.endswith("; 2 and 1 seeds).")
 
 
 def test_the_scatter_table_places_each_row_and_checkpoint(tmp_path):
@@ -163,9 +195,8 @@ def test_readme_results_block_is_generated_from_the_committed_runs():
     """README's results block is what `python bench/study.py report` writes from results/ (so its
     numbers cannot be typed by hand), and every claim line in it is also in docs/RESULTS.md."""
     runs = report.load(study.RESULTS, study.ROWS)
-    main = next(s for s in study.SETTINGS if s.key == study.MAIN)
-    cfg = yaml.safe_load((study.RECIPES / f"{main.prefix}_at.yaml").read_text())
-    block = report.readme_block(runs, report.row_keys(study.ROWS), study.MAIN, cfg)
+    cfgs = report.setting_cfgs(study.SETTINGS, study.RECIPES)
+    block = report.readme_block(runs, report.row_keys(study.ROWS), study.SETTINGS, study.MAIN, cfgs)
     readme = (REPO / "README.md").read_text()
     assert report.replace_block(readme, block) == readme, "run `python bench/study.py report`"
     results = (REPO / "docs" / "RESULTS.md").read_text().splitlines()
