@@ -145,6 +145,11 @@ def load(results: Path, rows) -> dict[str, list[RunData]]:
     return by_row
 
 
+def finished_runs(runs: dict[str, list["RunData"]], key: str) -> list["RunData"]:
+    """The finished runs of one row (a run in progress appears in the curves and the status table only)."""
+    return [r for r in runs.get(key, []) if r.finished]
+
+
 def _ms(values: list[float | None], digits: int = 1) -> str:
     """mean ± std (sample std over seeds) and, when not every seed has it, how many it rests on."""
     v = [x for x in values if x is not None]
@@ -214,7 +219,7 @@ def fig_curves(runs: dict[str, list[RunData]], keys: list[str], path: Path) -> b
         if not rs:
             continue
         c, label = COLORS[rs[0].method], METHODS[rs[0].method]
-        done = [r for r in rs if r.finished]
+        done = finished_runs(runs, k)
         for ax, key, ls, what in panels:
             for r in rs:
                 ax.plot([m["epoch"] for m in r.metrics], _smooth([100 * m[key] for m in r.metrics]), color=c, ls=ls,
@@ -380,7 +385,7 @@ def readme_block(runs, keys: dict, settings, main: str, cfgs: dict) -> list[str]
     by_key = {s.key: s for s in settings}
 
     def finished(setting: str, m: str) -> int:
-        return len([r for r in runs.get(keys.get((setting, m), ""), []) if r.finished])
+        return len(finished_runs(runs, keys.get((setting, m), "")))
 
     def section(setting: str, methods, intro: str) -> list[str]:
         done = {m: finished(setting, m) for m in METHODS if (setting, m) in keys}
@@ -472,7 +477,7 @@ def _status(runs, rows) -> list[str]:
     tab = []
     for row in rows:
         rs = runs.get(row.key, [])
-        fin = [r for r in rs if r.finished]
+        fin = finished_runs(runs, row.key)
         n_aa = sum("aa_best" in r.evals and "aa_last" in r.evals for r in rs)
         tab.append([row.label, row.setting, ", ".join(map(str, row.seeds)),
                     f"{len(fin)}" + (f" (+{len(rs) - len(fin)} in progress)" if len(rs) > len(fin) else ""),
@@ -549,7 +554,7 @@ def _main_table(runs, rows, labels, cfgs) -> list[str]:
            "avg flat. best", "avg flat. last", "worst flat. best", "worst flat. last"]
     tab = []
     for row in rows:
-        rs = [r for r in runs.get(row.key, []) if r.finished]
+        rs = finished_runs(runs, row.key)
         if not rs:
             continue
         tab.append([labels[row.key], row.setting, str(len(rs)), _ms([r.best["epoch"] for r in rs], 0),
@@ -580,7 +585,7 @@ def _collapse_note(runs) -> list[str]:
 def _gamma(runs, gamma_curve, figs) -> list[str]:
     pts = []
     for g, key in gamma_curve:
-        r = next((r for r in runs.get(key, []) if r.seed == 0 and r.finished), None)
+        r = next((r for r in finished_runs(runs, key) if r.seed == 0), None)
         if r is not None:
             pts.append((float(g), r))
     if len(pts) < 2:
@@ -682,8 +687,7 @@ AWP_CLAIMS = (
 
 def _claims(runs, base_key: str, awp_key: str, title: str, autoattack: bool = True, base: str = "AT") -> list[str]:
     """The claims about `base` (AT or TRADES) without and with AWP in one setting; robust overfitting for AT only."""
-    plain = [r for r in runs.get(base_key, []) if r.finished]
-    awp = [r for r in runs.get(awp_key, []) if r.finished]
+    plain, awp = finished_runs(runs, base_key), finished_runs(runs, awp_key)
     with_awp = f"{base}-AWP"
     out = [f"### {title}: {base}" + (f" vs {with_awp}" if awp_key else ""), ""]
 
