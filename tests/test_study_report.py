@@ -332,3 +332,17 @@ def test_a_collapsed_run_is_named_marked_on_the_gamma_curve_and_kept_out_of_the_
     assert "average-case flatness vs gap over 6 checkpoints (every finished run, best and last epoch, 2 collapsed checkpoints (x) left out)" in text
     assert "Means over seeds (± std) of each row at each checkpoint (collapsed checkpoints left out):" in text
     assert "| AT-AWP | last.pt | 1 | 15.0 (n=1) | 0.090 (n=1) | 0.050 (n=1) |" in text
+
+
+@pytest.mark.parametrize("awp_best, verdict", [((0.44, 0.45), ": held, narrowly (0.01 <= p < 0.05"),  # Welch p = 0.030
+                                               ((0.43, 0.44), ": did not hold (the difference, in AWP's favour"),  # p = 0.051
+                                               ((0.48, 0.49), ": held.")])  # p = 0.0077
+def test_a_claim_just_under_the_threshold_holds_narrowly(tmp_path, awp_best, verdict):
+    curve = ([0.20, 0.40, 0.35, 0.30], [0.3, 0.5, 0.7, 0.9])
+    runs = {"toy_at_s0": (*curve, {"best": 0.40, "last": 0.30}), "toy_at_s1": (*curve, {"best": 0.41, "last": 0.31})}
+    for seed, acc in enumerate(awp_best):
+        runs[f"toy_at_awp_s{seed}"] = (*curve, {"best": acc, "last": 0.30})
+    text = _write(tmp_path, runs)
+    best = next(ln for ln in text.splitlines() if "AWP raises best-epoch robustness" in ln)
+    assert verdict in best
+    assert ("narrowly" in best) == ("narrowly" in verdict)
