@@ -196,12 +196,18 @@ def _metrics_without_timing(path: Path) -> list[dict]:
 
 def _restore_checkpoints(t: Task, train_argv: list[str], env: dict, log) -> int:
     """A trained run whose checkpoints are gone (a fresh clone): train it again elsewhere, check that the new
-    metrics.jsonl equals the committed one (training is deterministic on the CPU), and move the checkpoints in."""
+    metrics.jsonl equals the committed one (training is deterministic on the CPU), and move the checkpoints in.
+    A retraining cut short (the session ended) is continued with `train --resume`, which is bit-identical to an
+    uninterrupted run, so a restore longer than what is left of a session is not begun again from epoch 0."""
     import shutil
 
     d, tmp_out = t.dir, t.dir.parent / ".restore"
-    argv = [a for a in train_argv if not a.startswith("out_dir=")] + [f"out_dir={tmp_out}", "--overwrite"]
-    _say(f"{t.run}: checkpoints missing, training again to restore them")
+    if (tmp_out / t.run / "last.pt").is_file():
+        argv = [*train_argv[:3], "train", "--resume", str(tmp_out / t.run)]
+        _say(f"{t.run}: checkpoints missing, continuing the retraining begun earlier in {tmp_out / t.run}")
+    else:
+        argv = [a for a in train_argv if not a.startswith("out_dir=")] + [f"out_dir={tmp_out}", "--overwrite"]
+        _say(f"{t.run}: checkpoints missing, training again to restore them")
     rc = subprocess.call(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     if rc != 0:
         return rc

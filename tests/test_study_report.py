@@ -346,3 +346,39 @@ def test_a_claim_just_under_the_threshold_holds_narrowly(tmp_path, awp_best, ver
     best = next(ln for ln in text.splitlines() if "AWP raises best-epoch robustness" in ln)
     assert verdict in best
     assert ("narrowly" in best) == ("narrowly" in verdict)
+
+
+@pytest.mark.parametrize("cut_short", [False, True])
+def test_a_restore_cut_short_by_the_session_is_continued_not_begun_again(tmp_path, monkeypatch, cut_short):
+    """A fresh clone has no checkpoints: the study trains the run again in results/DATASET/.restore to restore them
+    (hours), and a retraining the session's end cut short is resumed there, not begun again from epoch 0."""
+    import subprocess
+
+    monkeypatch.setattr(study, "RESULTS", tmp_path)
+    row = study.Row("x", "X", "c10jpeg3_at", (0,))
+    train, pgd = [t for t in study.tasks([row]) if t.stage in ("train", "pgd_best")]
+    d, partial = train.dir, train.dir.parent / ".restore" / train.dir.name
+    d.mkdir(parents=True)
+    (d / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "test_robust_acc": 0.3, "epoch_time_s": 5.0}) + "\n")
+    if cut_short:
+        partial.mkdir(parents=True)
+        (partial / "last.pt").write_text("epoch 0")
+    calls = []
+
+    def call(argv, **kwargs):
+        calls.append(argv)
+        if len(calls) == 1:  # the retraining: same metrics as the committed run, other timings
+            partial.mkdir(parents=True, exist_ok=True)
+            (partial / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "test_robust_acc": 0.3, "epoch_time_s": 7.0}) + "\n")
+            for ck in ("best.pt", "last.pt"):
+                (partial / ck).write_text(ck)
+        return 0
+
+    monkeypatch.setattr(subprocess, "call", call)
+    assert study._command(pgd, False, train.argv) == 0
+    assert len(calls) == 2 and calls[1] == pgd.argv
+    if cut_short:
+        assert calls[0][3:] == ["train", "--resume", str(partial)]
+    else:
+        assert calls[0][3:5] == ["train", train.argv[4]] and f"out_dir={partial.parent}" in calls[0] and "--overwrite" in calls[0]
+    assert (d / "best.pt").read_text() == "best.pt" and (d / "last.pt").read_text() == "last.pt" and not partial.exists()
