@@ -9,7 +9,9 @@ landscapes and AutoAttack of its best and last checkpoints), `--jobs` at a time,
 exists is skipped; an interrupted training is continued with `flatrobust train --resume`, so the command can
 be stopped at any time and started again (in a later session too). Run directories live in
 results/<dataset>/<run>/ (c10jpeg, fmnist) and are committed without their checkpoints (*.pt) and logs; `report`
-reads only them.
+reads only them. A stage that needs a checkpoint a clone lacks first trains the run again in
+results/<dataset>/.restore/ (resumed there too if stopped) and uses it only if its metrics.jsonl equals the
+committed one.
 
 The data: "CIFAR-10 (JPEG q75 copy)", extracted as recipes/study/c10jpeg*.yaml say (data/cifar10-jpeg-q75);
 Fashion-MNIST from Debian's dataset-fashion-mnist (recipes/study/fmnist*.yaml, the built-in fashion_mnist set).
@@ -188,36 +190,77 @@ def tasks(rows: list[Row]) -> list[Task]:
 
 
 def _metrics_without_timing(path: Path) -> list[dict]:
+    """The epochs' records without their timings; a last line still being written (no newline yet) is left out."""
     from flatrobust.train import TIMING_KEYS
 
-    rows = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+    if not path.is_file():
+        return []
+    rows = [json.loads(ln) for ln in path.read_text().split("\n")[:-1] if ln.strip()]
     return [{k: v for k, v in r.items() if k not in TIMING_KEYS and not k.endswith("time_s")} for r in rows]
+
+
+def _first_difference(new: list[dict], committed: list[dict]) -> str | None:
+    """Where a retraining's records part from the committed ones, in words; None while they agree."""
+    for a, b in zip(new, committed):
+        if a != b:
+            key = next(k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k))
+            return f"epoch {a.get('epoch')}, {key} {a.get(key)} here against {b.get(key)}"
+    return f"{len(new)} epochs here against {len(committed)}" if len(new) > len(committed) else None
+
+
+def _machine(run_dir: Path) -> str:
+    try:
+        env = json.loads((run_dir / "env.json").read_text())
+    except (OSError, ValueError):
+        env = {}
+    return f"torch {env.get('torch', '?')}, CPU capability {env.get('cpu_capability', 'not recorded')}"
+
+
+RESTORE_POLL_S = 10.0  # how often a retraining's metrics.jsonl is compared with the committed one
 
 
 def _restore_checkpoints(t: Task, train_argv: list[str], env: dict, log) -> int:
     """A trained run whose checkpoints are gone (a fresh clone): train it again elsewhere, check that the new
     metrics.jsonl equals the committed one (training is deterministic on the CPU), and move the checkpoints in.
-    A retraining cut short (the session ended) is continued with `train --resume`, which is bit-identical to an
-    uninterrupted run, so a restore longer than what is left of a session is not begun again from epoch 0."""
+    The check runs while it trains, so a retraining that parts from the committed run (another processor: its
+    vectorised kernels round differently) stops at its first epoch, not hours later. A retraining cut short (the
+    session ended) is continued with `train --resume`, which is bit-identical to an uninterrupted run, so a
+    restore longer than what is left of a session is not begun again from epoch 0."""
     import shutil
 
     d, tmp_out = t.dir, t.dir.parent / ".restore"
-    if (tmp_out / t.run / "last.pt").is_file():
-        argv = [*train_argv[:3], "train", "--resume", str(tmp_out / t.run)]
-        _say(f"{t.run}: checkpoints missing, continuing the retraining begun earlier in {tmp_out / t.run}")
+    new = tmp_out / t.run
+    if (new / "last.pt").is_file():
+        argv = [*train_argv[:3], "train", "--resume", str(new)]
+        _say(f"{t.run}: checkpoints missing, continuing the retraining begun earlier in {new}")
     else:
+        shutil.rmtree(new, ignore_errors=True)  # a start that left no checkpoint: nothing to keep or to compare
         argv = [a for a in train_argv if not a.startswith("out_dir=")] + [f"out_dir={tmp_out}", "--overwrite"]
         _say(f"{t.run}: checkpoints missing, training again to restore them")
-    rc = subprocess.call(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    committed = _metrics_without_timing(d / "metrics.jsonl")
+    proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    while True:
+        rc = proc.poll()
+        new_rows = _metrics_without_timing(new / "metrics.jsonl")
+        where = _first_difference(new_rows, committed)
+        if where is None and rc == 0 and len(new_rows) < len(committed):
+            where = f"{len(new_rows)} epochs here against {len(committed)}"
+        if where is not None:
+            if rc is None:
+                proc.terminate()
+                proc.wait()
+            print(f"{t.run}: cannot restore its checkpoints here: the retraining parts from the committed metrics.jsonl at "
+                  f"{where} (committed run: {_machine(d)}; here: {_machine(new)}). To evaluate it on this machine, "
+                  f"train and evaluate it again as a whole: move {d} aside and run `python bench/study.py run`", file=sys.stderr)
+            return 1
+        if rc is not None:
+            break
+        time.sleep(RESTORE_POLL_S)
     if rc != 0:
         return rc
-    if _metrics_without_timing(tmp_out / t.run / "metrics.jsonl") != _metrics_without_timing(d / "metrics.jsonl"):
-        print(f"{t.run}: the retrained run differs from its committed metrics.jsonl (other hardware or library versions?): "
-              f"kept in {tmp_out / t.run}, not used", file=sys.stderr)
-        return 1
     for ck in ("best.pt", "last.pt"):
-        shutil.move(str(tmp_out / t.run / ck), str(d / ck))
-    shutil.rmtree(tmp_out / t.run)
+        shutil.move(str(new / ck), str(d / ck))
+    shutil.rmtree(new)
     return 0
 
 

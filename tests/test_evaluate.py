@@ -129,6 +129,7 @@ def test_cli_writes_eval_json_and_prints_the_table(checkpoint, capsys):
                            "subset_seed": 0}
     assert list(report["attacks"]) == ["clean", "fgsm", "pgd20"]
     assert report["environment"]["torch"] == torch.__version__
+    assert report["environment"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability() and report["environment"]["cpu"]
     assert "--eps" in report["command"] and "--n 48" in report["command"]
     assert len(report["checks"]) == 9 and report["config"]["checks_n"] == 16
     for name in ("clean", "fgsm", "pgd20", "worst case", "trust checks on 16 examples", "huge_eps", "eval.json"):

@@ -348,37 +348,87 @@ def test_a_claim_just_under_the_threshold_holds_narrowly(tmp_path, awp_best, ver
     assert ("narrowly" in best) == ("narrowly" in verdict)
 
 
-@pytest.mark.parametrize("cut_short", [False, True])
-def test_a_restore_cut_short_by_the_session_is_continued_not_begun_again(tmp_path, monkeypatch, cut_short):
-    """A fresh clone has no checkpoints: the study trains the run again in results/DATASET/.restore to restore them
-    (hours), and a retraining the session's end cut short is resumed there, not begun again from epoch 0."""
+class _Retraining:
+    """Stands in for the `flatrobust train` process a restore starts: writes its run directory at once (the
+    epochs given, a newline after each, a last one half written), then runs until terminated or `finish`."""
+    calls: list = []
+
+    def __init__(self, argv, epochs: list[dict], run: Path, **kwargs):
+        _Retraining.calls.append(argv)
+        self.rc, self.terminated = None, False
+        run.mkdir(parents=True, exist_ok=True)
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in epochs) + '{"epoch": ')
+        (run / "env.json").write_text(json.dumps({"torch": "2.x", "cpu_capability": "AVX2"}))
+        for ck in ("best.pt", "last.pt"):
+            (run / ck).write_text(ck)
+        _Retraining.last = self
+
+    def poll(self):
+        return self.rc
+
+    def terminate(self):
+        self.terminated, self.rc = True, -15
+
+    def wait(self):
+        return self.rc
+
+
+def _restore_fixture(tmp_path, monkeypatch, cut_short: bool, epochs: list[dict], finishes: bool):
     import subprocess
 
     monkeypatch.setattr(study, "RESULTS", tmp_path)
+    monkeypatch.setattr(study, "RESTORE_POLL_S", 0.01)
     row = study.Row("x", "X", "c10jpeg3_at", (0,))
     train, pgd = [t for t in study.tasks([row]) if t.stage in ("train", "pgd_best")]
     d, partial = train.dir, train.dir.parent / ".restore" / train.dir.name
     d.mkdir(parents=True)
-    (d / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "test_robust_acc": 0.3, "epoch_time_s": 5.0}) + "\n")
+    (d / "metrics.jsonl").write_text("".join(json.dumps({"epoch": e, "test_robust_acc": 0.3, "epoch_time_s": 5.0}) + "\n" for e in (1, 2)))
     if cut_short:
         partial.mkdir(parents=True)
-        (partial / "last.pt").write_text("epoch 0")
-    calls = []
+        (partial / "last.pt").write_text("epoch 1")
+    _Retraining.calls = []
 
-    def call(argv, **kwargs):
-        calls.append(argv)
-        if len(calls) == 1:  # the retraining: same metrics as the committed run, other timings
-            partial.mkdir(parents=True, exist_ok=True)
-            (partial / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "test_robust_acc": 0.3, "epoch_time_s": 7.0}) + "\n")
-            for ck in ("best.pt", "last.pt"):
-                (partial / ck).write_text(ck)
-        return 0
+    def popen(argv, **kwargs):
+        proc = _Retraining(argv, epochs, partial)
+        if finishes:
+            proc.rc = 0
+        return proc
 
-    monkeypatch.setattr(subprocess, "call", call)
+    monkeypatch.setattr(subprocess, "Popen", popen)
+    monkeypatch.setattr(subprocess, "call", lambda argv, **kwargs: _Retraining.calls.append(argv) or 0)  # the evaluation
+    return train, pgd, d, partial
+
+
+@pytest.mark.parametrize("cut_short", [False, True])
+def test_a_restore_cut_short_by_the_session_is_continued_not_begun_again(tmp_path, monkeypatch, cut_short):
+    """A fresh clone has no checkpoints: the study trains the run again in results/DATASET/.restore to restore them
+    (hours), and a retraining the session's end cut short is resumed there, not begun again from epoch 0."""
+    same = [{"epoch": e, "test_robust_acc": 0.3, "epoch_time_s": 7.0} for e in (1, 2)]  # other timings only
+    train, pgd, d, partial = _restore_fixture(tmp_path, monkeypatch, cut_short, same, finishes=True)
     assert study._command(pgd, False, train.argv) == 0
+    calls = _Retraining.calls
     assert len(calls) == 2 and calls[1] == pgd.argv
     if cut_short:
         assert calls[0][3:] == ["train", "--resume", str(partial)]
     else:
         assert calls[0][3:5] == ["train", train.argv[4]] and f"out_dir={partial.parent}" in calls[0] and "--overwrite" in calls[0]
     assert (d / "best.pt").read_text() == "best.pt" and (d / "last.pt").read_text() == "last.pt" and not partial.exists()
+
+
+@pytest.mark.parametrize("epochs, finishes, where", [
+    ([{"epoch": 1, "test_robust_acc": 0.31}], False, "epoch 1, test_robust_acc 0.31 here against 0.3"),  # parts at once
+    ([{"epoch": 1, "test_robust_acc": 0.3}], True, "1 epochs here against 2"),  # ended with fewer epochs
+])
+def test_a_retraining_that_parts_from_the_committed_run_is_stopped_and_says_why(tmp_path, monkeypatch, capsys, epochs, finishes, where):
+    """On another processor the retraining rounds differently and parts from the committed run in its first epoch:
+    the restore stops it there (not after hours of training) and says what to do instead; nothing is moved in."""
+    train, pgd, d, partial = _restore_fixture(tmp_path, monkeypatch, False, epochs, finishes)
+    assert study._command(pgd, False, train.argv) == 1
+    assert len(_Retraining.calls) == 1  # the evaluation did not run
+    assert _Retraining.last.terminated == (not finishes)  # a retraining still running is stopped
+    err = capsys.readouterr().err
+    assert err == (f"c10jpeg3_at_s0: cannot restore its checkpoints here: the retraining parts from the committed metrics.jsonl at "
+                   f"{where} (committed run: torch ?, CPU capability not recorded; here: torch 2.x, CPU capability AVX2). To "
+                   f"evaluate it on this machine, train and evaluate it again as a whole: move {d} aside and run "
+                   "`python bench/study.py run`\n")
+    assert not (d / "best.pt").exists()

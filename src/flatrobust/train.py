@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -33,6 +32,7 @@ from .data import DATASETS, DataError, TensorData, augment, batches, load_extra,
 from .ema import EMA
 from .errors import UserError
 from .guard import Rollback, StepMonitor
+from .machine import describe
 from .objectives import AttackConfig, Objective, create_objective
 from .progress import Progress
 from .speed import accelerate
@@ -213,8 +213,7 @@ def environment(cfg: RunConfig, device: torch.device) -> dict[str, Any]:
 
     return {
         "flatrobust": __version__, "python": sys.version.split()[0], "torch": torch.__version__,
-        "torchvision": torchvision.__version__, "platform": platform.platform(), "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "torchvision": torchvision.__version__, **describe(device),
         "cuda": torch.version.cuda, "threads": torch.get_num_threads(), "seed": cfg.seed, "git_commit": git_commit(),
         "argv": sys.argv,
     }

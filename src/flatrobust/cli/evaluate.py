@@ -33,6 +33,7 @@ import torch
 from ..attacks import format_eps
 from ..errors import UserError
 from ..evalstore import write_json
+from ..machine import describe
 from ..evaluate import PROTOCOL, default_alpha, evaluate, format_table, require_autoattack, resolve_attacks
 
 _NUMBER = r"\s*[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?\s*"
@@ -116,11 +117,8 @@ def _environment(device: torch.device) -> dict:
         aa = version("pyautoattack")
     except PackageNotFoundError:
         aa = None
-    env = {"flatrobust": __version__, "torch": torch.__version__, "pyautoattack": aa,
-           "python": platform.python_version(), "platform": platform.platform(), "device": str(device)}
-    if device.type == "cuda":
-        env["device_name"] = torch.cuda.get_device_name(device)
-    return env
+    return {"flatrobust": __version__, "torch": torch.__version__, "pyautoattack": aa,
+            "python": platform.python_version(), **describe(device)}
 
 
 def data_from_arg(text: str) -> dict:
