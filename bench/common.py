@@ -20,6 +20,8 @@ from typing import Callable
 
 import torch
 
+from flatrobust.machine import cpu_name
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -120,16 +122,6 @@ def peak_bytes(fn: Callable[[], object], device: torch.device) -> tuple[int | No
         return None, f"not measured ({type(e).__name__}: {e})"
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def environment(device: torch.device) -> dict:
     """Where and how a result was measured; the scripts call it when the measurement is done, so `date`
     and the load average are those of the end of the run."""
@@ -144,7 +136,7 @@ def environment(device: torch.device) -> dict:
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "command": " ".join(["python"] + [os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:]),
         "python": sys.version.split()[0], "torch": torch.__version__, "device": str(device),
-        "cpu": cpu_model(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu": cpu_name(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "logical_cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
         "platform": platform.platform(), "git_commit": git("rev-parse", "HEAD"),
         "load_average_1_5_15min": os.getloadavg() if hasattr(os, "getloadavg") else None,  # at `date`
