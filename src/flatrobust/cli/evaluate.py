@@ -33,8 +33,8 @@ import torch
 from ..attacks import format_eps
 from ..errors import UserError
 from ..evalstore import write_json
-from ..machine import describe
 from ..evaluate import PROTOCOL, default_alpha, evaluate, format_table, require_autoattack, resolve_attacks
+from ..machine import describe
 
 _NUMBER = r"\s*[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?\s*"
 
