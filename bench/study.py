@@ -199,13 +199,16 @@ def _metrics_without_timing(path: Path) -> list[dict]:
     return [{k: v for k, v in r.items() if k not in TIMING_KEYS and not k.endswith("time_s")} for r in rows]
 
 
-def _first_difference(new: list[dict], committed: list[dict]) -> str | None:
-    """Where a retraining's records part from the committed ones, in words; None while they agree."""
+def _first_difference(new: list[dict], committed: list[dict], finished: bool) -> str | None:
+    """Where a retraining's records part from the committed ones, in words; None while they agree (a retraining
+    still running may have fewer epochs; a finished one must have as many)."""
     for a, b in zip(new, committed):
         if a != b:
             key = next(k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k))
             return f"epoch {a.get('epoch')}, {key} {a.get(key)} here against {b.get(key)}"
-    return f"{len(new)} epochs here against {len(committed)}" if len(new) > len(committed) else None
+    if len(new) > len(committed) or (finished and len(new) < len(committed)):
+        return f"{len(new)} epochs here against {len(committed)}"
+    return None
 
 
 def _machine(run_dir: Path) -> str:
@@ -241,10 +244,7 @@ def _restore_checkpoints(t: Task, train_argv: list[str], env: dict, log) -> int:
     proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     while True:
         rc = proc.poll()
-        new_rows = _metrics_without_timing(new / "metrics.jsonl")
-        where = _first_difference(new_rows, committed)
-        if where is None and rc == 0 and len(new_rows) < len(committed):
-            where = f"{len(new_rows)} epochs here against {len(committed)}"
+        where = _first_difference(_metrics_without_timing(new / "metrics.jsonl"), committed, finished=rc == 0)
         if where is not None:
             if rc is None:
                 proc.terminate()
