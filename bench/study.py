@@ -5,7 +5,8 @@
     python bench/study.py report            # rebuilds docs/RESULTS.md, docs/results/*.png, README.md's results block
 
 `run` works through a fixed list of tasks (run by run: training, then PGD-20 on the full test set, flatness,
-landscapes and AutoAttack of its best and last checkpoints), `--jobs` at a time, each a `flatrobust` command on one thread. A task whose output
+landscapes and AutoAttack of its best and last checkpoints), `--jobs` at a time, each a `flatrobust` command on one thread
+(a ready short evaluation goes before a ready training or AutoAttack). A task whose output
 exists is skipped; an interrupted training is continued with `flatrobust train --resume`, so the command can
 be stopped at any time and started again (in a later session too). Run directories live in
 results/<dataset>/<run>/ (c10jpeg, fmnist) and are committed without their checkpoints (*.pt) and logs; `report`
@@ -144,6 +145,7 @@ def _train_done(run_dir: Path) -> bool:
 
 
 STAGES = ("train", "pgd_best", "pgd_last", "flatness_best", "flatness_last", "landscape_best", "landscape_last", "aa_best", "aa_last")
+LONG_STAGES = {"train", "aa_best", "aa_last"}  # tens of minutes to hours each on one thread; the others take minutes
 
 
 def tasks(rows: list[Row]) -> list[Task]:
@@ -224,7 +226,7 @@ RESTORE_POLL_S = 10.0  # how often a retraining's metrics.jsonl is compared with
 
 def _restore_checkpoints(t: Task, train_argv: list[str], env: dict, log) -> int:
     """A trained run whose checkpoints are gone (a fresh clone): train it again elsewhere, check that the new
-    metrics.jsonl equals the committed one (training is deterministic on the CPU), and move the checkpoints in.
+    metrics.jsonl equals the committed one (CPU training is bit-identical on one kind of processor), and move the checkpoints in.
     The check runs while it trains, so a retraining that parts from the committed run (another processor: its
     vectorised kernels round differently) stops at its first epoch, not hours later. A retraining cut short (the
     session ended) is continued with `train --resume`, which is bit-identical to an uninterrupted run, so a
@@ -335,8 +337,11 @@ def run(rows: list[Row], stages: set[str], jobs: int, dry: bool) -> int:
     lock, failed = threading.Lock(), []
 
     def next_task() -> Task | None:
+        """The first ready task in the study's order, short evaluations (PGD-20, flatness, landscapes) before long
+        tasks (a training, an AutoAttack): a run trained while another run's AutoAttack holds a worker is evaluated
+        as soon as a worker is free, not after every AutoAttack listed before it."""
         with lock:
-            for t in todo:
+            for t in sorted(todo, key=lambda t: t.stage in LONG_STAGES):  # stable: the study's order within each kind
                 if t.done or t.running or (not dry and _busy(t.dir)):
                     continue
                 need = state[(t.run, t.needs)] if t.needs else None

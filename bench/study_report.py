@@ -832,4 +832,6 @@ def _commands(main) -> list[str]:
             f"One run by hand: `flatrobust train recipes/study/{main.prefix}_at_awp.yaml seed=1 name={main.prefix}_at_awp_s1`; its "
             "evaluations are the commands `python bench/study.py run --dry-run` prints. The checkpoints are not committed: in a "
             "clone, a stage that needs one first trains its run again (in results/DATASET/.restore, resumed there if stopped) and "
-            "uses it only if the new metrics.jsonl equals the committed one (training is deterministic on the CPU).", ""]
+            "uses it only if the new metrics.jsonl equals the committed one (CPU training is bit-identical on one kind of processor; "
+            "on another, whose vectorised kernels round differently, the retraining parts from the committed run in its first "
+            "epoch, the study says so and stops, and the run has to be trained and evaluated again as a whole).", ""]

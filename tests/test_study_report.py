@@ -432,3 +432,16 @@ def test_a_retraining_that_parts_from_the_committed_run_is_stopped_and_says_why(
                    f"evaluate it on this machine, train and evaluate it again as a whole: move {d} aside and run "
                    "`python bench/study.py run`\n")
     assert not (d / "best.pt").exists()
+
+
+def test_a_free_worker_takes_a_trained_runs_short_evaluations_before_an_earlier_runs_autoattack(tmp_path, monkeypatch, capsys):
+    """Two trained runs: the second run's PGD-20, flatness and landscapes go before the first run's AutoAttacks (they
+    queued behind them when tasks were taken in the study's order alone), and each kind keeps the study's order."""
+    monkeypatch.setattr(study, "RESULTS", tmp_path)
+    monkeypatch.setattr(study, "_train_done", lambda d: True)
+    rows = [study.Row("x", "X", "c10jpeg3_at", (0, 1))]
+    assert study.run(rows, {"pgd", "flatness", "landscape", "aa"}, 1, dry=True) == 0
+    done = [ln.split("] ", 1)[1].split(":")[0] for ln in capsys.readouterr().out.splitlines()]
+    short = [f"c10jpeg3_at_s{s} {k}_{c}" for s in (0, 1) for k in ("pgd", "flatness", "landscape") for c in ("best", "last")]
+    short = sorted(short, key=[f"c10jpeg3_at_s{s} {st}" for s in (0, 1) for st in study.STAGES].index)
+    assert done == short + ["c10jpeg3_at_s0 aa_best", "c10jpeg3_at_s0 aa_last", "c10jpeg3_at_s1 aa_best", "c10jpeg3_at_s1 aa_last"]
