@@ -59,8 +59,9 @@ SETTINGS = [
     Setting("v3n", "c10jpeg3n", "v3 without crop + flip, run beside it in case v3 did not overfit (memorizing is easier "
                                 "without augmentation); its test accuracy falls already before the decay"),
     # Two seeds a side (the issue lets the second dataset be a smaller study): with both, f3 showed no robust overfitting
-    # and every AWP difference within seed noise; a third seed would cost what seed 1 did (RESULTS.md's wall-time table: two trainings and four
-    # AutoAttacks of about an hour each), which go to the main comparison's extra seeds and TRADES' third seed instead.
+    # and every AWP difference within seed noise; a third seed would cost what seed 1 did (RESULTS.md's wall-time table:
+    # two trainings and four AutoAttacks of about an hour each), which go to the main comparison's extra seeds and TRADES'
+    # third seed instead.
     Setting("f3", "fmnist3", "the second dataset: the main setting v3 on Fashion-MNIST, a smaller study (AT vs AT-AWP, "
                              "2 seeds a side: with both, plain AT showed no robust overfitting here and every AWP "
                              "difference stayed within seed noise, so the thread-hours a third seed would take (those of seed 1's "
@@ -229,9 +230,9 @@ RESTORE_POLL_S = 10.0  # how often a retraining's metrics.jsonl is compared with
 
 def _restore_checkpoints(t: Task, train_argv: list[str], env: dict, log) -> int:
     """A trained run whose checkpoints are gone (a fresh clone): train it again elsewhere, check that the new
-    metrics.jsonl equals the committed one (CPU training is bit-identical on one kind of processor), and move the checkpoints in.
-    The check runs while it trains, so a retraining that parts from the committed run (another processor: its
-    vectorised kernels round differently) stops at its first epoch, not hours later. A retraining cut short (the
+    metrics.jsonl equals the committed one (CPU training is bit-identical on one kind of processor), and move the
+    checkpoints in. The check runs while it trains, so a retraining that parts from the committed run (another
+    processor: its vectorised kernels round differently) stops at its first epoch, not hours later. A retraining cut short (the
     session ended) is continued with `train --resume`, which is bit-identical to an uninterrupted run, so a
     restore longer than what is left of a session is not begun again from epoch 0."""
     import shutil
@@ -335,16 +336,16 @@ def _command(t: Task, dry: bool, train_argv: list[str]) -> int:
 def run(rows: list[Row], stages: set[str], jobs: int, dry: bool) -> int:
     every = tasks(rows)
     state = {(t.run, t.stage): t for t in every}
-    todo = [t for t in every if t.stage.split("_")[0] in stages]
+    # short evaluations before long tasks, the study's order within each kind (sorted is stable): a run trained while
+    # another run's AutoAttack holds a worker is evaluated as soon as a worker is free, not after every AutoAttack
+    # listed before it
+    todo = sorted((t for t in every if t.stage.split("_")[0] in stages), key=lambda t: t.stage in LONG_STAGES)
     mine = {(t.run, t.stage) for t in todo}
     lock, failed = threading.Lock(), []
 
     def next_task() -> Task | None:
-        """The first ready task in the study's order, short evaluations (PGD-20, flatness, landscapes) before long
-        tasks (a training, an AutoAttack): a run trained while another run's AutoAttack holds a worker is evaluated
-        as soon as a worker is free, not after every AutoAttack listed before it."""
         with lock:
-            for t in sorted(todo, key=lambda t: t.stage in LONG_STAGES):  # stable: the study's order within each kind
+            for t in todo:
                 if t.done or t.running or (not dry and _busy(t.dir)):
                     continue
                 need = state[(t.run, t.needs)] if t.needs else None

@@ -442,6 +442,5 @@ def test_a_free_worker_takes_a_trained_runs_short_evaluations_before_an_earlier_
     rows = [study.Row("x", "X", "c10jpeg3_at", (0, 1))]
     assert study.run(rows, {"pgd", "flatness", "landscape", "aa"}, 1, dry=True) == 0
     done = [ln.split("] ", 1)[1].split(":")[0] for ln in capsys.readouterr().out.splitlines()]
-    short = [f"c10jpeg3_at_s{s} {k}_{c}" for s in (0, 1) for k in ("pgd", "flatness", "landscape") for c in ("best", "last")]
-    short = sorted(short, key=[f"c10jpeg3_at_s{s} {st}" for s in (0, 1) for st in study.STAGES].index)
+    short = [f"c10jpeg3_at_s{s} {st}" for s in (0, 1) for st in study.STAGES if st.split("_")[0] in ("pgd", "flatness", "landscape")]
     assert done == short + ["c10jpeg3_at_s0 aa_best", "c10jpeg3_at_s0 aa_last", "c10jpeg3_at_s1 aa_best", "c10jpeg3_at_s1 aa_last"]
