@@ -426,6 +426,8 @@ def main(argv: list[str] | None = None) -> int:
     kinds = {st.split("_")[0] for st in STAGES}
     if not stages <= kinds:
         p.error(f"unknown stage {sorted(stages - kinds)[0]!r}: choose from {','.join(sorted(kinds))}")
+    if args.jobs < 1:
+        p.error(f"--jobs {args.jobs}: give the number of tasks to run at a time, 1 or more (2 uses both cores of a 2-core machine)")
     return run([row for row in ROWS if row.key in keys], stages, args.jobs, args.dry_run)
 
 

@@ -207,12 +207,13 @@ def test_readme_results_block_is_generated_from_the_committed_runs():
 
 
 def test_study_run_refuses_an_unknown_row_or_stage(capsys):
-    for argv in (["run", "--rows", "at,nope", "--dry-run"], ["run", "--stages", "train,eval", "--dry-run"]):
+    for argv in (["run", "--rows", "at,nope", "--dry-run"], ["run", "--stages", "train,eval", "--dry-run"], ["run", "--jobs", "0"]):
         with pytest.raises(SystemExit) as e:
             study.main(argv)
         assert e.value.code == 2
     err = capsys.readouterr().err
     assert "unknown row 'nope'" in err and "unknown stage 'eval': choose from aa,flatness,landscape,pgd,train" in err
+    assert "--jobs 0: give the number of tasks to run at a time, 1 or more" in err
 
 
 def test_study_trains_the_main_setting_seed_by_seed_and_evaluates_each_run_after_it():
