@@ -88,6 +88,10 @@ class Row:
     autoattack: bool = True
     # Seeds that run after every other row's (the issue asks for them only where the budget allows): tasks()
     late_seeds: tuple[int, ...] = ()
+    # RST: the key of the row whose run of the same seed pseudo-labels this row's extra data (its `pseudo` stage
+    # writes extra_npz(seed)); the labeler row itself has only the stages train and pseudo
+    labeler: str = ""
+    stages: tuple[str, ...] = ()  # () = every stage of STAGES
 
     def run_name(self, seed: int) -> str:
         return f"{self.recipe}{self.suffix}_s{seed}"
@@ -103,6 +107,16 @@ AT_SEEDS = (0, 1, 2, 3, 4)
 # the main comparison; the rest run last, after everything else the issue asks for (Row.late_seeds, tasks()).
 TRADES_SEEDS = (0, 1, 2)
 TRADES_LATE_SEEDS = TRADES_SEEDS[2:]
+# RST vs AT (the paper's Figure 1 claim that extra unlabeled data flattens the landscape; issue 33): planned before any
+# RST run, 3 seeds (the same labeled subsets as AT's seeds 0-2), judged at that number against AT's 5 seeds. Each seed
+# first trains its pseudo-labeler (standard training on the same 1,000 images: about a fifth of an AT run).
+RST_SEEDS = (0, 1, 2)
+DATA = ROOT / "data"  # git-ignored: the extracted image copy and the RST extra data
+
+
+def extra_npz(seed: int) -> Path:
+    """The pseudo-labeled extra images of RST seed `seed` (written by the labeler's `pseudo` stage, not committed)."""
+    return DATA / f"c10jpeg3_extra_s{seed}.npz"
 
 
 def _rows() -> list[Row]:
@@ -111,6 +125,9 @@ def _rows() -> list[Row]:
     rows = [Row(m, METHODS[m], f"{main.prefix}_{m}", seeds, method=m, dataset=main.dataset, late_seeds=late)
             for m, seeds, late in (("at", AT_SEEDS, ()), ("at_awp", AT_SEEDS, ()), ("trades", TRADES_SEEDS, TRADES_LATE_SEEDS),
                                    ("trades_awp", TRADES_SEEDS, TRADES_LATE_SEEDS))]
+    rows += [Row("labeler", "standard training (RST's pseudo-labeler)", f"{main.prefix}_std", RST_SEEDS, method="std",
+                 dataset=main.dataset, autoattack=False, stages=("train", "pseudo")),
+             Row("rst", METHODS["rst"], f"{main.prefix}_rst", RST_SEEDS, method="rst", dataset=main.dataset, labeler="labeler")]
     rows += [Row(f"gamma_{g}", f"AT-AWP gamma {g}", f"{main.prefix}_at_awp", (0,), (f"awp.gamma={g}",), f"_g{g}", method="at_awp",
                  dataset=main.dataset, autoattack=False)
              for g in ("0.0025", "0.005", "0.02")]
@@ -131,7 +148,7 @@ class Task:
     stage: str
     argv: list[str]
     output: Path  # done when it exists
-    needs: str | None = None  # the stage of the same run that must be done first
+    needs: tuple[str, str] | None = None  # (run, stage) that must be done first
     done: bool = False
     running: bool = False
 
@@ -148,7 +165,8 @@ def _train_done(run_dir: Path) -> bool:
     return len(lines) >= epochs
 
 
-STAGES = ("train", "pgd_best", "pgd_last", "flatness_best", "flatness_last", "landscape_best", "landscape_last", "aa_best", "aa_last")
+STAGES = ("train", "pgd_best", "pgd_last", "flatness_best", "flatness_last", "landscape_best", "landscape_last", "aa_best", "aa_last",
+          "pseudo")  # pseudo: the labeler rows only (RST's extra data)
 LONG_STAGES = {"train", "aa_best", "aa_last"}  # tens of minutes to hours each on one thread; the others take minutes
 
 
@@ -169,17 +187,30 @@ def tasks(rows: list[Row]) -> list[Task]:
         return 3 + seed
 
     order = sorted(((wave(row, seed), i, seed, row) for i, row in enumerate(rows) for seed in row.seeds), key=lambda t: t[:2])
+    by_key = {row.key: row for row in ROWS}
     for _, _, seed, row in order:
         name = row.run_name(seed)
         d = row.run_dir(seed)
-        out.append(Task(name, d, "train", [*fr, "train", str(RECIPES / f"{row.recipe}.yaml"), f"seed={seed}", f"name={name}",
-                                           f"out_dir={d.parent}", *row.overrides], d / "metrics.jsonl"))
+        train_argv = [*fr, "train", str(RECIPES / f"{row.recipe}.yaml"), f"seed={seed}", f"name={name}", f"out_dir={d.parent}",
+                      *row.overrides]
+        needs = None
+        if row.labeler:  # RST: its extra data comes from the labeler's pseudo stage of the same seed
+            train_argv.append(f"data.extra={extra_npz(seed).relative_to(ROOT)}")
+            needs = (by_key[row.labeler].run_name(seed), "pseudo")
+        out.append(Task(name, d, "train", train_argv, d / "metrics.jsonl", needs))
         for stage in STAGES[1:]:
-            kind, ck = stage.split("_")
+            if row.stages and stage not in row.stages:
+                continue
+            kind, _, ck = stage.partition("_")
             if kind == "aa" and not row.autoattack:
                 continue
+            if kind == "pseudo" and "pseudo" not in row.stages:
+                continue
             pt = str(d / f"{ck}.pt")
-            if kind == "pgd":
+            if kind == "pseudo":
+                argv, output = ([sys.executable, str(Path(__file__).resolve()), "pseudo", "--seed", str(seed), "--labeler", str(d)],
+                                extra_npz(seed))
+            elif kind == "pgd":
                 argv, output = [*fr, "eval", pt, "--attacks", "clean,pgd20", "--no-checks", "--out", str(d / f"eval_{ck}.json")], d / f"eval_{ck}.json"
             elif kind == "aa":
                 argv, output = ([*fr, "eval", pt, "--attacks", "clean,pgd20,autoattack", "--n", str(N_AUTOATTACK), "--checks-n", "100",
@@ -189,7 +220,7 @@ def tasks(rows: list[Row]) -> list[Task]:
             else:
                 argv, output = ([*fr, "landscape", pt, "--n", str(N_ANALYSIS), "--alphas=-1:1:11", "--directions", "2",
                                  "--out", str(d / stage)], d / stage / "landscape.json")
-            out.append(Task(name, d, stage, argv, output, "train"))
+            out.append(Task(name, d, stage, argv, output, (name, "train")))
     for t in out:
         t.done = _train_done(t.dir) if t.stage == "train" else t.output.is_file()
     return out
@@ -348,9 +379,9 @@ def run(rows: list[Row], stages: set[str], jobs: int, dry: bool) -> int:
             for t in todo:
                 if t.done or t.running or (not dry and _busy(t.dir)):
                     continue
-                need = state[(t.run, t.needs)] if t.needs else None
-                if need is not None and not need.done and (need.run, need.stage) not in mine:  # trained elsewhere since?
-                    need.done = _train_done(need.dir)
+                need = state.get(t.needs) if t.needs else None
+                if need is not None and not need.done and (need.run, need.stage) not in mine:  # done elsewhere since?
+                    need.done = _train_done(need.dir) if need.stage == "train" else need.output.is_file()
                 if need is not None and not need.done:
                     continue
                 t.running = True
@@ -386,6 +417,49 @@ def run(rows: list[Row], stages: set[str], jobs: int, dry: bool) -> int:
     return 1 if failed else 0
 
 
+def pseudo(seed: int, labeler: Path) -> int:
+    """RST's extra data for one seed: the training images of the copy that the seed's 1,000-image subset leaves out
+    (labels dropped), pseudo-labeled by the labeler run's best.pt with `flatrobust pseudolabel`, written to
+    extra_npz(seed); how often the pseudo-labels agree with the true labels goes to LABELER/pseudolabels.json."""
+    import numpy as np
+    import torch
+    import yaml
+
+    from flatrobust.data import load_split
+
+    cfg = yaml.safe_load((labeler / "config.yaml").read_text())
+    if cfg["seed"] != seed:
+        print(f"{labeler} was trained with seed {cfg['seed']}, not {seed}", file=sys.stderr)
+        return 2
+    train = load_split(cfg["data"], "train", progress=True)
+    n = cfg["data"]["train_subset"]
+    # the complement of TensorData.subset(n, seed): the same permutation, the indices after the first n
+    g = torch.Generator().manual_seed(seed)
+    rest = torch.randperm(len(train), generator=g)[n:].sort().values
+    x = train.x[rest]
+    x = x if x.dtype == torch.uint8 else (x * 255).round().clamp(0, 255).to(torch.uint8)
+    y_true = train.y[rest].numpy()
+    out = extra_npz(seed)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    unlabeled = out.with_name(out.stem + ".unlabeled.npz")
+    np.savez(unlabeled, x=x.numpy())
+    labeled = out.with_name(out.stem + ".partial.npz")
+    rc = subprocess.call([sys.executable, "-m", "flatrobust", "pseudolabel", str(labeler / "best.pt"), str(unlabeled),
+                          "--out", str(labeled), "--device", "cpu"], cwd=ROOT)
+    unlabeled.unlink(missing_ok=True)
+    if rc != 0:
+        return rc
+    with np.load(labeled, allow_pickle=False) as z:
+        y, conf = z["y"], z["confidence"]
+    summary = {"seed": seed, "images": int(len(y)), "labeler": "best.pt",
+               "agreement_with_true_labels": float((y == y_true).mean()), "mean_confidence": float(conf.mean()),
+               "per_class_share": [float((y == c).mean()) for c in range(int(y_true.max()) + 1)]}
+    (labeler / "pseudolabels.json").write_text(json.dumps(summary, indent=1) + "\n")
+    os.replace(labeled, out)  # done only when whole
+    _say(f"seed {seed}: {len(y)} pseudo-labels, {100 * summary['agreement_with_true_labels']:.1f}% agree with the true labels")
+    return 0
+
+
 def status(rows: list[Row]) -> None:
     by_run: dict[Path, list[str]] = {}
     for t in tasks(rows):
@@ -402,9 +476,13 @@ def main(argv: list[str] | None = None) -> int:
     r = sub.add_parser("run", help="run what is not done yet (resumable)")
     r.add_argument("--jobs", type=int, default=2, help="tasks at a time, one thread each (default 2)")
     r.add_argument("--rows", default=",".join(row.key for row in ROWS), help="comma-separated row keys (default: all)")
-    r.add_argument("--stages", default="train,pgd,flatness,landscape,aa", help="comma-separated: train,pgd,aa,flatness,landscape")
+    r.add_argument("--stages", default="train,pseudo,pgd,flatness,landscape,aa",
+                   help="comma-separated: train,pseudo,pgd,aa,flatness,landscape")
     r.add_argument("--dry-run", action="store_true", help="print the commands only")
     sub.add_parser("status", help="what is done")
+    ps = sub.add_parser("pseudo", help="RST's extra data for one seed (the labeler rows' pseudo stage runs this)")
+    ps.add_argument("--seed", type=int, required=True)
+    ps.add_argument("--labeler", type=Path, required=True, help="the labeler's run directory (its best.pt labels)")
     rep = sub.add_parser("report", help="rebuild docs/RESULTS.md and its figures from results/<dataset>/")
     rep.add_argument("--out", default=str(ROOT / "docs"), help="docs folder (default: docs/)")
     rep.add_argument("--no-readme", dest="readme", action="store_false", help="leave README.md's results block alone")
@@ -412,6 +490,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "status":
         status(ROWS)
         return 0
+    if args.cmd == "pseudo":
+        return pseudo(args.seed, args.labeler)
     if args.cmd == "report":
         import study_report
 
@@ -422,6 +502,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [k for k in keys if k not in {row.key for row in ROWS}]
     if unknown:
         p.error(f"unknown row {unknown[0]!r}: choose from {', '.join(row.key for row in ROWS)}")
+    keys += [row.labeler for row in ROWS if row.key in keys and row.labeler and row.labeler not in keys]  # RST needs its labeler
     stages = set(args.stages.split(","))
     kinds = {st.split("_")[0] for st in STAGES}
     if not stages <= kinds:

@@ -200,7 +200,7 @@ def _plt():
     return plt
 
 
-COLORS = {"at": "tab:blue", "at_awp": "tab:red", "trades": "tab:green", "trades_awp": "tab:purple"}
+COLORS = {"at": "tab:blue", "at_awp": "tab:red", "trades": "tab:green", "trades_awp": "tab:purple", "rst": "tab:orange", "std": "tab:gray"}
 
 
 def _smooth(y: list[float], k: int = 9) -> list[float]:
@@ -419,7 +419,8 @@ def replace_block(text: str, lines: list[str]) -> str:
     return head + BEGIN + "\n" + "\n".join(lines) + "\n" + END + tail
 
 
-METHODS = {"at": "AT", "at_awp": "AT-AWP", "trades": "TRADES", "trades_awp": "TRADES-AWP"}
+METHODS = {"at": "AT", "at_awp": "AT-AWP", "trades": "TRADES", "trades_awp": "TRADES-AWP", "rst": "RST (AT + pseudo-labeled extra data)",
+           "std": "standard training"}
 PAIRS = ("at", "trades")  # the methods compared without and with AWP (METHODS[m] vs METHODS[m + "_awp"])
 AUGMENT = {"crop_flip": "crop + flip", "none": "no augmentation", "default": "crop + flip"}
 
