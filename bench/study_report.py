@@ -304,10 +304,13 @@ def fig_scatter(points: list[dict], measure: str, path: Path) -> bool:
 # ----------------------------------------------------------------------------------------------- text
 
 
-def write(results: Path, docs: Path, rows, gamma_curve, settings, main: str, recipes: Path, readme: Path | None = None) -> Path:
+def write(results: Path, docs: Path, rows, gamma_curve, settings, main: str, recipes: Path, readme: Path | None = None,
+          plans=()) -> Path:
     """docs/RESULTS.md: the main setting's comparison first, then every setting tried, each described from its recipe;
-    with `readme`, its results block gets the main setting's claims (`readme_block`)."""
+    with `readme`, its results block gets the main setting's claims (`readme_block`). `plans`: each comparison's
+    seeds, fixed before it ran (bench/study.py PLANS): its claims are judged on those seeds only."""
     runs = load(results, rows)
+    plan_of = {(pl.setting, pl.base, pl.other): pl for pl in plans}
     figs = docs / "results"
     figs.mkdir(parents=True, exist_ok=True)
     for old in figs.glob("*.png"):  # figures of settings no longer shown must not linger
@@ -321,6 +324,8 @@ def write(results: Path, docs: Path, rows, gamma_curve, settings, main: str, rec
           "checkpoints); do not edit by hand. Every number below is read from those files.", ""]
     L += _setting(runs, settings, main, cfgs)
     L += _status(runs, rows)
+    L += _plans(plans)
+    L += _replaced(results)
     L += _probes(results, runs, figs, [keys[(s.key, "at")] for s in settings if (s.key, "at") in keys])
     L += _main_table(runs, rows, labels, cfgs)
     curves = []
@@ -354,14 +359,16 @@ def write(results: Path, docs: Path, rows, gamma_curve, settings, main: str, rec
             if (s.key, method) in keys:
                 base, awp = keys[(s.key, method)], keys.get((s.key, f"{method}_awp"), "")
                 aa = all(row.autoattack for row in rows if row.key in (base, awp))
-                L += _claims(runs, base, awp, f"Setting {s.key}" + (", the main one" if s.key == main else ""), aa, METHODS[method])
+                L += _claims(runs, base, awp, f"Setting {s.key}" + (", the main one" if s.key == main else ""), aa, METHODS[method],
+                             plan_of.get((s.key, method, f"{method}_awp")))
+    L += _remedies(runs, keys, main, plan_of)
     L += _commands(next(s for s in settings if s.key == main))
     path = docs / "RESULTS.md"
     path.write_text("\n".join(L).rstrip() + "\n")
     print(f"wrote {path}")
     if readme is not None:
         text = readme.read_text()
-        new = replace_block(text, readme_block(runs, keys, settings, main, cfgs))
+        new = replace_block(text, readme_block(runs, keys, settings, main, cfgs, plan_of))
         if new != text:
             readme.write_text(new)
             print(f"updated the results block of {readme}")
@@ -382,28 +389,32 @@ def setting_cfgs(settings, recipes: Path) -> dict[str, dict]:
     return {s.key: yaml.safe_load((recipes / f"{s.prefix}_at.yaml").read_text()) for s in settings}
 
 
-def readme_block(runs, keys: dict, settings, main: str, cfgs: dict) -> list[str]:
+def readme_block(runs, keys: dict, settings, main: str, cfgs: dict, plan_of: dict | None = None) -> list[str]:
     """The README's summary: the main setting's claim lines, verbatim as docs/RESULTS.md has them (TRADES vs
-    TRADES-AWP once both have a finished run), then those of AT vs AT-AWP on the second dataset (a setting on
-    another dataset than the main one's, with AutoAttack: a comparison, not a pilot) once both have a finished run."""
+    TRADES-AWP once both have a finished run), the pilot settings of the main dataset whose AT overfit (one seed:
+    their numbers, not judged), then those of AT vs AT-AWP on the second dataset (a setting on another dataset than
+    the main one's, with AutoAttack: a comparison, not a pilot) once both have a finished run."""
     by_key = {s.key: s for s in settings}
+    plan_of = plan_of or {}
 
     def finished(setting: str, m: str) -> int:
         return len(finished_runs(runs, keys.get((setting, m), "")))
 
     def section(setting: str, methods, intro: str) -> list[str]:
-        done = {m: finished(setting, m) for m in METHODS if (setting, m) in keys}
+        done = {m: finished(setting, m) for m in METHODS if (setting, m) in keys and m != "std"}  # not the RST labeler
         counts = ", ".join(f"{n} {METHODS[m]}" for m, n in done.items())
         out = [f"{intro} setting {setting} of docs/RESULTS.md: {describe(cfgs[setting], by_key[setting].dataset)}; "
                f"finished runs so far: {counts}.", ""]
         for method in methods:
             base, awp = keys.get((setting, method), ""), keys.get((setting, f"{method}_awp"), "")
             if method == "at" or (done.get(method) and done.get(f"{method}_awp")):
-                claims = [ln for ln in _claims(runs, base, awp, "", base=METHODS[method])[2:] if ln]
+                claims = [ln for ln in _claims(runs, base, awp, "", base=METHODS[method],
+                                               plan=plan_of.get((setting, method, f"{method}_awp")))[2:] if ln]
                 out += [f"{METHODS[method]} vs {METHODS[method + '_awp']}:", "", *claims, ""]
         return out
 
     out = section(main, PAIRS, "Main")
+    out += _pilots(runs, keys, settings, main, cfgs)
     for s in settings:
         if s.dataset != by_key[main].dataset and s.autoattack and finished(s.key, "at") and finished(s.key, "at_awp"):
             out += section(s.key, ("at",), "Second dataset,")
@@ -440,9 +451,23 @@ def describe(cfg: dict, dataset: str = "c10jpeg") -> str:
             f"{d['eval_subset']} fixed test images every epoch")
 
 
+def sgd_steps(cfg: dict) -> int:
+    return math.ceil(cfg["data"]["train_subset"] / cfg["batch_size"]) * cfg["epochs"]
+
+
+def _why(settings, cfgs: dict, i: int) -> str:
+    """A setting's reason, with STEPS_RATIO replaced by its SGD steps over the previous setting's (computed, never typed)."""
+    s = settings[i]
+    if "STEPS_RATIO" not in s.why:
+        return s.why
+    prev = settings[i - 1]
+    ratio = sgd_steps(cfgs[s.key]) / sgd_steps(cfgs[prev.key])
+    return s.why.replace("STEPS_RATIO", f"{ratio:.3g} times those of setting {prev.key}")
+
+
 def _setting(runs, settings, main: str, cfgs: dict) -> list[str]:
     bullets = [f"- **Setting {s.key}{', the main one' if s.key == main else ''}** (`recipes/study/{s.prefix}_*.yaml`): "
-               f"{describe(cfgs[s.key], s.dataset)}. Why: {s.why}." for s in settings]
+               f"{describe(cfgs[s.key], s.dataset)}. Why: {_why(settings, cfgs, i)}." for i, s in enumerate(settings)]
     return ["## The setting", "",
             "Data: **CIFAR-10 (JPEG q75 copy)**, the lossy JPEG re-encoding of CIFAR-10 in `../shared/data/` (not CIFAR-10: "
             "these numbers are never to be compared with published CIFAR-10 results), trained on a fixed random subset of "
@@ -454,7 +479,11 @@ def _setting(runs, settings, main: str, cfgs: dict) -> list[str]:
             "momentum 0.9 weight decay 5e-4, lr /10 at 50% and /100 at 75% of training, L-inf eps 8/255, "
             "PGD-10 step 2/255 (TRADES: KL attack, beta 6); AWP gamma 0.01 from epoch 0 (AT-AWP), 0.005 after a warm-up "
             "of 5% of the epochs (TRADES-AWP: the paper's 10 of 200). Every method has the same budget, schedule and (no) "
-            "tuning. best.pt is the epoch with the highest monitored test PGD-20.", "",
+            "tuning. best.pt is the epoch with the highest monitored test PGD-20, that is on the test monitoring images, "
+            "which are also among the test images every checkpoint is evaluated on afterwards (full-test PGD-20, AutoAttack's "
+            "1,000): best-epoch numbers are chosen on part of the data that measures them and are optimistic; last-epoch "
+            "numbers are not. The training loop has no validation split yet (it is planned: data.val_subset); rows "
+            "added once it lands choose best.pt on it.", "",
             "The settings, in the order they were tried (the main one carries the comparison over seeds):", "",
             *bullets, "",
             "Why such settings: robust overfitting (Rice et al. 2020) needs a model that can memorize the adversarial "
@@ -664,11 +693,16 @@ def _scatter(runs, figs, main: str, labels: dict[str, str]) -> list[str]:
         have = [p for p in pts if p[measure] is not None]
         if fig_scatter(every, measure, figs / f"scatter_{measure}.png"):
             any_fig = True
-            rho = _spearman([p[measure] for p in have], [p["gap"] for p in have])
-            left_out = f", {dead} collapsed checkpoint{'s' if dead > 1 else ''} (x) left out" if dead else ""
+            left_out = f"; {dead} collapsed checkpoint{'s' if dead > 1 else ''} (x) left out" if dead else ""
+            # Two checkpoints of one run are not independent: one rank correlation per checkpoint, one point per run.
+            per_ck = []
+            for ck in CKPTS:
+                sub = [p for p in have if p["ck"] == ck]
+                rho = _spearman([p[measure] for p in sub], [p["gap"] for p in sub])
+                per_ck.append(f"{ck}.pt, {len(sub)} runs: " + (f"Spearman {rho[0]:+.2f} (p = {rho[1]:.2g})" if rho else "too few runs"))
             out += [f"![{measure}](results/scatter_{measure}.png)", "",
-                    f"{measure}-case flatness vs gap over {len(have)} checkpoints (every finished run, best and last epoch{left_out}): "
-                    + (f"Spearman rank correlation {rho[0]:+.2f} (p = {rho[1]:.2g})." if rho else "too few points for a rank correlation."), ""]
+                    f"{measure}-case flatness vs gap, one point per run and checkpoint (two checkpoints of one run are not "
+                    f"independent, so each checkpoint is correlated on its own{left_out}): " + "; ".join(per_ck) + ".", ""]
     if not any_fig:
         return out + ["No flatness measured yet.", ""]
     # Where each row and checkpoint sits: early stopping (best vs last), TRADES and AWP against plain AT's last epoch.
@@ -683,22 +717,106 @@ def _scatter(runs, figs, main: str, labels: dict[str, str]) -> list[str]:
                   *_table(["row", "checkpoint", "seeds", "gap (points)", "average-case flatness", "worst-case flatness"], tab)]
 
 
-# The claims about AT vs AT-AWP judged by Welch's t-test over seeds: (claim, value of a run, higher is better, unit).
+# The claims about AT vs AT-AWP judged by Welch's t-test over seeds: (claim, value of a run, higher is better, unit, the
+# same value under AutoAttack or None). A robustness claim holds only when it holds under PGD-20 and under AutoAttack.
 AWP_CLAIMS = (
     ("AWP flattens the landscape (average-case flatness of the last checkpoint, lower is flatter)",
-     lambda r: r.flat("last", "average"), False, "nats"),
-    ("AWP flattens the landscape (worst-case flatness of the last checkpoint)", lambda r: r.flat("last", "worst"), False, "nats"),
-    ("AWP narrows the robust generalization gap (last epoch)", lambda r: r.gap("last"), False, "points"),
-    ("AWP raises last-epoch robustness (PGD-20, full test set)", lambda r: r.acc("eval", "last", "pgd20"), True, "points"),
-    ("AWP raises best-epoch robustness (PGD-20, full test set)", lambda r: r.acc("eval", "best", "pgd20"), True, "points"),
+     lambda r: r.flat("last", "average"), False, "nats", None),
+    ("AWP flattens the landscape (worst-case flatness of the last checkpoint)", lambda r: r.flat("last", "worst"), False, "nats", None),
+    ("AWP narrows the robust generalization gap (last epoch)", lambda r: r.gap("last"), False, "points", None),
+    ("AWP raises last-epoch robustness (PGD-20 on the full test set, and AutoAttack)", lambda r: r.acc("eval", "last", "pgd20"),
+     True, "points", lambda r: r.acc("aa", "last", "autoattack")),
+    ("AWP raises best-epoch robustness (PGD-20 on the full test set, and AutoAttack)", lambda r: r.acc("eval", "best", "pgd20"),
+     True, "points", lambda r: r.acc("aa", "best", "autoattack")),
 )
+# best.pt is chosen on the monitoring images, which are test images evaluated again afterwards: said wherever a
+# best-epoch number is judged.
+BEST_ON_TEST = ("best.pt was chosen on the 200 test monitoring images, which are among the images evaluated here: "
+                "best-epoch numbers are optimistic")
 
 
-def _claims(runs, base_key: str, awp_key: str, title: str, autoattack: bool = True, base: str = "AT") -> list[str]:
-    """The claims about `base` (AT or TRADES) without and with AWP in one setting; robust overfitting for AT only."""
-    plain, awp = finished_runs(runs, base_key), finished_runs(runs, awp_key)
+@dataclass
+class Judged:
+    """One comparison of two groups of per-seed values (Welch's t-test)."""
+
+    a: list[float]
+    b: list[float]
+    higher_better: bool
+
+    @property
+    def measured(self) -> bool:
+        return bool(self.a and self.b)
+
+    @property
+    def judged(self) -> bool:
+        return len(self.a) >= 2 and len(self.b) >= 2
+
+    @property
+    def diff(self) -> float:
+        return statistics.mean(self.b) - statistics.mean(self.a)
+
+    @property
+    def p(self) -> float:
+        return _welch_p(self.a, self.b)
+
+    @property
+    def better(self) -> bool:
+        return self.diff > 0 if self.higher_better else self.diff < 0
+
+    @property
+    def held(self) -> bool:
+        return self.judged and self.better and self.p < ALPHA
+
+    def se(self) -> float:
+        return math.sqrt((statistics.variance(self.a) if len(self.a) > 1 else 0) / len(self.a)
+                         + (statistics.variance(self.b) if len(self.b) > 1 else 0) / len(self.b))
+
+    def verdict(self, favour: str) -> str:
+        """held / did not hold (with why), or not judged with one seed on a side; `favour`: whose difference it is."""
+        if not self.judged:
+            return f"not judged (one seed{'' if len(self.a) == len(self.b) == 1 else ' on a side'}: no noise estimate)"
+        v = "held" if self.held else "did not hold"
+        if self.held and NARROW <= self.p:
+            v += f", narrowly ({NARROW} <= p < {ALPHA}: weak evidence)"
+        if self.p >= ALPHA:
+            v += f" (the difference, {'in ' + favour + chr(39) + 's favour' if self.better else 'against ' + favour}, is within seed noise)"
+        elif not self.better:
+            v += f" (the opposite held: the difference is against {favour}, beyond seed noise)"
+        return v
+
+    def numbers(self, a_name: str, b_name: str, unit: str) -> str:
+        ma, mb = statistics.mean(self.a), statistics.mean(self.b)
+        if not self.judged:
+            err = "one seed" if len(self.a) == len(self.b) == 1 else f"{len(self.a)} and {len(self.b)} seeds"
+        else:
+            err = f"standard error {self.se():.2g}, Welch t-test p = {self.p:.2g}; {len(self.a)} and {len(self.b)} seeds"
+        return f"{a_name} {ma:.3g}, {b_name} {mb:.3g} {unit} (difference {mb - ma:+.3g}; {err})"
+
+
+def _values(runs, get) -> list[float]:
+    return [v for v in (get(r) for r in runs) if v is not None]
+
+
+def _planned(rs: list[RunData], plan, which: str = "seeds") -> list[RunData]:
+    """The runs of a plan's seeds (which="seeds") or of the seeds added after looking (which="added"); all without a plan."""
+    if plan is None:
+        return rs if which == "seeds" else []
+    return [r for r in rs if r.seed in getattr(plan, which)]
+
+
+def _claims(runs, base_key: str, awp_key: str, title: str, autoattack: bool = True, base: str = "AT", plan=None) -> list[str]:
+    """The claims about `base` (AT or TRADES) without and with AWP in one setting; robust overfitting for AT only.
+    With a `plan`, judged on its seeds; the figures with its seeds added after looking follow, marked so."""
+    every_plain, every_awp = finished_runs(runs, base_key), finished_runs(runs, awp_key)
+    plain, awp = _planned(every_plain, plan), _planned(every_awp, plan)
+    more_plain, more_awp = every_plain, every_awp  # planned + added
+    added = bool(_planned(every_plain, plan, "added") or _planned(every_awp, plan, "added"))
     with_awp = f"{base}-AWP"
     out = [f"### {title}: {base}" + (f" vs {with_awp}" if awp_key else ""), ""]
+    if plan is not None:
+        out += [f"Judged on the planned seeds {_seeds(plan.seeds)}" + (f" (seeds {_seeds(plan.added)} were added after looking: "
+                                                                        "their figures follow each verdict, marked so)" if plan.added else "")
+                + ".", ""]
 
     def line(claim: str, verdict: str, numbers: str) -> None:
         out.append(f"- **{claim}**: {verdict}. {numbers}")
@@ -725,46 +843,63 @@ def _claims(runs, base_key: str, awp_key: str, title: str, autoattack: bool = Tr
             line(c, "not measured yet", f"Needs finished {base} and {with_awp} runs.")
         return out + [""]
 
-    def cmp(claim: str, get, higher_better: bool, unit: str = "points") -> None:
-        a, b = [get(r) for r in plain], [get(r) for r in awp]
-        a, b = [x for x in a if x is not None], [x for x in b if x is not None]
-        if not a or not b:
-            line(claim, "not measured yet", f"({len(a)} {base} and {len(b)} {with_awp} values so far).")
-            return
-        ma, mb = statistics.mean(a), statistics.mean(b)
-        sd = math.sqrt((statistics.variance(a) if len(a) > 1 else 0) / len(a) + (statistics.variance(b) if len(b) > 1 else 0) / len(b))
-        better = mb > ma if higher_better else mb < ma
-        if len(a) < 2 or len(b) < 2:
-            one_each = len(a) == len(b) == 1
-            verdict = f"not judged (one seed{'' if one_each else ' on a side'}: no noise estimate)"
-            err = "one seed" if one_each else f"{len(a)} and {len(b)} seeds"
-        else:
-            p = _welch_p(a, b)
-            verdict = "held" if better and p < ALPHA else "did not hold"
-            if better and NARROW <= p < ALPHA:
-                verdict += (f", narrowly ({NARROW} <= p < {ALPHA}: weak evidence, as every claim is judged again each time a "
-                            "seed finishes)")
-            if p >= ALPHA:
-                verdict += " (the difference, in AWP's favour, is within seed noise)" if better else " (the difference, against AWP, is within seed noise)"
-            err = f"standard error {sd:.2g}, Welch t-test p = {p:.2g}; {len(a)} and {len(b)} seeds"
-        line(claim, verdict, f"{base} {ma:.3g}, {with_awp} {mb:.3g} {unit} (difference {mb - ma:+.3g}; {err}).")
+    def later(get, higher_better: bool, unit: str, what: str = "") -> str:
+        """The same comparison with the seeds added after looking (not a verdict)."""
+        if not added:
+            return ""
+        j = Judged(_values(more_plain, get), _values(more_awp, get), higher_better)
+        return (f" With the seeds added after looking ({_seeds(plan.added)}){what}: {j.numbers(base, with_awp, unit)}."
+                if j.measured else "")
 
-    for claim, get, higher_better, unit in AWP_CLAIMS:
-        cmp(claim, get, higher_better, unit)
+    for claim, get, higher_better, unit, get_aa in AWP_CLAIMS:
+        j = Judged(_values(plain, get), _values(awp, get), higher_better)
+        if not j.measured:
+            line(claim, "not measured yet", f"({len(j.a)} {base} and {len(j.b)} {with_awp} values so far).")
+            continue
+        note = f" {BEST_ON_TEST}." if "best" in claim else ""
+        if get_aa is None:
+            line(claim, j.verdict("AWP"), j.numbers(base, with_awp, unit) + "." + later(get, higher_better, unit) + note)
+            continue
+        ja = Judged(_values(plain, get_aa), _values(awp, get_aa), higher_better)
+        pgd_text = f"PGD-20: {j.verdict('AWP')}, {j.numbers(base, with_awp, unit)}"
+        if not autoattack:
+            line(claim, j.verdict("AWP") + " under PGD-20 (AutoAttack not planned in this setting: PGD-20 alone)",
+                 j.numbers(base, with_awp, unit) + "." + later(get, higher_better, unit) + note)
+        elif not ja.measured:
+            line(claim, "not judged yet (AutoAttack pending: a robustness claim needs both attacks)",
+                 pgd_text + "." + later(get, higher_better, unit, ", PGD-20") + note)
+        else:
+            both = j.held and ja.held
+            v = ("held under both attacks" if both else
+                 "did not hold" + (" (held under PGD-20 only: AutoAttack does not confirm it)" if j.held else
+                                   " (held under AutoAttack only)" if ja.held else ""))
+            if not (j.judged and ja.judged):
+                v = j.verdict("AWP")
+            line(claim, v, f"{pgd_text}; AutoAttack ({N_AUTOATTACK:,} test images): {ja.verdict('AWP')}, "
+                           f"{ja.numbers(base, with_awp, unit)}." + later(get, higher_better, unit, ", PGD-20")
+                 + later(get_aa, higher_better, unit, ", AutoAttack") + note)
     if autoattack:
         line(*aa_agreement(plain, awp, base))
     else:
         took = [e["seconds"] / 60 for rs in runs.values() for r in rs for k, e in r.evals.items() if k.startswith("aa_") and e.get("seconds")]
-        span = f"{min(took):.0f}" + (f"-{max(took):.0f}" if round(max(took)) > round(min(took)) else "")
+        span = f"{min(took):.0f}" + (f"-{max(took):.0f}" if round(max(took)) > round(min(took)) else "") if took else ""
         cost = f"{span} minutes a checkpoint here, the `seconds` of the aa_*.json files" if took else "its cost"
         line(aa_claim(base), "not planned in this setting", f"AutoAttack ({cost}) runs for the rows of the comparisons, the main "
              "setting's and the second dataset's; this setting was a pilot.")
     return out + [""]
 
 
+def _seeds(seeds) -> str:
+    seeds = list(seeds)
+    if len(seeds) > 2 and seeds == list(range(seeds[0], seeds[-1] + 1)):
+        return f"{seeds[0]}-{seeds[-1]}"
+    return ", ".join(map(str, seeds))
+
+
 def aa_claim(base: str = "AT") -> str:
     return (f"AutoAttack agrees with PGD-20 (on the same {N_AUTOATTACK:,} test images: it finds no more robustness than PGD-20 on "
-            f"any checkpoint, and ranks {base} and {base}-AWP as PGD-20 does at the best and at the last epoch)")
+            f"any checkpoint, ranks {base} and {base}-AWP as PGD-20 does at the best and at the last epoch, and takes as "
+            "much from one as from the other)")
 
 
 AA_CLAIM = aa_claim("AT")
@@ -797,10 +932,17 @@ def aa_agreement(plain: list[RunData], awp: list[RunData], base: str = "AT") -> 
         d_pgd = statistics.mean(p for p, _ in b) - statistics.mean(p for p, _ in a)
         d_aa = statistics.mean(x for _, x in b) - statistics.mean(x for _, x in a)
         tie = max(abs(d_pgd), abs(d_aa)) < _tie_bound(a, b, N_AUTOATTACK)
-        ranks.append(tie or d_pgd * d_aa >= 0)
+        # the differences themselves, not only their signs: does AutoAttack take more from one row than the other?
+        ma, mb = [p - x for p, x in a], [p - x for p, x in b]
+        margin = Judged(ma, mb, False)
+        uneven = margin.judged and margin.p < ALPHA
+        ranks.append((tie or d_pgd * d_aa >= 0) and not uneven)
         parts.append(f"{ck}.pt: {with_awp} minus {base} {d_pgd:+.1f} points under PGD-20, {d_aa:+.1f} under AutoAttack "
                      f"({len(a)} and {len(b)} seed{'s' if len(b) > 1 else ''}"
-                     + ("; both within 2 standard errors of the evaluation: a tie under both" if tie else "") + ")")
+                     + ("; both within 2 standard errors of the evaluation: a tie under both" if tie else "")
+                     + f"; AutoAttack takes {statistics.mean(ma):.1f} points from {base}, {statistics.mean(mb):.1f} from {with_awp}"
+                     + (f", Welch p = {margin.p:.2g}" if margin.judged else "")
+                     + (": AutoAttack discounts one row more than the other" if uneven else "") + ")")
     spread = (f"{margins[0]:.1f} points" if len(margins) == 1
               else f"{min(margins):.1f} to {max(margins):.1f} points")
     numbers = (f"PGD-20 minus AutoAttack over {len(every)} checkpoint{'s' if len(every) > 1 else ''}: {spread}"
@@ -819,6 +961,151 @@ def _tie_bound(a: list[tuple[float, float]], b: list[tuple[float, float]], n: in
     from flatrobust.report import NOISE_SE, _binomial_var
 
     return NOISE_SE * math.sqrt(sum(_binomial_var(statistics.mean(x for x, _ in rows), n) / len(rows) for rows in (a, b)))
+
+
+def _plans(plans) -> list[str]:
+    """Each comparison's seeds as planned before it ran, and the seeds added after looking, with why."""
+    if not plans:
+        return []
+    tab = [[f"{METHODS[pl.base]} vs {METHODS[pl.other]}", pl.setting, _seeds(pl.seeds), _seeds(pl.added) if pl.added else "none",
+            (pl.why_added or pl.why)] for pl in plans]
+    return ["## Seeds: planned, and added after looking", "",
+            "The seeds of every comparison are fixed before it runs (bench/study.py `PLANS`) and its claims are judged on "
+            "those seeds. Seeds added after looking at a result are optional stopping (every added seed is a new chance "
+            "for p to fall under 0.05): their figures are shown beside the verdict, marked so, never in its place.", "",
+            *_table(["comparison", "setting", "seeds planned", "seeds added after looking", "why / what it asks"], tab)]
+
+
+def _replaced(results: Path) -> list[str]:
+    """Runs trained again whose files replaced the earlier ones (results/replaced/<run>/, from git history by
+    `python bench/study.py replaced`): named, with why and their earlier numbers beside the current ones."""
+    tab = []
+    for d in sorted((results / "replaced").glob("*/replaced.json")):
+        info = json.loads(d.read_text())
+        old_dir, new_dir = d.parent, results / info["run"]
+        old = [_metrics(old_dir / "metrics.jsonl"), _json(old_dir / "eval_best.json"), _json(old_dir / "eval_last.json"),
+               _json(old_dir / "flatness_last" / "flatness.json")]
+        new = [_metrics(new_dir / "metrics.jsonl"), _json(new_dir / "eval_best.json"), _json(new_dir / "eval_last.json"),
+               _json(new_dir / "flatness_last" / "flatness.json")]
+
+        def summary(ms, eb, el, fl) -> str:
+            best = max(ms, key=lambda m: m["test_robust_acc"])
+            acc = lambda e: f"{100 * e['attacks']['pgd20']['accuracy']:.1f}" if e else "—"  # noqa: E731
+            flat = (fl or {}).get("average", {}).get("average_flatness")
+            return (f"best epoch {best['epoch']}, full-test PGD-20 best.pt {acc(eb)} / last.pt {acc(el)}, gap last "
+                    f"{100 * (ms[-1]['train_robust_acc'] - ms[-1]['test_robust_acc']):.1f}, average flatness last "
+                    + (f"{flat:.3f}" if isinstance(flat, (int, float)) else "—"))
+
+        tab.append([f"`{info['run']}`", f"`{info['replaced_in'][:7]}`", info["why"], summary(*old), summary(*new)])
+    if not tab:
+        return []
+    return ["## Runs retrained and replaced", "",
+            "These runs were trained again and their files replaced; the tables above use the new files. The earlier files "
+            "are in git history (the commit before the one named) and in `results/replaced/`:", "",
+            *_table(["run", "replaced in", "why", "earlier", "now"], tab)]
+
+
+# The paper's Figure 1 (Wu et al. 2020, Section 3): early stopping, TRADES and extra unlabeled data are said to
+# flatten the weight loss landscape implicitly. Each remedy's checkpoint against plain AT's last checkpoint.
+REMEDIES = (
+    ("early stopping", "AT best.pt against AT last.pt (the same runs: a paired t-test)", "at", "best"),
+    ("TRADES", "TRADES last.pt against AT last.pt", "trades", "last"),
+    ("extra unlabeled data (RST)", "RST last.pt against AT last.pt (the same 1,000 labeled images per seed)", "rst", "last"),
+)
+
+
+def _paired_p(a: list[float], b: list[float]) -> float:
+    from scipy.stats import ttest_rel
+
+    d = [y - x for x, y in zip(a, b)]
+    if statistics.pvariance(d) == 0:
+        return 1.0 if statistics.mean(d) == 0 else 0.0
+    return float(ttest_rel(a, b).pvalue)
+
+
+def _remedies(runs, keys: dict, main: str, plan_of: dict) -> list[str]:
+    at_key = keys.get((main, "at"))
+    if not at_key:
+        return []
+    out = ["## The paper's Figure 1 claim: remedies that flatten the landscape implicitly", "",
+           "Wu et al. (2020, Section 3, Figure 1) say that early stopping, TRADES and extra unlabeled data each flatten the "
+           "weight loss landscape. Here in the main setting, each judged by both flatness measures and the gap (lower is "
+           f"flatter / narrower; Welch's t-test, p < {ALPHA}, paired for early stopping, whose two checkpoints come from "
+           "the same runs), with the robustness it buys under PGD-20 and AutoAttack beside. Early stopping and TRADES "
+           "use rows that existed before this question was posed (judged on the seeds they were planned with); the RST "
+           "row was planned for it.", ""]
+    measures = (("average-case flatness", lambda r, ck: r.flat(ck, "average"), "nats"),
+                ("worst-case flatness", lambda r, ck: r.flat(ck, "worst"), "nats"),
+                ("robust generalization gap", lambda r, ck: r.gap(ck), "points"))
+    for name, what, method, ck in REMEDIES:
+        plan = plan_of.get((main, "at", method)) or plan_of.get((main, "at", "at_awp"))
+        at_runs = _planned(finished_runs(runs, at_key), plan)
+        other = at_runs if method == "at" else _planned(finished_runs(runs, keys.get((main, method), "")), plan)
+        out += [f"### {name[0].upper() + name[1:]}: {what}", ""]
+        if not (at_runs and other):
+            out += [f"- not measured yet: needs finished {METHODS['at']} and {METHODS.get(method, method)} runs"
+                    + (f" (planned seeds {_seeds(plan.seeds)})" if plan else "") + ".", ""]
+            continue
+        label = f"AT {ck}.pt" if method == "at" else METHODS[method].split(" (")[0]
+        held = []
+        for mname, get, unit in measures:
+            a = [get(r, "last") for r in at_runs]
+            b = [get(r, ck) for r in other]
+            if method == "at":  # paired by run
+                pairs = [(x, y) for x, y in zip(a, b) if x is not None and y is not None]
+                a, b = [x for x, _ in pairs], [y for _, y in pairs]
+            else:
+                a, b = [x for x in a if x is not None], [y for y in b if y is not None]
+            j = Judged(a, b, False)
+            if not j.measured:
+                out.append(f"- **{name} lowers the {mname}**: not measured yet.")
+                continue
+            if method == "at" and j.judged:
+                p = _paired_p(a, b)
+                ok = j.better and p < ALPHA
+                v = ("held" + (f", narrowly ({NARROW} <= p < {ALPHA}: weak evidence)" if ok and p >= NARROW else "")) if ok else "did not hold"
+                nums = (f"AT last.pt {statistics.mean(a):.3g}, {label} {statistics.mean(b):.3g} {unit} (difference "
+                        f"{j.diff:+.3g}; paired t-test p = {p:.2g}; {len(a)} runs)")
+            else:
+                ok = j.held
+                v, nums = j.verdict(name), j.numbers("AT last.pt", label, unit)
+            held.append(ok)
+            out.append(f"- **{name[0].upper() + name[1:]} lowers the {mname}**: {v}. {nums}.")
+        rob = []
+        for attack, kind in (("PGD-20, full test", "eval"), (f"AutoAttack, {N_AUTOATTACK:,} test images", "aa")):
+            a = _values(at_runs, lambda r: r.acc(kind, "last", "pgd20" if kind == "eval" else "autoattack"))
+            b = _values(other, lambda r: r.acc(kind, ck, "pgd20" if kind == "eval" else "autoattack"))
+            if a and b:
+                rob.append(f"{attack}: AT last.pt {statistics.mean(a):.1f}, {label} {statistics.mean(b):.1f} "
+                           f"({len(a)} and {len(b)} runs)")
+        out += [f"- Robustness beside it: {'; '.join(rob) if rob else 'not measured yet'}."
+                + (f" {BEST_ON_TEST}." if ck == "best" else ""), ""]
+        if len(held) == 3:
+            out += [f"Verdict for {name}: " + ("flatter and a narrower gap on every measure" if all(held) else
+                                               "held on " + (", ".join(m for (m, _, _), h in zip(measures, held) if h) or "no measure")
+                                               ) + ".", ""]
+    return out
+
+
+def _pilots(runs, keys: dict, settings, main: str, cfgs: dict) -> list[str]:
+    """The pilot settings of the main dataset where plain AT overfit (one seed a side: numbers, no verdict)."""
+    by_key = {s.key: s for s in settings}
+    out = []
+    for s in settings:
+        if s.key == main or s.dataset != by_key[main].dataset:
+            continue
+        at = finished_runs(runs, keys.get((s.key, "at"), ""))
+        awp = finished_runs(runs, keys.get((s.key, "at_awp"), ""))
+        if not (at and awp):
+            continue
+        acc = lambda rs, ck: _mean([r.acc("eval", ck, "pgd20") for r in rs])  # noqa: E731
+        if None in (acc(at, "best"), acc(at, "last"), acc(awp, "best"), acc(awp, "last")) or acc(at, "best") - acc(at, "last") < 3:
+            continue  # no robust overfitting to remedy
+        out += [f"Pilot setting {s.key} ({describe(cfgs[s.key], s.dataset)}; {len(at)} and {len(awp)} seed(s): numbers, "
+                f"not judged): AT full-test PGD-20 {acc(at, 'best'):.1f} at best.pt, {acc(at, 'last'):.1f} at last.pt; AT-AWP "
+                f"{acc(awp, 'best'):.1f} and {acc(awp, 'last'):.1f} (AT-AWP minus AT {acc(awp, 'best') - acc(at, 'best'):+.1f} "
+                f"at best.pt, {acc(awp, 'last') - acc(at, 'last'):+.1f} at last.pt).", ""]
+    return out
 
 
 def _commands(main) -> list[str]:
