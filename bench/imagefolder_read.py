@@ -2,8 +2,8 @@
 
     python bench/imagefolder_read.py data/c10 --repeats 5 --out bench/results/imagefolder_read_cifar10_jpeg_q75.json
 
-ROOT is an image folder (ROOT/train/<class>/*, ROOT/test/<class>/*), e.g. the CIFAR-10 JPEG q75 copy of
-../shared/data (60,000 JPEG files): `mkdir -p data/c10 && tar xzf ../shared/data/cifar10-jpeg-q75.tar.gz -C data/c10`.
+ROOT is an image folder (ROOT/train/<class>/*, ROOT/test/<class>/*), e.g. the CIFAR-10 JPEG q75 copy (60,000 JPEG
+files; docs/DATA.md says where to get it).
 The script points FLATROBUST_CACHE at a fresh temporary folder (removed at the end unless --keep-cache), so
 the first read of each split decodes every image and writes the cache; then it reads both splits from the
 cache --repeats times (median). Every read is `flatrobust.data.load_split`, what `flatrobust train` calls:

