@@ -23,7 +23,7 @@ Modules, one idea each:
 """
 from .arrays import images_to_tensor, load_npz, read_npz
 from .base import DEFAULT_ROOT, DataError, DatasetInfo, DataSpec, TensorData, channel_stats
-from .batching import augment, batches, mixed_batch_sizes, mixed_batches
+from .batching import augment, batches, cutout, mixed_batch_sizes, mixed_batches
 from .builtin import DATASETS
 from .extra import load_extra
 from .imagefolder import cache_dir, load_imagefolder
@@ -31,6 +31,6 @@ from .registry import REGISTRY, Source, dataset_info, info_from_checkpoint, load
 
 __all__ = [
     "DATASETS", "DEFAULT_ROOT", "REGISTRY", "DataError", "DataSpec", "DatasetInfo", "Source", "TensorData", "augment",
-    "batches", "cache_dir", "channel_stats", "dataset_info", "images_to_tensor", "info_from_checkpoint", "load_dataset",
+    "batches", "cache_dir", "channel_stats", "cutout", "dataset_info", "images_to_tensor", "info_from_checkpoint", "load_dataset",
     "load_extra", "load_imagefolder", "load_npz", "load_split", "mixed_batch_sizes", "mixed_batches", "read_npz",
 ]

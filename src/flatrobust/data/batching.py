@@ -45,6 +45,24 @@ def augment(
     return out.view(n, c, h, w)
 
 
+def cutout(x: torch.Tensor, length: int, *, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Cutout (DeVries and Taylor 2017) as the official training script applies it after crop and flip: a
+    `length` x `length` square of zeros at a uniform position that lies wholly inside the image (top-left corner
+    in [0, H - length] x [0, W - length]), one per image. x: (N, C, H, W); returns a new tensor; `generator`
+    on x's device (None: the global RNG)."""
+    n, _, h, w = x.shape
+    if not 0 < length <= min(h, w):
+        raise ValueError(f"cutout length must be in 1..{min(h, w)} for {h}x{w} images, got {length}")
+    dev = x.device
+    y0 = torch.randint(0, h - length + 1, (n,), generator=generator, device=dev)
+    x0 = torch.randint(0, w - length + 1, (n,), generator=generator, device=dev)
+    rows = torch.arange(h, device=dev)[None, :, None]  # (1, H, 1)
+    cols = torch.arange(w, device=dev)[None, None, :]  # (1, 1, W)
+    inside = ((rows >= y0[:, None, None]) & (rows < (y0 + length)[:, None, None])
+              & (cols >= x0[:, None, None]) & (cols < (x0 + length)[:, None, None]))  # (N, H, W)
+    return x.masked_fill(inside[:, None], 0.0)
+
+
 def batches(
     n: int, batch_size: int, *, shuffle: bool, generator: torch.Generator | None, drop_last: bool = False
 ) -> Iterator[torch.Tensor]:
