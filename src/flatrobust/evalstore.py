@@ -1,17 +1,20 @@
-"""Finished chunks of a long evaluation kept on disk, so that an interrupted evaluation continues.
+"""Finished work of a long evaluation kept on disk, batch by batch, so that an interrupted evaluation continues.
 
 A store is a folder (`flatrobust eval` uses `eval.parts/` beside `eval.json`):
 
-    manifest.json        what the stored chunks were computed from: fingerprints (sha256) of the model's
+    manifest.json        what the stored work was computed from: fingerprints (sha256) of the model's
                          weights and of the data, threat model, PGD step, seed, batch size, chunk size, device type
-    ATTACK.CHUNK.pt      one finished chunk of one attack: which examples stayed robust, seconds, largest
-                         perturbation, examples outside the threat model, AutoAttack's per-stage masks and
-                         warnings, and the state of the attack's random generator after the chunk
+    ATTACK.CHUNK.pt      one finished chunk (consecutive batches) of one attack: which examples stayed robust,
+                         seconds, largest perturbation, examples outside the threat model, AutoAttack's
+                         per-stage masks and warnings, and the state of the attack's random generator after it
+    ATTACK.CHUNK.part.pt the finished batches of the chunk in progress, one such record per batch, rewritten
+                         after every batch; replaced by ATTACK.CHUNK.pt once the chunk is finished
 
-Every file is written atomically (`checkpoint.write_atomic`), so an interruption at any moment leaves only
-whole chunks. `open_store` refuses a folder whose manifest differs from the evaluation asked for (one line
-naming what differs); chunks are per attack and an attack's randomness depends only on (seed, attack name),
-so a rerun may add or drop attacks and still reuse the others' chunks.
+The grain is one batch: every file is written atomically (`checkpoint.write_atomic`), so an interruption
+at any moment loses at most the batch in progress. `open_store` refuses a folder whose manifest differs
+from the evaluation asked for (one line naming what differs); records are per attack and an attack's
+randomness depends only on (seed, attack name), so a rerun may add or drop attacks and still reuse the
+others' records.
 """
 from __future__ import annotations
 
@@ -54,24 +57,35 @@ class ChunkStore:
     def __init__(self, folder: Path):
         self.folder = folder
 
-    def _path(self, attack: str, chunk: int) -> Path:
-        return self.folder / f"{attack}.{chunk:05d}.pt"
+    def _path(self, attack: str, chunk: int, part: bool = False) -> Path:
+        return self.folder / f"{attack}.{chunk:05d}{'.part' if part else ''}.pt"
 
-    def load(self, attack: str, chunk: int) -> dict | None:
-        """A finished chunk, or None if it is not there (or unreadable: it is then computed again)."""
-        path = self._path(attack, chunk)
+    def _read(self, path: Path) -> Any:
         if not path.exists():
             return None
         try:
             return torch.load(path, map_location="cpu", weights_only=True)
-        except Exception:  # noqa: BLE001 - a damaged chunk is recomputed, never trusted
+        except Exception:  # noqa: BLE001 - a damaged file is recomputed, never trusted
             return None
 
-    def save(self, attack: str, chunk: int, record: dict) -> None:
-        write_atomic(self._path(attack, chunk), lambda f: torch.save(record, f))
+    def load(self, attack: str, chunk: int) -> dict | None:
+        """A finished chunk, or None if it is not there (or unreadable: it is then computed again)."""
+        record = self._read(self._path(attack, chunk))
+        return record if isinstance(record, dict) else None
 
-    def count(self, attack: str) -> int:
-        return len(list(self.folder.glob(f"{attack}.*.pt")))
+    def load_part(self, attack: str, chunk: int) -> list[dict]:
+        """The finished batches of an unfinished chunk, in order ([] if none, or unreadable)."""
+        records = self._read(self._path(attack, chunk, part=True))
+        ok = isinstance(records, list) and all(isinstance(r, dict) for r in records)
+        return records if ok else []
+
+    def save_part(self, attack: str, chunk: int, records: list[dict]) -> None:
+        write_atomic(self._path(attack, chunk, part=True), lambda f: torch.save(records, f))
+
+    def save(self, attack: str, chunk: int, record: dict) -> None:
+        """The finished chunk; its batches' part file, now redundant, is removed after it is written."""
+        write_atomic(self._path(attack, chunk), lambda f: torch.save(record, f))
+        self._path(attack, chunk, part=True).unlink(missing_ok=True)
 
 
 def open_store(folder: str | Path, key: dict[str, Any], *, restart: bool = False) -> ChunkStore:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import difflib
 import logging
 import math
+import sys
 import time
 import zlib
 from dataclasses import dataclass
@@ -234,12 +235,14 @@ def evaluate(
             `flatrobust.progress` does everywhere: a bar on a terminal, otherwise a heartbeat line every
             30 s (with AutoAttack's current stage); False: silent.
         checks: run the trust checks on a fixed subset of `checks_n` examples (seeded by `seed`).
-        resume_dir: keep every finished chunk of every attack in this folder (`flatrobust.evalstore`) and
-            reuse the chunks already there: an interrupted evaluation called again with the same arguments
-            continues where it stopped, with the result it would have had uninterrupted. A folder written
+        resume_dir: keep every finished batch of every attack in this folder (`flatrobust.evalstore`) and
+            reuse the batches already there: an interrupted evaluation called again with the same arguments
+            loses at most the batch that was in progress, says in one line on stderr what it kept (when
+            `progress`), and gives exactly the result it would have had uninterrupted. A folder written
             for other arguments (model weights, data, threat model, alpha, seed, batch or chunk size, device
             type) is refused with a UserError; `restart=True` deletes it first.
-        chunk_size: examples per chunk, a multiple of `batch_size`; default the multiple nearest to 1000.
+        chunk_size: examples per file of finished batches, a multiple of `batch_size`; default the multiple
+            nearest to 1000. It changes no number: the grain of resumption is the batch.
 
     Returns a JSON-ready dict:
         {"n", "norm", "eps", "alpha", "seed", "batch_size", "device",
@@ -248,7 +251,8 @@ def evaluate(
                             ["stages": {stage: {"accuracy", "correct", "seconds"}}, "warnings": [str]]}},
          "worst_case": {"accuracy", "correct", "over": [names]},  # correct clean and under every attack
          "checks": [{"name", "passed", "detail", "suggests"}] or None, "checks_n", "seconds",
-         ["chunks": {"size", "count", "reused": {name: chunks loaded from resume_dir}}]}
+         ["chunks": {"size", "count", "reused": {name: whole chunks read from resume_dir}, "batches",
+                     "batches_reused": {name: batches read}, "resumed": the line said on restart or None}]}
     """
     names = resolve_attacks(attacks)
     if "autoattack" in names:
@@ -276,13 +280,20 @@ def evaluate(
     start_all = time.perf_counter()
     result: dict[str, Any] = {"n": n, "norm": norm, "eps": float(eps), "alpha": float(alpha), "seed": seed,
                               "batch_size": batch_size, "device": str(device), "attacks": {}}
-    store = None
+    store, kept = None, {}
     if resume_dir is not None:
         key = {"model": fingerprint_model(model), "data": fingerprint_tensors([("x", x), ("y", y)]), "n": n, "norm": norm,
                "eps": float(eps), "alpha": float(alpha), "seed": seed, "batch_size": batch_size, "chunk_size": chunk_size,
                "device": device.type}
         store = open_store(resume_dir, key, restart=restart)
-        result["chunks"] = {"size": chunk_size, "count": math.ceil(n / chunk_size), "reused": {}}
+        kept = {name: _load_kept(store, name, n, batch_size, chunk_size) for name in names}
+        done = {name: _progress_of(k, n, batch_size, chunk_size) for name, k in kept.items()}  # (batches, first image)
+        resumed = _kept_line(resume_dir, done, n, batch_size) if any(d for d, _ in done.values()) else None
+        result["chunks"] = {"size": chunk_size, "count": math.ceil(n / chunk_size), "reused": {},
+                            "batches": math.ceil(n / batch_size), "batches_reused": {k: d for k, (d, _) in done.items()},
+                            "resumed": resumed}
+        if resumed and progress is not False:
+            print(f"flatrobust: {resumed}", file=sys.stderr, flush=True)
     robust_all = {}
     n_batches = math.ceil(n / batch_size)
     enabled = progress is not False  # None, the former "only on a terminal", is what True now means
@@ -293,37 +304,19 @@ def evaluate(
             s = _attack_seed(seed, name)
             ctx = AttackContext(norm, float(eps), float(alpha), s, torch.Generator(device).manual_seed(s), device,
                                 note=bar.set_postfix_str)
-            chunks, reused = [], 0
             bar.set_description(f"eval {name}")
             bar.set_postfix_str("")
-            for c, lo in enumerate(range(0, n, chunk_size)):
-                hi = min(lo + chunk_size, n)
-                record = store.load(name, c) if store is not None else None
-                if record is None:
-                    if chunks:  # the generator as the uninterrupted run left it after the previous chunk
-                        ctx.generator.set_state(chunks[-1]["generator_state"])
-                    record = _run_chunk(attack, model, x, y, lo, hi, batch_size, ctx, ball, bar)
-                    if store is not None:
-                        store.save(name, c, record)
-                else:
-                    reused += 1
-                    bar.update(math.ceil((hi - lo) / batch_size))
-                chunks.append(record)
+            whole, reused = _run_attack(attack, model, x, y, ctx, ball, batch_size, chunk_size, store, kept.get(name), bar)
             if store is not None:
                 result["chunks"]["reused"][name] = reused
-            robust = torch.cat([r["robust"] for r in chunks])
-            robust_all[name] = robust
-            res = {"accuracy": robust.float().mean().item(), "correct": int(robust.sum()),
-                   "seconds": round(sum(r["seconds"] for r in chunks), 3), "params": attack.params(ctx),
-                   "max_perturbation": max(r["max_perturbation"] for r in chunks),
-                   "outside_threat_model": sum(r["outside"] for r in chunks)}
-            if chunks[0]["stages"]:
-                res["stages"] = {}
-                for stage in chunks[0]["stages"]:
-                    mask = torch.cat([r["stages"][stage]["mask"] for r in chunks])
-                    res["stages"][stage] = {"accuracy": mask.float().mean().item(), "correct": int(mask.sum()),
-                                            "seconds": round(sum(r["stages"][stage]["seconds"] for r in chunks), 3)}
-                res["warnings"] = list(dict.fromkeys(w for r in chunks for w in r["warnings"]))
+            robust_all[name] = whole["robust"]
+            res = {"accuracy": whole["robust"].float().mean().item(), "correct": int(whole["robust"].sum()),
+                   "seconds": round(whole["seconds"], 3), "params": attack.params(ctx),
+                   "max_perturbation": whole["max_perturbation"], "outside_threat_model": whole["outside"]}
+            if whole["stages"]:
+                res["stages"] = {stage: {"accuracy": st["mask"].float().mean().item(), "correct": int(st["mask"].sum()),
+                                         "seconds": round(st["seconds"], 3)} for stage, st in whole["stages"].items()}
+                res["warnings"] = whole["warnings"]
             result["attacks"][name] = res
         bar.close()
         if "clean" not in robust_all:  # the worst case also asks for a correct clean prediction
@@ -344,35 +337,111 @@ def evaluate(
     return result
 
 
-def _run_chunk(attack: Attack, model, x, y, lo: int, hi: int, batch_size: int, ctx: AttackContext, ball, bar) -> dict:
-    """One chunk (examples lo..hi, batch after batch) of one attack: everything the result needs from it,
-    and the state of the attack's generator after it."""
-    robust, stages, warnings = [], {}, []
-    max_pert, outside, seconds = 0.0, 0, 0.0
-    for b in range(lo, hi, batch_size):
-        xb = x[b : min(b + batch_size, hi)].to(ctx.device)  # (B, C, H, W)
-        yb = y[b : min(b + batch_size, hi)].to(ctx.device)  # (B,)
-        _sync(ctx.device)
-        t0 = time.perf_counter()
-        out = attack.run(model, xb, yb, ctx)
-        x_adv, extras = out if isinstance(out, tuple) else (out, {})
-        with torch.no_grad():
-            correct = model(x_adv).argmax(1) == yb
-        _sync(ctx.device)
-        seconds += time.perf_counter() - t0
-        robust.append(correct.cpu())
-        dist = ball.norm(x_adv - xb)  # (B,)
-        bad = (dist > ctx.eps + 1e-5) | (x_adv.flatten(1).amin(1) < 0) | (x_adv.flatten(1).amax(1) > 1)
-        max_pert = max(max_pert, float(dist.max()))
-        outside += int(bad.sum())
-        for stage, (mask, secs) in extras.get("stages", {}).items():
-            masks, total = stages.get(stage, ([], 0.0))
-            stages[stage] = (masks + [mask.cpu()], total + secs)
-        warnings += [w for w in extras.get("warnings", []) if w not in warnings]
-        bar.update(1)
-    return {"robust": torch.cat(robust), "seconds": seconds, "max_perturbation": max_pert, "outside": outside,
-            "stages": {k: {"mask": torch.cat(m), "seconds": secs} for k, (m, secs) in stages.items()},
-            "warnings": warnings, "generator_state": ctx.generator.get_state()}
+def _run_attack(attack: Attack, model, x, y, ctx: AttackContext, ball, batch_size: int, chunk_size: int,
+                store, kept: list[tuple] | None, bar) -> tuple[dict, int]:
+    """One attack on all of (x, y), batch after batch: its merged record and how many whole chunks were read.
+
+    With a `store`, every finished batch is written before the next one starts (the chunk in progress as a
+    part file, a finished chunk as one record), and the batches an earlier run finished (`kept`, from
+    `_load_kept`) are read instead of computed, the attack's generator set to the state it had after the
+    last of them. The numbers therefore do not depend on where a run was interrupted: a batch's randomness
+    is the generator's state after the batches before it (PGD, CW, FGSM) or a fixed seed (AutoAttack, which
+    pyautoattack reseeds at every call), the same in an interrupted and an uninterrupted run.
+    """
+    n = len(y)
+    chunks, reused = [], 0
+    for c, lo in enumerate(range(0, n, chunk_size)):
+        hi = min(lo + chunk_size, n)
+        record, batches = kept[c] if kept is not None else (None, [])
+        if record is not None:  # a chunk an earlier run finished
+            reused += 1
+            bar.update(math.ceil((hi - lo) / batch_size))
+            chunks.append(record)
+            continue
+        bar.update(len(batches))
+        previous = batches[-1] if batches else chunks[-1] if chunks else None
+        if previous is not None:  # the generator as the uninterrupted run left it after that batch
+            ctx.generator.set_state(previous["generator_state"])
+        batches = list(batches)
+        for b in range(lo + len(batches) * batch_size, hi, batch_size):
+            xb = x[b : min(b + batch_size, hi)].to(ctx.device)  # (B, C, H, W)
+            yb = y[b : min(b + batch_size, hi)].to(ctx.device)  # (B,)
+            batches.append(_run_batch(attack, model, xb, yb, ctx, ball))
+            bar.update(1)
+            if store is not None and b + batch_size < hi:
+                store.save_part(attack.name, c, batches)
+        chunks.append(_merge(batches))
+        if store is not None:
+            store.save(attack.name, c, chunks[-1])
+    return _merge(chunks), reused
+
+
+def _run_batch(attack: Attack, model, xb, yb, ctx: AttackContext, ball) -> dict:
+    """One batch of one attack: everything the result needs from it (the record `flatrobust.evalstore`
+    keeps), and the state of the attack's generator after it."""
+    _sync(ctx.device)
+    t0 = time.perf_counter()
+    out = attack.run(model, xb, yb, ctx)
+    x_adv, extras = out if isinstance(out, tuple) else (out, {})
+    with torch.no_grad():
+        correct = model(x_adv).argmax(1) == yb
+    _sync(ctx.device)
+    seconds = time.perf_counter() - t0
+    dist = ball.norm(x_adv - xb)  # (B,)
+    bad = (dist > ctx.eps + 1e-5) | (x_adv.flatten(1).amin(1) < 0) | (x_adv.flatten(1).amax(1) > 1)
+    return {"robust": correct.cpu(), "seconds": seconds, "max_perturbation": float(dist.max()), "outside": int(bad.sum()),
+            "stages": {k: {"mask": mask.cpu(), "seconds": secs} for k, (mask, secs) in extras.get("stages", {}).items()},
+            "warnings": list(dict.fromkeys(extras.get("warnings", []))), "generator_state": ctx.generator.get_state()}
+
+
+def _merge(records: list[dict]) -> dict:
+    """The records of consecutive batches (or chunks) as one record of the examples they cover, in order."""
+    return {"robust": torch.cat([r["robust"] for r in records]), "seconds": sum(r["seconds"] for r in records),
+            "max_perturbation": max(r["max_perturbation"] for r in records), "outside": sum(r["outside"] for r in records),
+            "stages": {k: {"mask": torch.cat([r["stages"][k]["mask"] for r in records]),
+                           "seconds": sum(r["stages"][k]["seconds"] for r in records)} for k in records[0]["stages"]},
+            "warnings": list(dict.fromkeys(w for r in records for w in r["warnings"])),
+            "generator_state": records[-1]["generator_state"]}
+
+
+def _load_kept(store, name: str, n: int, batch_size: int, chunk_size: int) -> list[tuple]:
+    """Per chunk of attack `name`, what an earlier run left in `store`: (the chunk's record, []) if it was
+    finished, else (None, the records of its finished batches, in order).
+
+    A part file that does not fit (as many batches as the chunk holds or more, or batches of other sizes)
+    is dropped, and its chunk computed again from its first batch."""
+    kept = []
+    for lo in range(0, n, chunk_size):
+        hi, c = min(lo + chunk_size, n), lo // chunk_size
+        record = store.load(name, c)
+        part = store.load_part(name, c) if record is None else []
+        sizes = [min(batch_size, hi - b) for b in range(lo, hi, batch_size)]
+        if len(part) >= len(sizes) or any(len(r.get("robust", ())) != k for r, k in zip(part, sizes)):
+            part = []
+        kept.append((record, part))
+    return kept
+
+
+def _progress_of(kept: list[tuple], n: int, batch_size: int, chunk_size: int) -> tuple[int, int | None]:
+    """(batches finished, first example still to compute or None) of one attack's `_load_kept`."""
+    done, first = 0, None
+    for c, (record, part) in enumerate(kept):
+        lo, hi = c * chunk_size, min((c + 1) * chunk_size, n)
+        have = math.ceil((hi - lo) / batch_size) if record is not None else len(part)
+        done += have
+        if first is None and record is None:
+            first = lo + have * batch_size
+    return done, first
+
+
+def _kept_line(folder, done: dict[str, tuple[int, int | None]], n: int, batch_size: int) -> str:
+    """What an earlier run left, in one line: "resuming ...: clean: all 4 batches done; autoattack: 3 of 4
+    batches done, resuming at image 768"."""
+    total = math.ceil(n / batch_size)
+    said = [f"{name}: all {total} batches done" if first is None else
+            f"{name}: {k} of {total} batches done, resuming at image {first}" if k else f"{name}: not started"
+            for name, (k, first) in done.items()]
+    return f"resuming the evaluation kept in {folder} ({n} images, batches of {batch_size}): " + "; ".join(said)
 
 
 def format_table(result: dict) -> str:
