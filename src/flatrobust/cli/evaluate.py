@@ -11,10 +11,11 @@ A plain state_dict file (`torch.save(model.state_dict())`, as `init_from` takes)
 Writes eval.json next to the checkpoint (or --out): the resolved evaluation config and the command that
 reproduces it, the training config, per-attack results, the trust checks, and the versions used.
 `--weights ema` evaluates the moving average of the weights (runs trained with ema.decay > 0) and writes
-eval_ema.json instead. While it runs, finished chunks of every attack are kept in eval.parts/ (eval_ema.parts/)
-beside it (`flatrobust.evalstore`): the same command run again after an interruption continues where it
-stopped and gives the result it would have given uninterrupted; other arguments are refused until
-`--restart`. The folder is deleted once the JSON is written. A thin layer over `flatrobust.evaluate.evaluate`.
+eval_ema.json instead. While it runs, every finished batch of every attack is kept in eval.parts/
+(eval_ema.parts/) beside it (`flatrobust.evalstore`): the same command run again after an interruption says
+in one line what was kept, computes only the rest and gives the result it would have given uninterrupted;
+other arguments are refused until `--restart`. The folder is deleted once the JSON is written. A thin
+layer over `flatrobust.evaluate.evaluate`.
 """
 from __future__ import annotations
 
@@ -79,7 +80,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", choices=("raw", "ema"), default="raw",
                    help="the trained weights (default) or their moving average (runs with ema.decay > 0); ema writes eval_ema.json")
     p.add_argument("--chunk-size", type=int, default=None,
-                   help="examples per chunk kept on disk (a multiple of --batch-size; default the multiple nearest to 1000)")
+                   help="examples per file of finished batches kept on disk (a multiple of --batch-size; default the multiple "
+                        "nearest to 1000); it changes no number, and an interruption loses at most one batch")
     p.add_argument("--restart", action="store_true", help="delete the partial results of an earlier run (OUT's .parts folder) and start over")
 
 
@@ -239,14 +241,10 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else ckpt_file.parent / ("eval.json" if args.weights == "raw" else "eval_ema.json")
     parts = out.with_suffix(".parts")
     print(f"evaluating {ckpt_file}{' (EMA weights)' if args.weights == 'ema' else ''} ({cfg['model']}, {data_cfg['name']} test, {len(test)} examples) "
-          f"under {norm} eps={format_eps(eps)} on {device}; finished chunks kept in {parts}", flush=True)
+          f"under {norm} eps={format_eps(eps)} on {device}; finished batches kept in {parts}", flush=True)
     result = evaluate(model, test.x, test.y, attacks=names, norm=norm, eps=eps, alpha=alpha, batch_size=args.batch_size,
                       seed=args.seed, device=device, progress=True, checks=not args.no_checks, checks_n=args.checks_n,
                       resume_dir=parts, chunk_size=args.chunk_size, restart=args.restart)
-    reused = sum(result["chunks"]["reused"].values())
-    if reused:
-        print(f"continued an interrupted evaluation: {reused} finished chunk(s) of {len(names) * result['chunks']['count']} "
-              f"read from {parts}")
 
     print(format_table(result))
     if result["checks"] is not None:
