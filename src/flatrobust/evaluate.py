@@ -108,7 +108,9 @@ def _autoattack(model, x, y, ctx):
 
     Each stage runs on the points of the batch that every earlier stage left robust, with the same seed,
     as pyautoattack's own cascade does; run stage by stage, we also keep the robust mask and the time
-    after every stage (the Square check of `trust` reads them).
+    after every stage (the Square check of `trust` reads them). pyautoattack reseeds torch at every call
+    and draws the random starts of all the points of a call at once, so the numbers depend on how the
+    images are split into calls: `evaluate` always splits them the same way, one call per batch.
     """
     from pyautoattack import AutoAttack
 
