@@ -136,17 +136,26 @@ def _check_ours(state: Any, path: Path) -> dict[str, Any]:
 WEIGHTS = ("raw", "ema")  # the weight sets a checkpoint may hold: the trained weights, their moving average
 
 
-def model_from_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu",
-                          weights: str = "raw") -> tuple[nn.Module, dict[str, Any]]:
+class UntrustedCodeError(CheckpointError):
+    """A checkpoint whose config names code to import (`package.module:callable`), refused without consent."""
+
+
+def model_from_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu", weights: str = "raw", *,
+                          trust_code: bool = False, model: str | None = None,
+                          model_args: dict[str, Any] | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the model stored in a checkpoint (eval mode, on `device`) and return it with the checkpoint dict.
 
     `weights`: "raw" (the trained weights) or "ema" (their exponential moving average, in checkpoints of runs
     with ema.decay > 0; CheckpointError otherwise).
 
-    The model is built from the checkpoint's config: `config["model"]` names the architecture (built in,
-    timm or a user's callable, whose module is looked for in `config["model_dir"]` first) with
-    `config["model_args"]`, and `data_info` (else `config["data"]["name"]`) gives the classes, channels and
-    normalization it uses.
+    The model is built from the checkpoint's config: `config["model"]` names the architecture (built in or
+    timm) with `config["model_args"]`, and `data_info` (else `config["data"]["name"]`) gives the classes,
+    channels and normalization it uses. A checkpoint is data: its config never chooses code to import. A
+    `package.module:callable` model is imported (its module looked for in `config["model_dir"]` first) only
+    with `trust_code=True` (`--trust-model-code`), else UntrustedCodeError; or pass `model` (and optionally
+    `model_args`), a name of your own, to build that model instead: its module is looked for in the working
+    directory, then the Python path, never in the checkpoint's `model_dir`. A timm model is built without
+    pretrained weights (the checkpoint's replace them: nothing is downloaded).
     """
     from . import models
     from .data import info_from_checkpoint
@@ -158,18 +167,37 @@ def model_from_checkpoint(path: str | os.PathLike, device: str | torch.device = 
     if weights == "ema" and not (isinstance(state.get("ema"), dict) and "model" in state["ema"]):
         raise CheckpointError(f"{path} holds no EMA weights (trained with ema.decay=0): use --weights raw, or train "
                               "with ema.decay=0.999 (for example) to have them")
+    name = model if model is not None else cfg.get("model") if isinstance(cfg, dict) else None
+    args = model_args if model_args is not None else cfg.get("model_args") if isinstance(cfg, dict) else None
+    args = {} if args is None else args
+    if not isinstance(name, str) or not isinstance(args, dict) or not all(isinstance(k, str) for k in args):
+        raise CheckpointError(f"{path}: its config does not name a model (model {name!r}, model_args {args!r}): "
+                              "pass a checkpoint written by `flatrobust train`")
+    if model is not None:  # the user's own choice: found as the command line finds a recipe-less model
+        search = [str(Path.cwd())]
+    elif models.imports_code(name):
+        where = cfg.get("model_dir")
+        if not trust_code:
+            raise UntrustedCodeError(
+                f"{path} names model {name!r}, code that building it would import{f' (from {where!r})' if where else ''}: "
+                "a checkpoint is data and never chooses code to run; if you trust where it came from, pass "
+                "--trust-model-code (trust_code=True)")
+        search = [where] if isinstance(where, str) and where else []
+    else:
+        search = []  # a built-in or timm architecture: nothing is imported, model_dir is not read
+    if models.source_of(name).name == "timm":  # the checkpoint's weights replace timm's own: never download them
+        args = {k: v for k, v in args.items() if k != "checkpoint_path"} | {"pretrained": False}
     info = info_from_checkpoint(state)  # the training data's classes, channels and normalization
     try:
-        model = models.create(cfg["model"], num_classes=info.num_classes, in_channels=info.in_channels, mean=info.mean,
-                              std=info.std, search_path=[cfg["model_dir"]] if cfg.get("model_dir") else [],
-                              **(cfg.get("model_args") or {}))
+        net = models.create(name, num_classes=info.num_classes, in_channels=info.in_channels, mean=info.mean,
+                            std=info.std, search_path=search, **args)
     except models.ModelError as e:  # e.g. timm not installed here, or the module of a user's model not found
         raise CheckpointError(f"{path}: cannot rebuild its model: {e}") from None
     try:
-        model.load_state_dict(state["ema"]["model"] if weights == "ema" else state["model"])
+        net.load_state_dict(state["ema"]["model"] if weights == "ema" else state["model"])
     except RuntimeError as e:
-        raise CheckpointError(f"{path}: weights do not fit model {cfg['model']!r} ({str(e).splitlines()[0][:120]})") from None
-    return model.to(device).eval(), state
+        raise CheckpointError(f"{path}: weights do not fit model {name!r} ({str(e).splitlines()[0][:120]})") from None
+    return net.to(device).eval(), state
 
 
 def load_weights(model: nn.Module, path: str | os.PathLike) -> None:
