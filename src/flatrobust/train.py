@@ -31,7 +31,7 @@ from .config import RunConfig, config_from_dict
 from .data import DATASETS, DataError, TensorData, augment, batches, load_extra, load_split, mixed_batch_sizes, mixed_batches
 from .ema import EMA
 from .errors import UserError
-from .guard import Rollback, StepMonitor
+from .guard import Rollback, StepMonitor, kept_checkpoint, skip_failure, stop_message
 from .machine import describe
 from .objectives import AttackConfig, Objective, create_objective
 from .progress import Progress
@@ -367,7 +367,7 @@ def _check_weights_finite(model: nn.Module, where: str, run_dir: Path) -> None:
         ok = bool(torch.isfinite(torch.stack(torch._foreach_norm(tensors))).all())
     if not ok:
         raise NonFiniteError(f"weights are non-finite after {where} although every step's loss was finite; "
-                             f"last good checkpoint kept in {run_dir}: lower optim.lr")
+                             f"{kept_checkpoint(run_dir)}: lower optim.lr")
 
 
 def _augment_args(cfg: RunConfig) -> dict[str, Any]:
@@ -535,15 +535,15 @@ def _loop(run: Run, run_dir: Path, state: dict | None, *, progress: bool, stop_a
         r = monitor.read()
         bad = r.bad if dist.world == 1 else int(dist.all_sum([r.bad], device)[0])
         if bad and cfg.nonfinite == "stop":
-            what = r.describe(awp_names) if r.bad else "on another process"
-            where = f"epoch {epoch + 1}, step {r.first_bad + 1}" if r.bad else f"epoch {epoch + 1}"
-            raise NonFiniteError(f"non-finite value at {where} ({what}); last good checkpoint kept in {run_dir}: "
-                                 "lower optim.lr or set nonfinite=skip")
+            raise NonFiniteError(stop_message(r, epoch, awp_names, run_dir))
         sums["loss"] += r.loss_sum
         sums["correct"] += r.correct
         sums["seen"] += r.seen
         sums["skipped"] += r.bad
         skipped_total += r.bad
+        gave_up = r.bad and skip_failure(r.longest_bad_run, sums["skipped"], step_end - epoch * steps_per_epoch, steps_per_epoch)
+        if gave_up:  # nonfinite=skip, and skipping is all the run does
+            raise NonFiniteError(stop_message(r, epoch, awp_names, run_dir, gave_up=gave_up))
         if tb is not None:  # a loss point every log.interval steps of the epoch and at its end
             in_epoch = step_end - epoch * steps_per_epoch
             tb.step(step_end, r.loss_sum, r.seen, write=in_epoch % cfg.log.interval == 0 or in_epoch == steps_per_epoch)
@@ -581,7 +581,7 @@ def _loop(run: Run, run_dir: Path, state: dict | None, *, progress: bool, stop_a
             x = augment(x, generator=noise, **aug)
             awp = run.awp if awp_on else None
             result = train_step(run.forward, run.objective, optimizer, x, y, awp=awp, generator=noise, rollback=rollback)
-            monitor.add(result.loss, result.correct, len(y), result.finite, awp.layer_finite if awp is not None else None)
+            monitor.add(result.loss, result.correct, len(y), result.finite, awp)
             if run.ema is not None:
                 run.ema.update(model)  # after train_step's awp.restore() (and rollback): the average never sees w + v
             steps_done += 1
