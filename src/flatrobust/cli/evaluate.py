@@ -26,12 +26,13 @@ import platform
 import re
 import shlex
 import shutil
+import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
-from ..attacks import format_eps
+from ..attacks import format_eps, whole_box_warning
 from ..errors import UserError
 from ..evalstore import write_json
 from ..evaluate import PROTOCOL, default_alpha, evaluate, format_table, require_autoattack, resolve_attacks
@@ -243,6 +244,9 @@ def run(args: argparse.Namespace) -> int:
             data_cfg["root"] = args.data_root
         info = info_from_checkpoint(ckpt)
     norm, eps, alpha = _threat_model(args, cfg)
+    warning = whole_box_warning(norm, eps, info.in_channels * info.image_size ** 2)
+    if warning:
+        print(f"flatrobust: warning: {warning}", file=sys.stderr)
     ckpt_file = path / ("best.pt" if (path / "best.pt").exists() else "last.pt") if path.is_dir() else path
 
     root = data_cfg.get("root")
