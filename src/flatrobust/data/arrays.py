@@ -84,12 +84,14 @@ def _check_headers(path: Path) -> None:
                                 "write it again with numpy.savez")
 
 
-def _bytes(n: int) -> str:
-    for unit in ("bytes", "KB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:.3g} {unit}" if unit != "bytes" else f"{n} bytes"
+def _bytes(n: float) -> str:
+    """8000000000 -> '8 GB'."""
+    if n < 1000:
+        return f"{int(n)} bytes"
+    for unit in ("KB", "MB", "GB", "TB"):
         n /= 1000
-    return f"{n} bytes"
+        if n < 1000 or unit == "TB":
+            return f"{n:.3g} {unit}"
 
 
 def images_to_tensor(x: np.ndarray, info: DatasetInfo, what: str) -> torch.Tensor:
