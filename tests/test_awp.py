@@ -174,6 +174,22 @@ def test_non_finite_gradient_names_the_layer():
     awp.restore()
 
 
+def test_overflowing_perturbation_is_flagged_and_never_applied():
+    """gamma = 1e308: gamma * ||w_l|| overflows. Those layers get no perturbation (weights finite, restore
+    exact), `finite` is false and check() says it is the perturbation's size, not the gradient."""
+    model, x, y = _setup()
+    before = copy.deepcopy(model.state_dict())
+    awp = AWP(model, gamma=1e308)
+    awp.perturb(_loss_fn(x, y))
+    assert not bool(awp.finite) and bool(awp.layer_finite.all()) and bool(awp.loss_finite)
+    assert not bool(awp.perturbation_finite.any())
+    assert all(torch.equal(v, torch.zeros_like(v)) for v in awp.perturbation())
+    with pytest.raises(FloatingPointError, match=rf"AWP perturbation is not finite in layer '{awp.names[0]}': gamma=1e\+308"):
+        awp.check()
+    awp.restore()
+    assert all(torch.equal(p, before[n]) for n, p in model.state_dict().items())
+
+
 def test_context_manager_restores_on_exception():
     model, x, y = _setup()
     before = copy.deepcopy(model.state_dict())

@@ -1,11 +1,14 @@
 """Checkpoints: atomic writes, safe loading, one-line errors."""
+import errno
+import os
 import pickle
+import stat
 
 import pytest
 import torch
 
 from flatrobust import models
-from flatrobust.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, save_checkpoint
+from flatrobust.checkpoint import CheckpointError, WriteError, load_checkpoint, model_from_checkpoint, save_checkpoint
 
 CFG = {"model": "smallcnn", "data": {"name": "digits"}}
 
@@ -36,10 +39,70 @@ def test_crash_during_write_keeps_previous_file(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", dying_save)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(WriteError, match=r"^cannot write '\S+last.pt': disk full; the previous file is kept$"):
         save_checkpoint(_state(1), path)
     assert path.read_bytes() == good
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temporary file left behind
+
+
+class FullDisk:
+    """A file whose writes fail with ENOSPC once `room` bytes are written, as on a full disk."""
+
+    def __init__(self, f, room):
+        self._f, self._room = f, room
+
+    def write(self, b):
+        if len(b) > self._room:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self._room -= len(b)
+        return self._f.write(b)
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._f.close()
+
+
+def fill_disk(monkeypatch, room: int = 1000):
+    """Every file written atomically from now on (checkpoints, JSON) meets a full disk after `room` bytes."""
+    fdopen = os.fdopen
+    monkeypatch.setattr(os, "fdopen", lambda fd, *a, **k: FullDisk(fdopen(fd, *a, **k), room))
+
+
+@pytest.mark.parametrize("room", [10, 100_000], ids=["in_the_header", "in_the_tensors"])
+def test_disk_full_during_a_write_is_one_line_and_keeps_the_previous_file(tmp_path, monkeypatch, room):
+    """torch.save on a full disk raises OSError, or (inside its zip writer) RuntimeError 'unexpected pos'
+    with the OSError as its context: both are one WriteError line."""
+    path = tmp_path / "last.pt"
+    save_checkpoint(_state(0), path)
+    good = path.read_bytes()
+    fill_disk(monkeypatch, room)
+    with pytest.raises(WriteError, match=r"^cannot write '\S+last.pt': No space left on device \(the disk is full\); "
+                                         r"the previous file is kept$"):
+        save_checkpoint(_state(1), path)
+    assert path.read_bytes() == good and [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+    with pytest.raises(WriteError, match="nothing was written$"):
+        save_checkpoint(_state(1), tmp_path / "new.pt")
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
+def test_files_get_the_mode_the_umask_gives(tmp_path, umask):
+    """best.pt, last.pt, eval.json (every atomic write) are created 0666 less the umask, like any file the user
+    writes, not mkstemp's 0600."""
+    from flatrobust.evalstore import write_json
+
+    old = os.umask(umask)
+    try:
+        save_checkpoint(_state(), tmp_path / "last.pt")
+        write_json({"a": 1}, tmp_path / "eval.json")
+    finally:
+        os.umask(old)
+    for name in ("last.pt", "eval.json"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o666 & ~umask, name
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flipped", "empty"])

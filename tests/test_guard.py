@@ -39,7 +39,8 @@ def _stops_keeping_epoch_1(tmp_path, pattern):
 
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     _poison(monkeypatch, {4})  # 2 steps per epoch: call 4 is epoch 2, step 2
-    _stops_keeping_epoch_1(tmp_path, r"epoch 2, step 2 .*training loss is nan")
+    _stops_keeping_epoch_1(tmp_path, r"epoch 2, step 2 .*training loss is nan\); last good checkpoint kept: \S+last\.pt: "
+                                     r"lower optim\.lr, or set nonfinite=skip$")
 
 
 def test_nonfinite_awp_gradient_names_the_layer(tmp_path, monkeypatch):
@@ -93,7 +94,7 @@ def test_nonfinite_step_is_caught_before_a_mid_epoch_checkpoint(tmp_path, monkey
     """checkpoint_every forces a read first: no checkpoint is written after a non-finite step."""
     _poison(monkeypatch, {2})
     over = ["data.train_subset=256", "batch_size=32", "log.interval=50", "checkpoint_every=2", "awp.gamma=0", f"out_dir={tmp_path}"]
-    with pytest.raises(NonFiniteError, match=r"epoch 1, step 2 "):
+    with pytest.raises(NonFiniteError, match=r"epoch 1, step 2 .*; no checkpoint was written yet \(\S+ holds none\)"):
         fit(load_config("recipes/digits_at_awp.yaml", TINY + over), progress=False)
     assert not (tmp_path / "digits_at_awp" / "last.pt").exists()
 
@@ -153,3 +154,72 @@ def test_rollback_undoes_a_nonfinite_step_exactly(awp_on):
     assert not bool(r.finite) and same(before, snapshot())
     r = train_step(model, objective, opt, x, y, awp=awp, rollback=rollback)
     assert bool(r.finite) and not same(before, snapshot())
+
+
+def test_skip_gives_up_when_every_step_of_an_epoch_is_skipped(tmp_path, monkeypatch):
+    """nonfinite=skip with nothing left but skipping (a diverged run) is a failure, not `loss 0.0000` and exit 0."""
+    _poison(monkeypatch, {3, 4})  # 2 steps per epoch: all of epoch 2
+    cfg = load_config("recipes/digits_at_awp.yaml", TINY + [f"out_dir={tmp_path}", "nonfinite=skip", "awp.gamma=0"])
+    with pytest.raises(NonFiniteError, match=r"^nonfinite=skip skipped all 2 steps of epoch 2: training makes no progress "
+                                             r"\(.*training loss is nan\); last checkpoint kept: \S+last\.pt: lower optim\.lr"):
+        fit(cfg, progress=False)
+    assert len((tmp_path / "digits_at_awp" / "metrics.jsonl").read_text().splitlines()) == 1  # epoch 2 not recorded
+
+
+def test_skip_gives_up_after_too_many_steps_in_a_row(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from flatrobust import guard
+
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "RELIABILITY.md").read_text()
+    assert f"`guard.MAX_SKIPPED_RUN` ({guard.MAX_SKIPPED_RUN}) steps in a row" in docs  # the documented limit is the code's
+    monkeypatch.setattr(guard, "MAX_SKIPPED_RUN", 3)
+    _poison(monkeypatch, {3, 4, 5})  # 8 steps per epoch: steps 3-5 of epoch 1, three in a row
+    over = ["data.train_subset=256", "batch_size=32", "nonfinite=skip", "awp.gamma=0", f"out_dir={tmp_path}"]
+    with pytest.raises(NonFiniteError, match=r"^nonfinite=skip skipped 3 steps in a row in epoch 1: .*step 3, training loss "
+                                             r"is nan\); no checkpoint was written yet"):
+        fit(load_config("recipes/digits_at_awp.yaml", TINY + over), progress=False)
+    _poison(monkeypatch, {3, 4, 6, 7})  # never three in a row, never a whole epoch: the run trains on
+    fit(load_config("recipes/digits_at_awp.yaml", TINY + over + ["name=ok"]), progress=False)
+
+
+@pytest.mark.parametrize("mode", ["stop", "skip"])
+def test_an_overflowing_awp_gamma_is_blamed_not_the_learning_rate(tmp_path, mode, capsys):
+    """awp.gamma=1e308: what goes non-finite is AWP's perturbation, so the message blames awp.gamma (exit 3)."""
+    from flatrobust.cli import main
+
+    rc = main(["train", "recipes/digits_at_awp.yaml", *TINY, "awp.gamma=1e308", f"nonfinite={mode}", f"out_dir={tmp_path}", "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 3 and err.count("\n") == 1, err
+    assert "AWP perturbation is not finite in layer 'net.conv1.weight': gamma * ||w|| overflows" in err, err
+    assert err.rstrip().endswith("no checkpoint was written yet (" + str(tmp_path / "digits_at_awp") + " holds none): lower awp.gamma")
+    assert "optim.lr" not in err
+    assert ("nonfinite=skip skipped all 2 steps of epoch 1" if mode == "skip" else "non-finite value at epoch 1, step 1") in err
+
+
+def test_each_cause_is_told_and_blamed_apart():
+    """StepMonitor tells from AWP's device flags what went non-finite first; the blame follows from it."""
+    from types import SimpleNamespace
+
+    from flatrobust.guard import StepMonitor
+
+    t, f = torch.tensor(True), torch.tensor(False)
+    cases = [  # (AWP flags or None, cause as described, blamed)
+        (None, "training loss is nan", "optim.lr"),
+        (dict(layer_finite=torch.tensor([True, False]), perturbation_finite=torch.tensor([True, True]), loss_finite=t),
+         "AWP ascent gradient is not finite in layer 'b'", "optim.lr (or awp.gamma"),
+        (dict(layer_finite=torch.tensor([True, True]), perturbation_finite=torch.tensor([True, False]), loss_finite=t),
+         "AWP perturbation is not finite in layer 'b'", "awp.gamma"),
+        (dict(layer_finite=torch.tensor([True, True]), perturbation_finite=torch.tensor([True, True]), loss_finite=t),
+         "at the AWP-perturbed weights w + v, finite at w", "awp.gamma"),
+        (dict(layer_finite=torch.tensor([True, True]), perturbation_finite=torch.tensor([True, True]), loss_finite=f),
+         "not finite at the unperturbed weights w either", "optim.lr (or awp.gamma"),
+    ]
+    for awp, said, blamed in cases:
+        monitor = StepMonitor(torch.device("cpu"))
+        monitor.start(0)
+        monitor.add(torch.tensor(1.0), torch.tensor(3), 8, t, None)
+        monitor.add(torch.tensor(float("nan")), torch.tensor(0), 8, f, SimpleNamespace(**awp) if awp else None)
+        r = monitor.read()
+        assert r.bad == 1 and r.first_bad == 1 and r.longest_bad_run == 1
+        assert said in r.describe(["a", "b"]) and r.blame.startswith(blamed), (said, r.describe(["a", "b"]), r.blame)

@@ -86,7 +86,7 @@ def _steps(method: str, awp_on: bool, monkeypatch, *, steps: int = 3, skip: bool
         counter.active = True
         for _ in range(steps):
             r = train_step(model, objective, opt, x, y, awp=awp, generator=g, rollback=rollback)
-            monitor.add(r.loss, r.correct, len(y), r.finite, awp.layer_finite if awp is not None else None)
+            monitor.add(r.loss, r.correct, len(y), r.finite, awp)
         between = list(counter.calls)
         report = monitor.read()
         at_read = counter.calls[len(between):]

@@ -109,17 +109,18 @@ def test_import_model_trains_and_is_rebuilt_from_the_recipe_folder(tmp_path, mon
     assert ckpt["config"]["model_dir"] == str(recipes.resolve())
     sys.modules.pop("own_train", None)  # as in a new process: found again through model_dir
     monkeypatch.chdir(tmp_path.parent)
-    model, _ = model_from_checkpoint(run / "best.pt")
+    # A checkpoint never chooses code to import unasked (tests/test_untrusted_code.py): the user consents.
+    model, _ = model_from_checkpoint(run / "best.pt", trust_code=True)
     assert model.net.conv.out_channels == 6 and model.net.__class__.__module__ == "own_train"
     capsys.readouterr()
-    assert main(["eval", str(run), "--attacks", "clean", "--no-checks"]) == 0
+    assert main(["eval", str(run), "--attacks", "clean", "--no-checks", "--trust-model-code"]) == 0
     assert "clean" in capsys.readouterr().out
     # The module gone: one line saying so, not a traceback.
     (recipes / "own_train.py").unlink()
     sys.modules.pop("own_train", None)
     with pytest.raises(CheckpointError, match="cannot rebuild its model: model 'own_train:build': cannot import 'own_train'"):
-        model_from_checkpoint(run / "best.pt")
-    assert main(["eval", str(run), "--attacks", "clean", "--no-checks"]) == 2
+        model_from_checkpoint(run / "best.pt", trust_code=True)
+    assert main(["eval", str(run), "--attacks", "clean", "--no-checks", "--trust-model-code"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "cannot import 'own_train'" in err
 

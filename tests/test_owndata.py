@@ -171,7 +171,7 @@ def test_image_size_resizes_mixed_sizes(tmp_path):
         for split in ("train", "test"):
             images[split, c] = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
             write_image(tmp_path / "d" / split / c / "a.png", images[split, c])
-    with pytest.raises(DataError, match=r"dog/a.png is 16x9 but .*cat/a.png is 12x12: set data.image_size"):
+    with pytest.raises(DataError, match=r"dog/a.png' is 16x9 but .*cat/a.png' is 12x12: set data.image_size"):
         load_split(folder_spec(tmp_path / "d"), "train")
     td = load_split(folder_spec(tmp_path / "d", image_size=10), "train")
     assert td.x.shape == (3, 3, 10, 10) and td.info.image_size == 10
@@ -385,18 +385,55 @@ def _no_test(root):
     write_folder(root, {"train": {"cat": 2, "dog": 2}})
 
 
+def _link_loop(root):
+    write_folder(root)
+    os.symlink("x.png", root / "train" / "dog" / "x.png")  # a link to itself: "Too many levels of symbolic links"
+
+
+def _class_links_to_its_parent(root):
+    write_folder(root)
+    os.symlink("..", root / "train" / "fake")  # every training image again, as class 'fake'
+
+
+def _test_links_to_train(root):
+    write_folder(root, {"train": {"cat": 2, "dog": 2}})
+    os.symlink("train", root / "test")  # the test split would be the training split
+
+
+def _newline_in_a_name(root):
+    write_folder(root)
+    (root / "train" / "dog" / "x.png\nflatrobust: error: forged line.png").write_bytes(b"not an image")
+
+
 FOLDER_CASES = [
-    (_unreadable, "train/dog/001.png is not a readable image"),
-    (_mixed_sizes, "big.png is 9x9 but"),
-    (_not_square, "is 6x8, not square: set data.image_size"),
-    (_test_only_class, "test/yak is a class with no training images"),
+    (_link_loop, "train/dog/x.png' cannot be read (Too many levels of symbolic links)"),
+    (_class_links_to_its_parent, "train/fake' is a link to"),
+    (_test_links_to_train, "test' is a link to"),
+    (_newline_in_a_name, "x.png\\nflatrobust: error: forged line.png' is not a readable image"),
+    (_unreadable, "train/dog/001.png' is not a readable image"),
+    (_mixed_sizes, "big.png' is 9x9 but"),
+    (_not_square, "' is 6x8, not square: set data.image_size"),
+    (_test_only_class, "test/yak' is a class with no training images"),
     (_empty_test, "test holds no images in class subfolders"),
-    (_empty_train_class, "train/eel holds no images"),
+    (_empty_train_class, "train/eel' holds no images"),
     (_loose_files, "train holds no images directly, not in class subfolders"),
     (_no_test, "has no test/ or val/ subfolder"),
     (_constant, "a channel of the training images is constant (std [0.0]), which cannot be normalized"),
     (lambda root: None, "does not exist: set data.root to a folder"),
 ]
+
+
+def _huge_header(path):
+    """An .npz whose x_train header declares 10^9 float64 (8 GB) but holds 64 bytes."""
+    import io
+    import zipfile
+
+    from numpy.lib import format as npy
+
+    buf = io.BytesIO()
+    npy.write_array_header_1_0(buf, {"descr": "<f8", "fortran_order": False, "shape": (10**9,)})
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("x_train.npy", buf.getvalue() + b"\0" * 64)
 
 
 def _npz(**kw):
@@ -419,6 +456,8 @@ NPZ_CASES = [
     (_npz(classes=np.array(["a", "a", "b"])), "names a class twice"),
     (lambda path: path.write_bytes(b"not a zip"), "is not a readable .npz"),
     (lambda path: np.savez(path, x_train=np.array([{}], dtype=object)), "refused for safety"),
+    (lambda path: _huge_header(path), "array 'x_train' declares shape (1000000000,) of float64 (8 GB) but holds 64 bytes: "
+                                      "the file is truncated or damaged"),
     (lambda path: None, "does not exist"),
 ]
 
@@ -442,6 +481,28 @@ def test_bad_folder_exit_2_one_line_naming_the_file(tmp_path, capsys, make, mess
     root = tmp_path / "d"
     make(root)
     _refused(tmp_path, capsys, "imagefolder", root, message)
+
+
+def test_decompression_bomb_is_one_line(tmp_path, capsys, monkeypatch):
+    """An image with more pixels than Pillow's limit (here lowered, as a real bomb takes gigabytes to make)."""
+    from PIL import Image
+
+    root = tmp_path / "d"
+    write_folder(root)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 20)  # 8x8 = 64 pixels > 2 x 20: DecompressionBombError
+    _refused(tmp_path, capsys, "imagefolder", root, "cat/000.png' is refused: Image size (64 pixels) exceeds limit of 40 pixels")
+
+
+def test_folder_links_elsewhere_are_followed_and_loops_inside_classes_never(tmp_path):
+    """A class folder may link to images outside the tree; a folder link inside a class is not followed
+    (as Path.rglob), so a loop there is never entered."""
+    write_folder(tmp_path / "elsewhere", {"train": {"emu": 2}})
+    expected = write_folder(tmp_path / "d", {"train": {"cat": 2, "dog": 2}, "test": {"cat": 1, "dog": 1}})
+    os.symlink(tmp_path / "elsewhere" / "train" / "emu", tmp_path / "d" / "train" / "emu")
+    os.symlink(".", tmp_path / "d" / "train" / "cat" / "loop")
+    data = imagefolder_module.load_imagefolder(tmp_path / "d", "train")
+    assert data.info.classes == ("cat", "dog", "emu") and len(data) == 6
+    assert torch.equal(data.x[:4], torch.from_numpy(expected["train"][0]).float() / 255)
 
 
 @pytest.mark.parametrize("make, message", NPZ_CASES, ids=[m[:30] for _, m in NPZ_CASES])

@@ -20,8 +20,10 @@ are single `torch._foreach_*` kernels over all perturbed tensors.
 
 `perturb` never waits for the device (no host synchronization): whether the ascent gradient was finite is
 kept on the device in `finite` (and per layer in `layer_finite`); a layer whose gradient is not finite gets
-no perturbation (v_l = 0), so the weights stay finite and `restore` is exact. A training loop reads the
-flag when it reads its other metrics; `check()` reads it at once and raises, naming the layer.
+no perturbation (v_l = 0), so the weights stay finite and `restore` is exact. So does a layer whose
+perturbation size gamma * ||w_l|| / ||g_l|| overflows (a huge gamma: `perturbation_finite`), and `finite` is
+false then too. A training loop reads the flag when it reads its other metrics; `check()` reads it at once
+and raises, naming the layer.
 """
 from __future__ import annotations
 
@@ -83,7 +85,10 @@ class AWP:
         self.params = [p for _, p in chosen]
         self._v: list[torch.Tensor] | None = None  # the perturbation in place, between perturb and restore
         self.layer_finite: torch.Tensor | None = None  # (L,) bool on the device: layer l's ascent gradient was finite
-        self.finite: torch.Tensor | None = None  # 0-dim bool on the device: all of them were (None: not checked)
+        # (L,) bool on the device: layer l's perturbation size gamma * ||w_l|| / ||g_l|| was finite (where its gradient was)
+        self.perturbation_finite: torch.Tensor | None = None
+        self.finite: torch.Tensor | None = None  # 0-dim bool on the device: all of both were (None: not checked)
+        self.loss_finite: torch.Tensor | None = None  # 0-dim bool on the device: the ascent loss at w was finite
         self._loss: torch.Tensor | None = None  # the last ascent loss (detached), for check()'s message
 
     @property
@@ -99,7 +104,7 @@ class AWP:
         """
         if self._v is not None:
             raise RuntimeError("AWP.perturb called twice without restore(): call awp.restore() after the optimizer step")
-        self.layer_finite = self.finite = self._loss = None
+        self.layer_finite = self.perturbation_finite = self.finite = self.loss_finite = self._loss = None
         if self.gamma == 0:
             self._v = []  # exact no-op, but keep the perturb/restore pairing checked
             return
@@ -115,10 +120,13 @@ class AWP:
         with torch.no_grad():
             w_norm = torch.stack(torch._foreach_norm(self.params))  # (L,)
             scale = self.gamma * w_norm / (g_norm + EPS)  # ||v_l|| = gamma * ||w_l||
-            if self.check_finite:  # decided on the device: a layer with a non-finite gradient gets v_l = 0
+            if self.check_finite:  # decided on the device: a layer with a non-finite gradient or size gets v_l = 0
                 ok = torch.isfinite(g_norm)  # ||g_l|| is finite iff every entry of g_l is (or it overflowed)
-                self.layer_finite, self.finite, self._loss = ok, ok.all(), loss.detach()
-                scale = torch.where(ok, scale, 0)
+                size_ok = torch.isfinite(scale) | ~ok  # gamma * ||w_l|| overflowed (a gradient's fault is told first)
+                self.layer_finite, self.perturbation_finite, self.finite = ok, size_ok, (ok & size_ok).all()
+                self._loss = loss.detach()
+                self.loss_finite = torch.isfinite(self._loss)
+                scale = torch.where(ok & size_ok, scale, 0)
                 for g in grads:  # inf * 0 would be nan: zero the non-finite entries first
                     torch.nan_to_num_(g, nan=0.0, posinf=0.0, neginf=0.0)
             torch._foreach_mul_(grads, list(scale.to(grads[0].dtype).unbind()))
@@ -126,15 +134,19 @@ class AWP:
         self._v = grads  # the only extra memory over AT: one tensor per perturbed weight
 
     def check(self) -> None:
-        """Raise FloatingPointError naming the first layer whose last ascent gradient was not finite.
+        """Raise FloatingPointError naming the first layer whose last ascent gradient (or perturbation) was not finite.
 
         Reads the device-side flag (one host synchronization): call it where the loop reads its metrics,
         not after every step. No-op before the first `perturb` or with `check_finite=False`.
         """
         if self.layer_finite is None or bool(self.finite):
             return
-        bad = self.names[int((~self.layer_finite).nonzero()[0])]
-        raise FloatingPointError(f"AWP ascent gradient is not finite in layer {bad!r} (loss={float(self._loss):.4g})")
+        if not bool(self.layer_finite.all()):
+            bad = self.names[int((~self.layer_finite).nonzero()[0])]
+            raise FloatingPointError(f"AWP ascent gradient is not finite in layer {bad!r} (loss={float(self._loss):.4g})")
+        bad = self.names[int((~self.perturbation_finite).nonzero()[0])]
+        raise FloatingPointError(f"AWP perturbation is not finite in layer {bad!r}: gamma={self.gamma:g} times ||w|| "
+                                 "overflows; lower gamma")
 
     def restore(self) -> None:
         """w <- w - v with exactly the v that `perturb` added (call it after optimizer.step())."""

@@ -12,9 +12,10 @@ so it loads with `torch.load(path, weights_only=True)` anywhere, and a file carr
 """
 from __future__ import annotations
 
+import errno
 import os
 import re
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
 
@@ -35,16 +36,43 @@ class NotACheckpointError(CheckpointError):
     """A readable file that is not a flatrobust checkpoint (e.g. a plain state_dict)."""
 
 
+class WriteError(UserError):
+    """A file that could not be written (disk full, no permission, ...): one line naming it; the previous
+    file at that path, if any, is kept and no temporary file is left."""
+
+
+def _oserror(e: BaseException) -> OSError | None:
+    """The OSError behind `e`: itself, or the one a writer (torch.save's "unexpected pos") raised from."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, OSError):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
+
+
 def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> None:
     """Call `write(f)` on a temporary file in `path`'s folder, fsync it, rename it to `path`, fsync the folder.
 
     A crash at any moment leaves either the previous file at `path` or the new one, never half of one,
-    and no temporary file behind.
+    and no temporary file behind. The file gets the mode of any file the user creates (0666 less the umask),
+    as `open` would give it. A write that fails for lack of space or permission raises `WriteError` (one
+    line naming `path` and the reason).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(100):  # mkstemp's way to a fresh name, but with open()'s mode 0666 & ~umask, not 0600
+            tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+            try:
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+                break
+            except FileExistsError:
+                continue
+        else:
+            raise FileExistsError(f"no free temporary name beside {path}")
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -55,9 +83,14 @@ def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
-    except BaseException:
-        if os.path.exists(tmp):
+    except BaseException as e:
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
+        cause = _oserror(e) if isinstance(e, Exception) else None
+        if cause is not None:
+            full = " (the disk is full)" if cause.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", -1)) else ""
+            raise WriteError(f"cannot write {str(path)!r}: {cause.strerror or cause}{full}; "
+                             f"{'the previous file is kept' if path.exists() else 'nothing was written'}") from None
         raise
 
 
@@ -136,17 +169,26 @@ def _check_ours(state: Any, path: Path) -> dict[str, Any]:
 WEIGHTS = ("raw", "ema")  # the weight sets a checkpoint may hold: the trained weights, their moving average
 
 
-def model_from_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu",
-                          weights: str = "raw") -> tuple[nn.Module, dict[str, Any]]:
+class UntrustedCodeError(CheckpointError):
+    """A checkpoint whose config names code to import (`package.module:callable`), refused without consent."""
+
+
+def model_from_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu", weights: str = "raw", *,
+                          trust_code: bool = False, model: str | None = None,
+                          model_args: dict[str, Any] | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the model stored in a checkpoint (eval mode, on `device`) and return it with the checkpoint dict.
 
     `weights`: "raw" (the trained weights) or "ema" (their exponential moving average, in checkpoints of runs
     with ema.decay > 0; CheckpointError otherwise).
 
-    The model is built from the checkpoint's config: `config["model"]` names the architecture (built in,
-    timm or a user's callable, whose module is looked for in `config["model_dir"]` first) with
-    `config["model_args"]`, and `data_info` (else `config["data"]["name"]`) gives the classes, channels and
-    normalization it uses.
+    The model is built from the checkpoint's config: `config["model"]` names the architecture (built in or
+    timm) with `config["model_args"]`, and `data_info` (else `config["data"]["name"]`) gives the classes,
+    channels and normalization it uses. A checkpoint is data: its config never chooses code to import. A
+    `package.module:callable` model is imported (its module looked for in `config["model_dir"]` first) only
+    with `trust_code=True` (`--trust-model-code`), else UntrustedCodeError; or pass `model` (and optionally
+    `model_args`), a name of your own, to build that model instead: its module is looked for in the working
+    directory, then the Python path, never in the checkpoint's `model_dir`. A timm model is built without
+    pretrained weights (the checkpoint's replace them: nothing is downloaded).
     """
     from . import models
     from .data import info_from_checkpoint
@@ -158,18 +200,37 @@ def model_from_checkpoint(path: str | os.PathLike, device: str | torch.device = 
     if weights == "ema" and not (isinstance(state.get("ema"), dict) and "model" in state["ema"]):
         raise CheckpointError(f"{path} holds no EMA weights (trained with ema.decay=0): use --weights raw, or train "
                               "with ema.decay=0.999 (for example) to have them")
+    name = model if model is not None else cfg.get("model") if isinstance(cfg, dict) else None
+    args = model_args if model_args is not None else cfg.get("model_args") if isinstance(cfg, dict) else None
+    args = {} if args is None else args
+    if not isinstance(name, str) or not isinstance(args, dict) or not all(isinstance(k, str) for k in args):
+        raise CheckpointError(f"{path}: its config does not name a model (model {name!r}, model_args {args!r}): "
+                              "pass a checkpoint written by `flatrobust train`")
+    if model is not None:  # the user's own choice: found as the command line finds a recipe-less model
+        search = [str(Path.cwd())]
+    elif models.imports_code(name):
+        where = cfg.get("model_dir")
+        if not trust_code:
+            raise UntrustedCodeError(
+                f"{path} names model {name!r}, code that building it would import{f' (from {where!r})' if where else ''}: "
+                "a checkpoint is data and never chooses code to run; if you trust where it came from, pass "
+                "--trust-model-code (trust_code=True)")
+        search = [where] if isinstance(where, str) and where else []
+    else:
+        search = []  # a built-in or timm architecture: nothing is imported, model_dir is not read
+    if models.source_of(name).name == "timm":  # the checkpoint's weights replace timm's own: never download them
+        args = {k: v for k, v in args.items() if k != "checkpoint_path"} | {"pretrained": False}
     info = info_from_checkpoint(state)  # the training data's classes, channels and normalization
     try:
-        model = models.create(cfg["model"], num_classes=info.num_classes, in_channels=info.in_channels, mean=info.mean,
-                              std=info.std, search_path=[cfg["model_dir"]] if cfg.get("model_dir") else [],
-                              **(cfg.get("model_args") or {}))
+        net = models.create(name, num_classes=info.num_classes, in_channels=info.in_channels, mean=info.mean,
+                            std=info.std, search_path=search, **args)
     except models.ModelError as e:  # e.g. timm not installed here, or the module of a user's model not found
         raise CheckpointError(f"{path}: cannot rebuild its model: {e}") from None
     try:
-        model.load_state_dict(state["ema"]["model"] if weights == "ema" else state["model"])
+        net.load_state_dict(state["ema"]["model"] if weights == "ema" else state["model"])
     except RuntimeError as e:
-        raise CheckpointError(f"{path}: weights do not fit model {cfg['model']!r} ({str(e).splitlines()[0][:120]})") from None
-    return model.to(device).eval(), state
+        raise CheckpointError(f"{path}: weights do not fit model {name!r} ({str(e).splitlines()[0][:120]})") from None
+    return net.to(device).eval(), state
 
 
 def load_weights(model: nn.Module, path: str | os.PathLike) -> None:

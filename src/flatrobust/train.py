@@ -7,6 +7,7 @@ PGD-20 accuracy on fixed train and test subsets (the robust generalization gap),
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -23,15 +24,15 @@ import yaml
 from torch import nn
 
 from . import models
-from .attacks import pgd
+from .attacks import pgd, whole_box_warning
 from .awp import AWP
-from .checkpoint import load_checkpoint, load_weights, save_checkpoint
+from .checkpoint import WriteError, load_checkpoint, load_weights, save_checkpoint, write_atomic
 from .collapse import ChanceLevel, collapse_warning, top_class_share
 from .config import RunConfig, config_from_dict
 from .data import DATASETS, DataError, TensorData, augment, batches, load_extra, load_split, mixed_batch_sizes, mixed_batches
 from .ema import EMA
 from .errors import UserError
-from .guard import Rollback, StepMonitor
+from .guard import Rollback, StepMonitor, kept_checkpoint, skip_failure, stop_message
 from .machine import describe
 from .objectives import AttackConfig, Objective, create_objective
 from .progress import Progress
@@ -367,7 +368,7 @@ def _check_weights_finite(model: nn.Module, where: str, run_dir: Path) -> None:
         ok = bool(torch.isfinite(torch.stack(torch._foreach_norm(tensors))).all())
     if not ok:
         raise NonFiniteError(f"weights are non-finite after {where} although every step's loss was finite; "
-                             f"last good checkpoint kept in {run_dir}: lower optim.lr")
+                             f"{kept_checkpoint(run_dir)}: lower optim.lr")
 
 
 def _augment_args(cfg: RunConfig) -> dict[str, Any]:
@@ -377,10 +378,17 @@ def _augment_args(cfg: RunConfig) -> dict[str, Any]:
 
 
 def _write_json_line(path: Path, record: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    """Append one line; a failed write (disk full) is cut back off and raised as a one-line WriteError."""
+    size = path.stat().st_size if path.exists() else 0
+    try:
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.truncate(path, size)  # no half line left for the next reader
+        raise WriteError(f"cannot write {str(path)!r}: {e.strerror or e}") from None
 
 
 def _truncate_metrics(path: Path, epochs: int) -> list[dict]:
@@ -396,6 +404,43 @@ def _truncate_metrics(path: Path, epochs: int) -> list[dict]:
             break
     path.write_text("".join(json.dumps(r) + "\n" for r in kept))
     return kept
+
+
+def _check_state_fits(run: Run, state: dict[str, Any], path: Path) -> None:
+    """UserError (one line) unless the checkpoint's tensors fit this run's model, optimizer and EMA (they are
+    loaded into them here, as the loop loads them again)."""
+    try:
+        run.model.load_state_dict(state["model"])
+        run.optimizer.load_state_dict(state["optimizer"])
+        if run.ema is not None and state.get("ema") is not None:
+            run.ema.load_state_dict(state["ema"])
+    except (RuntimeError, ValueError, KeyError, TypeError) as e:
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        why = next((ln for ln in lines if ln.startswith(("size mismatch", "Missing key", "Unexpected key"))), lines[0] if lines else "")
+        raise UserError(f"{str(path)!r} does not fit the model this config builds ({run.cfg.model!r}; {type(e).__name__}: "
+                        f"{why[:160]}): resume with the config the run was trained with") from None
+
+
+def _write_start_files(run_dir: Path, files: dict[str, str], *, fresh: bool) -> None:
+    """Write the run's config.yaml, env.json and data.json, each atomically. If one cannot be written (disk
+    full), a fresh run directory is removed again, so that nothing half-made blocks running the command again;
+    a resumed run keeps its files (each is the old one or the new one, never half of one)."""
+    made = not run_dir.exists()
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        for name, text in files.items():
+            write_atomic(run_dir / name, lambda f, text=text: f.write(text.encode()))
+    except (WriteError, OSError) as e:
+        if fresh:
+            for name in files:
+                with contextlib.suppress(OSError):
+                    (run_dir / name).unlink(missing_ok=True)
+            if made:
+                with contextlib.suppress(OSError):
+                    run_dir.rmdir()
+        why = str(e) if isinstance(e, WriteError) else f"cannot create {str(run_dir)!r}: {e.strerror or e}"
+        raise WriteError(f"{why}: the run did not start{' (its run directory was removed again)' if fresh and made else ''}; "
+                         "make room and run the command again") from None
 
 
 def prepare_run_dir(cfg: RunConfig, *, overwrite: bool) -> Path:
@@ -437,6 +482,7 @@ def fit(cfg: RunConfig, *, resume_dir: str | Path | None = None, overwrite: bool
         run_dir = Path(resume_dir)
         if (run_dir / "last.pt").exists():
             state = load_checkpoint(run_dir / "last.pt", map_location=run.device)
+            _check_state_fits(run, state, run_dir / "last.pt")  # one line, before any file of the run is written
             if _finished(run_dir, state, cfg):
                 if dist.main:
                     print(f"flatrobust: {run_dir} has finished its {cfg.epochs} epochs: nothing to do. To train it longer, "
@@ -449,22 +495,24 @@ def fit(cfg: RunConfig, *, resume_dir: str | Path | None = None, overwrite: bool
         run_dir = prepare_run_dir(cfg, overwrite=overwrite)
     else:
         run_dir = Path(cfg.out_dir) / cfg.name
-    warning = awp_warmup_warning(cfg)
-    if warning and dist.main:
-        print(f"flatrobust: warning: {warning}", file=sys.stderr)
+    numel = run.info.in_channels * run.info.image_size ** 2
+    for warning in (awp_warmup_warning(cfg), whole_box_warning(cfg.attack.norm, cfg.attack.eps, numel)):
+        if warning and dist.main:
+            print(f"flatrobust: warning: {'attack.' if warning.startswith('eps=') else ''}{warning}", file=sys.stderr)
     if dist.main:  # one process writes files under torchrun
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         env = environment(cfg, run.device) | {"world_size": dist.world}
-        (run_dir / "env.json").write_text(json.dumps(env, indent=2) + "\n")
-        # What the model was built for: classes (names), channels, size, normalization and where it came from.
-        (run_dir / "data.json").write_text(json.dumps({"root": cfg.data.root, **run.info.to_dict()}, indent=1) + "\n")
+        _write_start_files(run_dir, {  # What the model was built for: classes (names), channels, size, normalization.
+            "config.yaml": yaml.safe_dump(cfg.to_dict(), sort_keys=False), "env.json": json.dumps(env, indent=2) + "\n",
+            "data.json": json.dumps({"root": cfg.data.root, **run.info.to_dict()}, indent=1) + "\n"}, fresh=state is None)
         if progress:  # on stdout with the summary; stderr carries the epoch lines and the progress
             print(f"data: {cfg.data.name} {cfg.data.root if cfg.data.name != 'digits' else ''}".rstrip()
                   + f": {run.info.describe()}", flush=True)
     dist.barrier()
     try:
         return _loop(run, run_dir, state, progress=progress and dist.main, stop_after_steps=stop_after_steps)
+    except WriteError as e:  # disk full: every checkpoint written so far is intact
+        how = f"continue the run with flatrobust train --resume {run_dir}" if (run_dir / "last.pt").exists() else "start it again"
+        raise WriteError(f"{e}: make room, then {how}") from None
     finally:
         if dist.world > 1 and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
@@ -535,15 +583,15 @@ def _loop(run: Run, run_dir: Path, state: dict | None, *, progress: bool, stop_a
         r = monitor.read()
         bad = r.bad if dist.world == 1 else int(dist.all_sum([r.bad], device)[0])
         if bad and cfg.nonfinite == "stop":
-            what = r.describe(awp_names) if r.bad else "on another process"
-            where = f"epoch {epoch + 1}, step {r.first_bad + 1}" if r.bad else f"epoch {epoch + 1}"
-            raise NonFiniteError(f"non-finite value at {where} ({what}); last good checkpoint kept in {run_dir}: "
-                                 "lower optim.lr or set nonfinite=skip")
+            raise NonFiniteError(stop_message(r, epoch, awp_names, run_dir))
         sums["loss"] += r.loss_sum
         sums["correct"] += r.correct
         sums["seen"] += r.seen
         sums["skipped"] += r.bad
         skipped_total += r.bad
+        gave_up = r.bad and skip_failure(r.longest_bad_run, sums["skipped"], step_end - epoch * steps_per_epoch, steps_per_epoch)
+        if gave_up:  # nonfinite=skip, and skipping is all the run does
+            raise NonFiniteError(stop_message(r, epoch, awp_names, run_dir, gave_up=gave_up))
         if tb is not None:  # a loss point every log.interval steps of the epoch and at its end
             in_epoch = step_end - epoch * steps_per_epoch
             tb.step(step_end, r.loss_sum, r.seen, write=in_epoch % cfg.log.interval == 0 or in_epoch == steps_per_epoch)
@@ -581,7 +629,7 @@ def _loop(run: Run, run_dir: Path, state: dict | None, *, progress: bool, stop_a
             x = augment(x, generator=noise, **aug)
             awp = run.awp if awp_on else None
             result = train_step(run.forward, run.objective, optimizer, x, y, awp=awp, generator=noise, rollback=rollback)
-            monitor.add(result.loss, result.correct, len(y), result.finite, awp.layer_finite if awp is not None else None)
+            monitor.add(result.loss, result.correct, len(y), result.finite, awp)
             if run.ema is not None:
                 run.ema.update(model)  # after train_step's awp.restore() (and rollback): the average never sees w + v
             steps_done += 1
@@ -670,7 +718,18 @@ def resume_config(run_dir: str | Path, overrides: list[str] | None = None) -> Ru
     from .config import _merge, parse_overrides
 
     run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file():
+    path, last = run_dir / "config.yaml", run_dir / "last.pt"
+    if not path.is_file() and not last.is_file():
         raise UserError(f"{run_dir} is not a run directory (no config.yaml): pass the folder that `flatrobust train` created")
-    tree = yaml.safe_load((run_dir / "config.yaml").read_text())
+    try:
+        tree = yaml.safe_load(path.read_text()) if path.is_file() else None
+    except (yaml.YAMLError, OSError, UnicodeDecodeError):
+        tree = None
+    if not isinstance(tree, dict):  # e.g. emptied by a full disk (before writes were atomic): last.pt holds the config too
+        if not last.is_file():
+            raise UserError(f"{str(path)!r} is empty or damaged and {run_dir} holds no last.pt: there is nothing to resume; "
+                            "start the run again (with --overwrite)")
+        tree = load_checkpoint(last)["config"]
+        print(f"flatrobust: warning: {str(path)!r} is missing, empty or damaged: resuming with the config saved in {str(last)!r}",
+              file=sys.stderr)
     return config_from_dict(_merge(tree, parse_overrides(overrides or [])))

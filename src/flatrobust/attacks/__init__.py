@@ -1,7 +1,7 @@
 """Attacks and threat models: `pgd`, `fgsm`, the `LinfBall` / `L2Ball` geometries and the protocol's PGD step `default_alpha`."""
 from .losses import ce_loss, cw_loss, cw_margin, kl_loss
 from .pgd import fgsm, pgd
-from .threat import L2Ball, LinfBall, default_alpha, format_eps, threat_model
+from .threat import L2Ball, LinfBall, default_alpha, format_eps, threat_model, whole_box_warning
 
-__all__ = ["pgd", "fgsm", "LinfBall", "L2Ball", "threat_model", "default_alpha", "format_eps", "ce_loss", "cw_loss", "cw_margin",
+__all__ = ["pgd", "fgsm", "LinfBall", "L2Ball", "threat_model", "default_alpha", "format_eps", "whole_box_warning", "ce_loss", "cw_loss", "cw_margin",
            "kl_loss"]

@@ -24,6 +24,18 @@ def format_eps(eps: float) -> str:
     return short
 
 
+def whole_box_warning(norm: str, eps: float, image_numel: int) -> str | None:
+    """One line when the eps-ball around every image contains the whole image box [0, 1]^d (L-inf: eps >= 1;
+    L2: eps >= sqrt(d), the box's diagonal): then any image can be turned into any other, robust accuracy is
+    0 by construction and training against such an attack teaches nothing about robustness."""
+    reach = 1.0 if norm == "linf" else math.sqrt(image_numel)
+    if not eps >= reach:
+        return None
+    return (f"eps={format_eps(eps) if eps < 1e6 else f'{eps:.3g}'} ({norm}) covers the whole input range (inputs lie in [0, 1]; "
+            f"eps >= {reach:.4g} reaches every image from every other), so no model can be robust at it: eps is in pixel "
+            "units, e.g. 8/255 for CIFAR under L-inf")
+
+
 def _per_example_norm(t: torch.Tensor) -> torch.Tensor:
     """L2 norm of each example, shaped (B, 1, 1, 1) for broadcasting."""
     return t.flatten(1).norm(dim=1).view(-1, *([1] * (t.dim() - 1)))

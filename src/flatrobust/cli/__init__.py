@@ -47,6 +47,12 @@ def _attach_dash_values(argv: list[str], parser: argparse.ArgumentParser) -> lis
     return out
 
 
+def one_line(text: str) -> str:
+    """`text` with every control character escaped as Python writes it ("\\n"): a name that reached a message
+    unquoted (a file called "x\\nflatrobust: error: ...") can never print a line of its own."""
+    return text if text.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="flatrobust", description="Adversarial training with Adversarial Weight Perturbation (AWP).")
@@ -78,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(_module(args.command).run(args) or 0)
     except UserError as e:
-        print(f"flatrobust: error: {e}", file=sys.stderr)
+        print(f"flatrobust: error: {one_line(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("flatrobust: interrupted", file=sys.stderr)

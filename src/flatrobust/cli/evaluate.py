@@ -7,7 +7,8 @@
 The threat model (norm, eps, PGD step) comes from the checkpoint's training config unless overridden.
 A plain state_dict file (`torch.save(model.state_dict())`, as `init_from` takes) has no config: `--model`
 (and `--model-args`) name the architecture, `--data` the data (`NAME[:ROOT]` or a recipe's data section),
-`--eps` the radius.
+`--eps` the radius. On a flatrobust checkpoint `--model` alone builds that model instead of the one the
+config names; a config naming `package.module:callable` is imported only with `--trust-model-code`.
 Writes eval.json next to the checkpoint (or --out): the resolved evaluation config and the command that
 reproduces it, the training config, per-attack results, the trust checks, and the versions used.
 `--weights ema` evaluates the moving average of the weights (runs trained with ema.decay > 0) and writes
@@ -26,16 +27,18 @@ import platform
 import re
 import shlex
 import shutil
+import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
-from ..attacks import format_eps
+from ..attacks import format_eps, whole_box_warning
 from ..errors import UserError
 from ..evalstore import write_json
 from ..evaluate import PROTOCOL, default_alpha, evaluate, format_table, require_autoattack, resolve_attacks
 from ..machine import describe
+from .landscape import add_trust_argument
 
 _NUMBER = r"\s*[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?\s*"
 
@@ -59,7 +62,8 @@ def parse_pixels(text: str, what: str) -> float:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="a .pt file written by `flatrobust train`, or its run directory (best.pt, else last.pt); "
                                       "with --model, a plain state_dict file")
-    p.add_argument("--model", default=None, help="evaluate a plain state_dict file as this model (a models.create name); needs --data and --eps")
+    p.add_argument("--model", default=None, help="build this model (a models.create name) instead of the one the checkpoint's config names; "
+                                                 "for a plain state_dict file, with --data and --eps")
     p.add_argument("--model-args", default=None, help="with --model: the builder's keyword arguments as a YAML mapping, e.g. '{width: 16}'")
     p.add_argument("--data", default=None, metavar="SPEC",
                    help="with --model: the data, as NAME[:ROOT] (e.g. cifar10:./data, imagefolder:DIR, npz:FILE.npz) "
@@ -83,6 +87,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="examples per file of finished batches kept on disk (a multiple of --batch-size; default the multiple "
                         "nearest to 1000); it changes no number, and an interruption loses at most one batch")
     p.add_argument("--restart", action="store_true", help="delete the partial results of an earlier run (OUT's .parts folder) and start over")
+    add_trust_argument(p)
 
 
 def _device(name: str) -> torch.device:
@@ -143,10 +148,23 @@ def data_from_arg(text: str) -> dict:
         raise UserError(f"--data {text}: {e}") from None
 
 
-def _state_dict_model(args: argparse.Namespace, device: torch.device):
-    """(model, data section, DatasetInfo, model_args) for a plain state_dict file evaluated with --model and --data."""
+def _model_args(args: argparse.Namespace) -> dict | None:
+    """--model-args as a dict (None when not given)."""
     import yaml
 
+    if args.model_args is None:
+        return None
+    try:
+        model_args = yaml.safe_load(args.model_args)
+    except yaml.YAMLError:
+        model_args = None
+    if not isinstance(model_args, dict) or not all(isinstance(k, str) for k in model_args):
+        raise UserError(f"--model-args must be a YAML mapping such as '{{width: 16}}', got {args.model_args!r}")
+    return model_args
+
+
+def _state_dict_model(args: argparse.Namespace, device: torch.device):
+    """(model, data section, DatasetInfo, model_args) for a plain state_dict file evaluated with --model and --data."""
     from .. import models
     from ..checkpoint import load_weights
     from ..data import DataError, dataset_info
@@ -158,14 +176,7 @@ def _state_dict_model(args: argparse.Namespace, device: torch.device):
     path = Path(args.checkpoint)
     if not path.is_file():
         raise UserError(f"{path} is not a file: with --model pass the weights file (torch.save(model.state_dict()))")
-    model_args = {}
-    if args.model_args is not None:
-        try:
-            model_args = yaml.safe_load(args.model_args)
-        except yaml.YAMLError:
-            model_args = None
-        if not isinstance(model_args, dict) or not all(isinstance(k, str) for k in model_args):
-            raise UserError(f"--model-args must be a YAML mapping such as '{{width: 16}}', got {args.model_args!r}")
+    model_args = _model_args(args) or {}
     data_cfg = data_from_arg(args.data)
     if args.data_root is not None:
         data_cfg["root"] = args.data_root
@@ -184,7 +195,7 @@ def _state_dict_model(args: argparse.Namespace, device: torch.device):
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..checkpoint import NotACheckpointError, model_from_checkpoint
+    from ..checkpoint import NotACheckpointError, UntrustedCodeError, model_from_checkpoint
     from ..data import DataError, info_from_checkpoint, load_split
 
     names = resolve_attacks(args.attacks)
@@ -206,28 +217,38 @@ def run(args: argparse.Namespace) -> int:
     if args.model is None and (args.data is not None or args.model_args is not None):
         raise UserError("--data and --model-args go with --model, for a plain state_dict file; a flatrobust checkpoint "
                         "knows its model and data (--data-root points it to another copy of its data)")
-    if args.model is not None:
+    if args.model is not None and args.data is not None:
         if args.weights == "ema":
             raise UserError("--weights ema needs a flatrobust checkpoint of a run trained with ema.decay > 0, not a plain state_dict")
         model, data_cfg, info, model_args = _state_dict_model(args, device)
         ckpt: dict = {}
         cfg = {"model": args.model, "model_args": model_args, "data": data_cfg, "attack": {"norm": args.norm or "linf"}}
     else:
-        try:
-            model, ckpt = model_from_checkpoint(path, device, weights=args.weights)  # one-line CheckpointError if missing or corrupt
+        try:  # one-line CheckpointError if missing or corrupt, or if its config would choose code to import
+            model, ckpt = model_from_checkpoint(path, device, weights=args.weights, trust_code=args.trust_model_code,
+                                                model=args.model, model_args=_model_args(args))
         except NotACheckpointError as e:
+            if args.model is not None:
+                raise UserError("--model needs --data for a plain state_dict file: the data the weights were trained for, "
+                                "e.g. --data imagefolder:DIR or --data cifar10") from None
             raise UserError(f"{e}; for a plain state_dict file give --model NAME and --data SPEC") from None
+        except UntrustedCodeError as e:
+            raise UserError(f"{e}, or build the model yourself with --model NAME") from None
         except UserError:
             raise
         except (KeyError, TypeError, ValueError) as e:  # a readable file whose config cannot rebuild the model
             raise UserError(f"{path}: its config does not describe a model and dataset ({type(e).__name__}: {e}): "
                             "pass a checkpoint written by `flatrobust train`") from None
-        cfg = ckpt["config"]
+        cfg = ckpt["config"] if args.model is None else {**ckpt["config"], "model": args.model,
+                                                          "model_args": _model_args(args) or ckpt["config"].get("model_args") or {}}
         data_cfg = dict(cfg["data"])
         if args.data_root is not None:
             data_cfg["root"] = args.data_root
         info = info_from_checkpoint(ckpt)
     norm, eps, alpha = _threat_model(args, cfg)
+    warning = whole_box_warning(norm, eps, info.in_channels * info.image_size ** 2)
+    if warning:
+        print(f"flatrobust: warning: {warning}", file=sys.stderr)
     ckpt_file = path / ("best.pt" if (path / "best.pt").exists() else "last.pt") if path.is_dir() else path
 
     root = data_cfg.get("root")
@@ -265,7 +286,9 @@ def run(args: argparse.Namespace) -> int:
     command += ["--data-root", str(args.data_root)] if args.data_root is not None else []
     command += ["--weights", args.weights] if args.weights != "raw" else []
     if args.model is not None:
-        command += ["--model", args.model, "--data", args.data] + (["--model-args", args.model_args] if args.model_args else [])
+        command += ["--model", args.model] + (["--data", args.data] if args.data is not None else [])
+        command += ["--model-args", args.model_args] if args.model_args else []
+    command += ["--trust-model-code"] if args.trust_model_code else []
     report = {
         "format": "flatrobust-eval",
         "version": 1,
@@ -280,8 +303,8 @@ def run(args: argparse.Namespace) -> int:
                    "weights": args.weights, "attacks": names, "norm": norm, "eps": eps, "alpha": result["alpha"],
                    "alpha_default": default_alpha(norm, eps), "batch_size": args.batch_size, "seed": args.seed,
                    "checks": not args.no_checks, "checks_n": result["checks_n"], "chunk_size": result["chunks"]["size"]},
-        "train_config": cfg if ckpt else None,  # None for a plain state_dict
-        "checkpoint_kind": "state_dict" if args.model is not None else "flatrobust",
+        "train_config": ckpt["config"] if ckpt else None,  # None for a plain state_dict
+        "checkpoint_kind": "flatrobust" if ckpt else "state_dict",
         "environment": _environment(device),
         **{k: result[k] for k in ("n", "attacks", "worst_case", "checks", "seconds")},
     }

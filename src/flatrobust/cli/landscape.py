@@ -65,6 +65,14 @@ def add_common_arguments(parser: argparse.ArgumentParser, n_default: int) -> Non
     parser.add_argument("--out", default=None, help="output folder (default: the checkpoint's folder)")
     parser.add_argument("--weights", choices=("raw", "ema"), default="raw",
                         help="the trained weights (default) or their moving average (runs with ema.decay > 0; files get an _ema suffix)")
+    add_trust_argument(parser)
+
+
+def add_trust_argument(parser: argparse.ArgumentParser) -> None:
+    """--trust-model-code: the user's consent to import the module of a model that a checkpoint's config names."""
+    parser.add_argument("--trust-model-code", action="store_true",
+                        help="import the module of a package.module:callable model that the checkpoint's config names (a "
+                             "checkpoint never chooses code to run otherwise; docs/RELIABILITY.md)")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -106,7 +114,7 @@ def load_for_analysis(args: argparse.Namespace):
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
     device = resolve_device(args.device)
-    model, ckpt = model_from_checkpoint(args.checkpoint, device, weights=args.weights)
+    model, ckpt = model_from_checkpoint(args.checkpoint, device, weights=args.weights, trust_code=args.trust_model_code)
     cfg = ckpt["config"]
     attack = resolve_attack(cfg, args)
     data_cfg = cfg.get("data") or {}

@@ -12,6 +12,7 @@ import argparse
 from pathlib import Path
 
 from ..errors import UserError
+from .landscape import add_trust_argument
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -20,6 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="the .npz to write (x, y, confidence): pass it as data.extra")
     parser.add_argument("--batch-size", type=int, default=512, help="images per forward pass (default: 512)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: cuda when available")
+    add_trust_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -38,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     device = torch.device("cuda" if args.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
     if args.device == "cuda" and device.type != "cuda":
         raise UserError("--device cuda but no CUDA device is available: use --device cpu")
-    model, ckpt = model_from_checkpoint(args.checkpoint, device)
+    model, ckpt = model_from_checkpoint(args.checkpoint, device, trust_code=args.trust_model_code)
     info = info_from_checkpoint(ckpt)  # the images must have the training data's channels and size
     try:
         arrays = read_npz(args.images, "images", hint="an .npz holding the unlabeled images as array x")

@@ -5,6 +5,7 @@ import argparse
 import sys
 
 from ..errors import UserError
+from . import one_line
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -36,6 +37,6 @@ def run(args: argparse.Namespace) -> int:
     try:
         fit(cfg, resume_dir=args.resume, overwrite=args.overwrite, progress=not args.quiet)
     except NonFiniteError as e:  # not bad input: the run itself diverged (exit 3, checkpoints kept)
-        print(f"flatrobust: error: {e}", file=sys.stderr)
+        print(f"flatrobust: error: {one_line(str(e))}", file=sys.stderr)
         return 3
     return 0

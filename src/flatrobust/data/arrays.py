@@ -12,6 +12,7 @@ Every problem is a `DataError` of one line naming the file.
 """
 from __future__ import annotations
 
+import math
 import os
 import zipfile
 from pathlib import Path
@@ -25,19 +26,72 @@ ARRAYS = ("x_train", "y_train", "x_test", "y_test")
 
 
 def read_npz(path: str | os.PathLike, what: str, hint: str) -> dict[str, np.ndarray]:
-    """Every array of an .npz file, read without pickle; DataError (one line, prefixed `what`) otherwise."""
+    """Every array of an .npz file, read without pickle; DataError (one line, prefixed `what`) otherwise.
+
+    Each array's header is read first: one that declares more bytes than its member holds (a damaged file, or
+    a header written to make the reader allocate a huge array) is refused before anything is allocated.
+    """
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"{what}: {path} does not exist: pass {hint}")
+        raise DataError(f"{what}: {str(path)!r} does not exist: pass {hint}")
     if not zipfile.is_zipfile(path):
-        raise DataError(f"{what}: {path} is not a readable .npz (zip) file: write it with numpy.savez")
+        raise DataError(f"{what}: {str(path)!r} is not a readable .npz (zip) file: write it with numpy.savez")
     try:
+        _check_headers(path)
         with np.load(path, allow_pickle=False) as z:
             return {k: z[k] for k in z.files}
-    except ValueError:  # object arrays need pickle
-        raise DataError(f"{what}: {path} holds pickled (object) arrays, refused for safety: save plain numeric arrays with numpy.savez") from None
+    except DataError as e:
+        raise DataError(f"{what}: {e}") from None
+    except ValueError as e:
+        if "allow_pickle" in str(e):  # object arrays need pickle
+            raise DataError(f"{what}: {str(path)!r} holds pickled (object) arrays, refused for safety: save plain numeric "
+                            "arrays with numpy.savez") from None
+        raise DataError(f"{what}: {str(path)!r} is not a readable .npz (ValueError: {_first_line(e)}): write it with numpy.savez") from None
     except Exception as e:  # noqa: BLE001 - damaged members become one line
-        raise DataError(f"{what}: {path} is not a readable .npz ({type(e).__name__}): write it with numpy.savez") from None
+        raise DataError(f"{what}: {str(path)!r} is not a readable .npz ({type(e).__name__}): write it with numpy.savez") from None
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [""])[0][:120]
+
+
+def _check_headers(path: Path) -> None:
+    """DataError when an .npy member's header declares an array larger than the bytes the member holds."""
+    from numpy.lib import format as npy
+
+    with zipfile.ZipFile(path) as zf:
+        for member in zf.infolist():
+            if not member.filename.endswith(".npy"):
+                continue
+            with zf.open(member) as f:
+                try:
+                    version = npy.read_magic(f)
+                    read = {(1, 0): npy.read_array_header_1_0, (2, 0): npy.read_array_header_2_0}.get(version)
+                    if read is None:
+                        continue  # a newer header version: np.load checks it
+                    shape, _, dtype = read(f)
+                except ValueError as e:
+                    raise DataError(f"{str(path)!r}: array {member.filename[:-4]!r} has a damaged header ({_first_line(e)}): "
+                                    "write the file again with numpy.savez") from None
+                header = f.tell()
+            if dtype.hasobject:
+                continue  # np.load refuses it (pickle): said as such above
+            declared = math.prod(shape) * dtype.itemsize
+            held = member.file_size - header
+            if declared > held:
+                raise DataError(f"{str(path)!r}: array {member.filename[:-4]!r} declares shape {shape} of {dtype} "
+                                f"({_bytes(declared)}) but holds {_bytes(held)}: the file is truncated or damaged, "
+                                "write it again with numpy.savez")
+
+
+def _bytes(n: float) -> str:
+    """8000000000 -> '8 GB'."""
+    if n < 1000:
+        return f"{int(n)} bytes"
+    for unit in ("KB", "MB", "GB", "TB"):
+        n /= 1000
+        if n < 1000 or unit == "TB":
+            return f"{n:.3g} {unit}"
 
 
 def images_to_tensor(x: np.ndarray, info: DatasetInfo, what: str) -> torch.Tensor:

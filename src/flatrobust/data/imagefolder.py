@@ -56,31 +56,49 @@ def split_dir(root: Path, split: str) -> Path:
     names = ("train",) if split == "train" else ("test", "val")
     for n in names:
         if (root / n).is_dir():
+            _not_back_into(root / n, root)
             return root / n
     raise DataError(f"image folder {root} has no {' or '.join(n + '/' for n in names)} subfolder: "
                     f"lay it out as {root}/train/<class>/* and {root}/test/<class>/* (or val/<class>/*)")
+
+
+def _not_back_into(folder: Path, tree: Path) -> None:
+    """DataError when `folder` is a symbolic link that leads back into `tree` (or to a folder holding it):
+    following it would read the tree's images twice, under another class or split."""
+    if not folder.is_symlink():
+        return
+    target, top = folder.resolve(), tree.resolve()
+    if target.is_relative_to(top) or top.is_relative_to(target):
+        raise DataError(f"{str(folder)!r} is a link to {str(target)!r}, back into the image folder {str(tree)!r}: its images "
+                        "would be read twice, under another name; remove the link")
 
 
 def _walk(top: str, suffixes: frozenset[str]) -> list[tuple[tuple[str, ...], int, int]]:
     """(path parts below `top`, size, mtime_ns) of every image file under `top`, in pathlib's sorted order.
 
     Hidden names are skipped; symbolic links to files are followed, links to folders are not (as
-    Path.rglob). One scandir pass: each file's metadata is read once and no file is opened.
+    Path.rglob), so no link loop is ever entered. One scandir pass: each file's metadata is read once and no
+    file is opened. A file or folder that cannot be read (a link loop, no permission) is a DataError naming it.
     """
     out = []
     stack: list[tuple[str, ...]] = [()]
     while stack:
         rel = stack.pop()
-        with os.scandir(os.path.join(top, *rel)) as it:
-            for e in it:
-                name = e.name
-                if name[0] == ".":
-                    continue
-                if e.is_dir(follow_symlinks=False):
-                    stack.append((*rel, name))
-                elif name[name.rfind("."):].lower() in suffixes and e.is_file():
-                    st = e.stat()
-                    out.append(((*rel, name), st.st_size, st.st_mtime_ns))
+        where = os.path.join(top, *rel)
+        try:
+            with os.scandir(where) as it:
+                for e in it:
+                    name = e.name
+                    if name[0] == ".":
+                        continue
+                    where = e.path
+                    if e.is_dir(follow_symlinks=False):
+                        stack.append((*rel, name))
+                    elif name[name.rfind("."):].lower() in suffixes and e.is_file():
+                        st = e.stat()
+                        out.append(((*rel, name), st.st_size, st.st_mtime_ns))
+        except OSError as e:  # e.g. ELOOP: a link to a link to ... itself
+            raise DataError(f"{where!r} cannot be read ({e.strerror}): remove or fix it") from None
     out.sort(key=lambda t: t[0])  # PurePath orders by parts: the order the cache key has always used
     return out
 
@@ -106,9 +124,11 @@ def list_images(folder: Path) -> Listing:
     try:
         classes = sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
     except OSError as e:
-        raise DataError(f"{folder} cannot be listed ({e.strerror}): check the path and its permissions") from None
+        raise DataError(f"{str(folder)!r} cannot be listed ({e.strerror}): check the path and its permissions") from None
     suffixes = image_suffixes()
     files = []
+    for name in classes:  # a class folder may be a link to images elsewhere, never back into this tree
+        _not_back_into(folder / name, folder.parent)
     for c, name in enumerate(classes):
         files += [("/".join((name, *parts)), c, size, mtime) for parts, size, mtime in _walk(str(folder / name), suffixes)]
     if not files:
@@ -136,8 +156,14 @@ def _decode_one(path: Path, image_size: int) -> tuple[np.ndarray, bool]:
             if image_size:
                 im = im.resize((image_size, image_size), Image.BILINEAR)
             return np.asarray(im, dtype=np.uint8), grey
+    except Image.DecompressionBombError as e:  # more pixels than Pillow's limit: decoding would exhaust memory
+        raise DataError(f"{str(path)!r} is refused: {_first_line(e)} (Image.MAX_IMAGE_PIXELS); shrink it or remove it") from None
     except (OSError, ValueError, SyntaxError) as e:  # Pillow raises all three for damaged or foreign files
-        raise DataError(f"{path} is not a readable image ({type(e).__name__}): remove or replace it") from None
+        raise DataError(f"{str(path)!r} is not a readable image ({type(e).__name__}): remove or replace it") from None
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [""])[0][:160]
 
 
 def _decode_chunk(paths: list[Path], image_size: int) -> list[tuple[np.ndarray, bool]]:
@@ -167,10 +193,10 @@ def decode_images(files: list[Path], image_size: int, threads: int | None = None
                 if first is None:
                     first = a.shape
                     if a.shape[0] != a.shape[1]:
-                        raise DataError(f"{files[0]} is {a.shape[1]}x{a.shape[0]}, not square: set data.image_size to resize every image")
+                        raise DataError(f"{str(files[0])!r} is {a.shape[1]}x{a.shape[0]}, not square: set data.image_size to resize every image")
                     out = np.empty((len(files), 3, *a.shape[:2]), np.uint8)
                 elif a.shape != first:
-                    raise DataError(f"{files[i]} is {a.shape[1]}x{a.shape[0]} but {files[0]} is {first[1]}x{first[0]}: "
+                    raise DataError(f"{str(files[i])!r} is {a.shape[1]}x{a.shape[0]} but {str(files[0])!r} is {first[1]}x{first[0]}: "
                                     "set data.image_size to resize every image")
                 out[i] = a.transpose(2, 0, 1)
                 grey = grey and g
@@ -267,7 +293,7 @@ def load_imagefolder(root: str | os.PathLike | DataSpec | None, split: str = "tr
         counts = np.bincount(y, minlength=len(folder_classes))
         empty = [c for c, n in zip(folder_classes, counts) if n == 0]
         if empty:
-            raise DataError(f"{folder / empty[0]} holds no images: give every training class images, or remove the folder")
+            raise DataError(f"{str(folder / empty[0])!r} holds no images: give every training class images, or remove the folder")
         x = to_channels(x, spec.channels)
         mean, std, stats_from = normalization(spec, x, x.shape[1], where=folder)
         try:
@@ -281,8 +307,8 @@ def load_imagefolder(root: str | os.PathLike | DataSpec | None, split: str = "tr
         present = [folder_classes[i] for i in np.unique(y)]
         unknown = [c for c in present if c not in like.classes]
         if unknown:
-            raise DataError(f"{folder / unknown[0]} is a class with no training images (training classes: "
-                            f"{', '.join(like.classes[:10])}{', ...' if len(like.classes) > 10 else ''}): add it to train/ or remove it")
+            raise DataError(f"{str(folder / unknown[0])!r} is a class with no training images (training classes: "
+                            f"{', '.join(map(repr, like.classes[:10]))}{', ...' if len(like.classes) > 10 else ''}): add it to train/ or remove it")
         y = np.array([like.classes.index(c) if c in like.classes else -1 for c in folder_classes], dtype=np.int64)[y]
         x = to_channels(x, like.in_channels)
         if x.shape[-1] != like.image_size:

@@ -20,7 +20,7 @@ from torch import nn
 from .normalize import Normalize
 from .preactresnet import PreActResNet18
 from .smallcnn import SmallCNN
-from .sources import REGISTRY, SOURCES, ModelError, Source, check_name, resolve, source_of
+from .sources import REGISTRY, SOURCES, ModelError, Source, check_name, imports_code, resolve, source_of
 from .vgg import VGG19
 from .wideresnet import WideResNet
 
@@ -108,5 +108,5 @@ def check_output(model: nn.Module, name: str, input_shape: Sequence[int], num_cl
                          f"(2, {num_classes}), one per class of the dataset")
 
 
-__all__ = ["REGISTRY", "SOURCES", "ModelError", "Source", "check_name", "check_output", "create", "resolve", "source_of", "Normalize",
+__all__ = ["REGISTRY", "SOURCES", "ModelError", "Source", "check_name", "check_output", "create", "imports_code", "resolve", "source_of", "Normalize",
            "NormalizedModel", "PreActResNet18", "WideResNet", "VGG19", "SmallCNN"]

@@ -58,6 +58,10 @@ class Source:
     matches: Callable[[str], bool]
     check: Callable[[str], None]  # syntax only, imports nothing; ValueError
     resolve: Callable[[str, Sequence[str]], Builder]  # (model name, search path) -> builder; ValueError
+    # Whether resolving a name imports code that the name chooses. A built-in name picks an entry of REGISTRY
+    # and timm:<name> one of timm's own architectures (timm.is_model is checked first); package.module:callable
+    # imports whatever module it names: a name read from a checkpoint (data) must not do that unasked.
+    imports_code: bool = False
 
 
 # ------------------------------------------------------------------------------------------- built in
@@ -152,7 +156,7 @@ def _resolve_import(name: str, search_path: Sequence[str]) -> Builder:
 
 SOURCES: tuple[Source, ...] = (
     Source("timm", "timm:<name>", lambda n: n.startswith("timm:"), _check_timm, _resolve_timm),
-    Source("import", "package.module:callable", lambda n: ":" in n, _check_import, _resolve_import),
+    Source("import", "package.module:callable", lambda n: ":" in n, _check_import, _resolve_import, imports_code=True),
     Source("builtin", " | ".join(sorted(REGISTRY)), lambda n: True, _check_builtin, _resolve_builtin),
 )
 
@@ -160,6 +164,11 @@ SOURCES: tuple[Source, ...] = (
 def source_of(name: str) -> Source:
     """The source that owns model name `name`."""
     return next(s for s in SOURCES if s.matches(name))
+
+
+def imports_code(name: str) -> bool:
+    """Whether building model `name` imports a module that the name chooses (`package.module:callable`)."""
+    return source_of(name).imports_code
 
 
 def check_name(name: str) -> None:
