@@ -1,6 +1,8 @@
-# `make demo`: set up and run the main job (AT vs AT-AWP on digits: train, evaluate, landscape, flatness, report),
-# then write $(RUNS)/demo_summary.json and print the figures README.md shows (`make readme-demo` puts them there).
-# To stay within a few minutes on 2 CPU cores it monitors, and analyses, fixed subsets of 200 images.
+# `make demo`: set up and show the method (AT vs AT-AWP on digits: train, evaluate, landscape, flatness, report) in about
+# 5 minutes on an idle 2-core machine: 15 epochs, monitoring and analysis on fixed subsets of 100-200 images, no AutoAttack.
+# `make demo-full`: the longer demo (the recipes' 30 epochs, AutoAttack and CW among the attacks): about 15 minutes.
+# Both write $(RUNS)/demo_summary.json and print the figures README.md shows (`make readme-demo` puts them there).
+# THREADS: torch threads (default 1: on a small machine a thread per core fights everything else running).
 # `make test`: set up and run the test suite (what .ci/run calls).
 # Both create .venv from scratch with the pinned torch/torchvision of constraints.txt when it is missing.
 PYTHON ?= python3
@@ -9,8 +11,9 @@ PY := $(VENV)/bin/python
 FR := $(VENV)/bin/flatrobust
 STAMP := $(VENV)/.installed-stamp
 RUNS ?= runs
+THREADS ?= 1
 
-.PHONY: setup test test-slow demo readme-demo clean bench
+.PHONY: setup test test-slow demo demo-full readme-demo clean bench
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -26,17 +29,33 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
 
+DEMO_ENV = OMP_NUM_THREADS=$(THREADS) MKL_NUM_THREADS=$(THREADS)
+
 demo: $(STAMP)
 	@mkdir -p $(RUNS) && date +%s > $(RUNS)/demo_started
-	$(FR) train recipes/digits_at.yaml out_dir=$(RUNS) data.eval_subset=200 --overwrite
-	$(FR) train recipes/digits_at_awp.yaml out_dir=$(RUNS) data.eval_subset=200 --overwrite
-	$(FR) eval $(RUNS)/digits_at/best.pt --attacks clean,fgsm,pgd20,cw20,autoattack --n 100
-	$(FR) eval $(RUNS)/digits_at_awp/best.pt --attacks clean,fgsm,pgd20,cw20,autoattack --n 100
-	$(FR) landscape $(RUNS)/digits_at/best.pt --n 200 --alphas -1:1:11 --directions 2
-	$(FR) landscape $(RUNS)/digits_at_awp/best.pt --n 200 --alphas -1:1:11 --directions 2
-	$(FR) flatness $(RUNS)/digits_at/best.pt --n 200
-	$(FR) flatness $(RUNS)/digits_at_awp/best.pt --n 200
-	$(FR) report $(RUNS)/digits_at $(RUNS)/digits_at_awp --out $(RUNS)/report
+	$(DEMO_ENV) $(FR) train recipes/digits_at.yaml out_dir=$(RUNS) epochs=15 data.eval_subset=100 --overwrite
+	$(DEMO_ENV) $(FR) train recipes/digits_at_awp.yaml out_dir=$(RUNS) epochs=15 data.eval_subset=100 --overwrite
+	$(DEMO_ENV) $(FR) eval $(RUNS)/digits_at/best.pt --attacks clean,fgsm,pgd20 --n 200
+	$(DEMO_ENV) $(FR) eval $(RUNS)/digits_at_awp/best.pt --attacks clean,fgsm,pgd20 --n 200
+	$(DEMO_ENV) $(FR) landscape $(RUNS)/digits_at/best.pt --n 100 --alphas -1:1:9 --directions 1
+	$(DEMO_ENV) $(FR) landscape $(RUNS)/digits_at_awp/best.pt --n 100 --alphas -1:1:9 --directions 1
+	$(DEMO_ENV) $(FR) flatness $(RUNS)/digits_at/best.pt --n 100
+	$(DEMO_ENV) $(FR) flatness $(RUNS)/digits_at_awp/best.pt --n 100
+	$(DEMO_ENV) $(FR) report $(RUNS)/digits_at $(RUNS)/digits_at_awp --out $(RUNS)/report
+	@date +%s > $(RUNS)/demo_finished
+	$(PY) tools/demo_readme.py summarize $(RUNS)
+
+demo-full: $(STAMP)
+	@mkdir -p $(RUNS) && date +%s > $(RUNS)/demo_started
+	$(DEMO_ENV) $(FR) train recipes/digits_at.yaml out_dir=$(RUNS) data.eval_subset=200 --overwrite
+	$(DEMO_ENV) $(FR) train recipes/digits_at_awp.yaml out_dir=$(RUNS) data.eval_subset=200 --overwrite
+	$(DEMO_ENV) $(FR) eval $(RUNS)/digits_at/best.pt --attacks clean,fgsm,pgd20,cw20,autoattack --n 100
+	$(DEMO_ENV) $(FR) eval $(RUNS)/digits_at_awp/best.pt --attacks clean,fgsm,pgd20,cw20,autoattack --n 100
+	$(DEMO_ENV) $(FR) landscape $(RUNS)/digits_at/best.pt --n 200 --alphas -1:1:11 --directions 2
+	$(DEMO_ENV) $(FR) landscape $(RUNS)/digits_at_awp/best.pt --n 200 --alphas -1:1:11 --directions 2
+	$(DEMO_ENV) $(FR) flatness $(RUNS)/digits_at/best.pt --n 200
+	$(DEMO_ENV) $(FR) flatness $(RUNS)/digits_at_awp/best.pt --n 200
+	$(DEMO_ENV) $(FR) report $(RUNS)/digits_at $(RUNS)/digits_at_awp --out $(RUNS)/report
 	@date +%s > $(RUNS)/demo_finished
 	$(PY) tools/demo_readme.py summarize $(RUNS)
 
