@@ -1,6 +1,7 @@
-# `make demo`: set up and show the method (AT vs AT-AWP on digits: train, evaluate, landscape, flatness, report) in about
-# 5 minutes on an idle 2-core machine: 15 epochs, monitoring and analysis on fixed subsets of 100-200 images, no AutoAttack.
-# `make demo-full`: the longer demo (the recipes' 30 epochs, AutoAttack and CW among the attacks): about 15 minutes.
+# `make demo`: set up and show the method (AT vs AT-AWP on digits: train, evaluate, landscape, flatness, report) in a few
+# minutes: 15 epochs, monitoring and analysis on fixed subsets of 100-200 images, no AutoAttack (README's demo block
+# gives the last run's time and the machine's load).
+# `make demo-full`: the longer demo (the recipes' 30 epochs, AutoAttack and CW among the attacks).
 # Both write $(RUNS)/demo_summary.json and print the figures README.md shows (`make readme-demo` puts them there).
 # THREADS: torch threads (default 1: on a small machine a thread per core fights everything else running).
 # `make test`: set up and run the test suite (what .ci/run calls).
