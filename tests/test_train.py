@@ -15,7 +15,8 @@ import yaml
 
 from flatrobust.cli import main
 from flatrobust.config import load_config
-from flatrobust.train import TIMING_KEYS, fit, lr_at
+from flatrobust.rundir import without_timing
+from flatrobust.train import fit, lr_at
 
 # A run that takes a few seconds: 256 digits, PGD-2, AWP on.
 TINY = ["awp.warmup=0", "data.train_subset=256", "data.eval_subset=64", "batch_size=64", "attack.steps=2", "attack.eps=0.2",
@@ -94,7 +95,7 @@ def test_existing_run_dir_is_not_overwritten(tmp_path, capsys):
 
 def _final(run_dir: Path):
     ckpt = torch.load(run_dir / "last.pt", weights_only=True)
-    rows = [{k: v for k, v in r.items() if k not in TIMING_KEYS and k != "eval_time_s"} for r in _metrics(run_dir)]
+    rows = [without_timing(r) for r in _metrics(run_dir)]
     return ckpt["model"], ckpt["optimizer"], rows
 
 

@@ -10,6 +10,7 @@ import dataclasses
 import difflib
 import math
 import re
+import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any
 import yaml
 
 from .errors import UserError
+from .rundir import CONFIG, LAST, read_config
 
 
 @dataclass
@@ -382,6 +384,30 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         # later: by --resume, eval, landscape and flatness, which read this absolute path from the run's config
         cfg.model_dir = str((Path(path).parent if path is not None else Path.cwd()).resolve())
     return cfg
+
+
+def resume_config(run_dir: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """The config of an existing run directory (its config.yaml), with optional overrides (e.g. epochs=30 to train
+    longer). A config.yaml that is missing, empty or damaged (a full disk, before writes were atomic) is replaced
+    by the config last.pt holds, with a warning."""
+    run_dir = Path(run_dir)
+    path, last = run_dir / CONFIG, run_dir / LAST
+    if not path.is_file() and not last.is_file():
+        raise UserError(f"{run_dir} is not a run directory (no config.yaml): pass the folder that `flatrobust train` created")
+    try:
+        tree = read_config(run_dir) if path.is_file() else None
+    except UserError:
+        tree = None
+    if not tree:
+        if not last.is_file():
+            raise UserError(f"{str(path)!r} is empty or damaged and {run_dir} holds no last.pt: there is nothing to resume; "
+                            "start the run again (with --overwrite)")
+        from .checkpoint import load_checkpoint
+
+        tree = load_checkpoint(last)["config"]
+        print(f"flatrobust: warning: {str(path)!r} is missing, empty or damaged: resuming with the config saved in {str(last)!r}",
+              file=sys.stderr)
+    return config_from_dict(_merge(tree, parse_overrides(overrides or [])))
 
 
 def config_from_dict(tree: dict[str, Any]) -> RunConfig:

@@ -7,11 +7,8 @@ PGD-20 accuracy on fixed train and test subsets (the robust generalization gap),
 """
 from __future__ import annotations
 
-import contextlib
-import json
 import math
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -20,15 +17,14 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
-import yaml
 from torch import nn
 
-from . import models
+from . import models, rundir
 from .attacks import pgd, whole_box_warning
 from .awp import AWP
-from .checkpoint import WriteError, load_checkpoint, load_weights, save_checkpoint, write_atomic
+from .checkpoint import WriteError, load_checkpoint, load_weights, save_checkpoint
 from .collapse import ChanceLevel, collapse_warning, top_class_share
-from .config import RunConfig, config_from_dict
+from .config import RunConfig
 from .data import DATASETS, DataError, TensorData, augment, batches, load_extra, load_split, mixed_batch_sizes, mixed_batches
 from .ema import EMA
 from .errors import UserError
@@ -38,9 +34,6 @@ from .objectives import AttackConfig, Objective, create_objective
 from .progress import Progress
 from .speed import accelerate
 from .tblog import TensorBoardLog, require_tensorboard
-
-TIMING_KEYS = ("epoch_time_s", "images_per_s", "elapsed_s")  # metrics that differ between identical runs
-
 
 class NonFiniteError(FloatingPointError):
     """A non-finite loss or AWP gradient; the message names epoch, step and (for AWP) the layer."""
@@ -377,35 +370,6 @@ def _augment_args(cfg: RunConfig) -> dict[str, Any]:
     return {"crop_padding": 4, "flip": True} if kind == "crop_flip" else {"crop_padding": 0, "flip": False}
 
 
-def _write_json_line(path: Path, record: dict) -> None:
-    """Append one line; a failed write (disk full) is cut back off and raised as a one-line WriteError."""
-    size = path.stat().st_size if path.exists() else 0
-    try:
-        with open(path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-    except OSError as e:
-        with contextlib.suppress(OSError):
-            os.truncate(path, size)  # no half line left for the next reader
-        raise WriteError(f"cannot write {str(path)!r}: {e.strerror or e}") from None
-
-
-def _truncate_metrics(path: Path, epochs: int) -> list[dict]:
-    """Keep the first `epochs` lines (those covered by the checkpoint) and return them."""
-    if not path.exists():
-        return []
-    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
-    kept = []
-    for ln in lines[:epochs]:
-        try:
-            kept.append(json.loads(ln))
-        except json.JSONDecodeError:
-            break
-    path.write_text("".join(json.dumps(r) + "\n" for r in kept))
-    return kept
-
-
 def _check_state_fits(run: Run, state: dict[str, Any], path: Path) -> None:
     """UserError (one line) unless the checkpoint's tensors fit this run's model, optimizer and EMA (they are
     loaded into them here, as the loop loads them again)."""
@@ -419,37 +383,6 @@ def _check_state_fits(run: Run, state: dict[str, Any], path: Path) -> None:
         why = next((ln for ln in lines if ln.startswith(("size mismatch", "Missing key", "Unexpected key"))), lines[0] if lines else "")
         raise UserError(f"{str(path)!r} does not fit the model this config builds ({run.cfg.model!r}; {type(e).__name__}: "
                         f"{why[:160]}): resume with the config the run was trained with") from None
-
-
-def _write_start_files(run_dir: Path, files: dict[str, str], *, fresh: bool) -> None:
-    """Write the run's config.yaml, env.json and data.json, each atomically. If one cannot be written (disk
-    full), a fresh run directory is removed again, so that nothing half-made blocks running the command again;
-    a resumed run keeps its files (each is the old one or the new one, never half of one)."""
-    made = not run_dir.exists()
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        for name, text in files.items():
-            write_atomic(run_dir / name, lambda f, text=text: f.write(text.encode()))
-    except (WriteError, OSError) as e:
-        if fresh:
-            for name in files:
-                with contextlib.suppress(OSError):
-                    (run_dir / name).unlink(missing_ok=True)
-            if made:
-                with contextlib.suppress(OSError):
-                    run_dir.rmdir()
-        why = str(e) if isinstance(e, WriteError) else f"cannot create {str(run_dir)!r}: {e.strerror or e}"
-        raise WriteError(f"{why}: the run did not start{' (its run directory was removed again)' if fresh and made else ''}; "
-                         "make room and run the command again") from None
-
-
-def prepare_run_dir(cfg: RunConfig, *, overwrite: bool) -> Path:
-    run_dir = Path(cfg.out_dir) / cfg.name
-    if run_dir.exists() and any(run_dir.iterdir()):
-        if not overwrite:
-            raise UserError(f"run directory {run_dir} already exists: pass --overwrite to replace it, --resume {run_dir} to continue it, or name=NEW_NAME")
-        shutil.rmtree(run_dir)
-    return run_dir
 
 
 def _finished(run_dir: Path, state: dict[str, Any], cfg: RunConfig) -> bool:
@@ -480,9 +413,9 @@ def fit(cfg: RunConfig, *, resume_dir: str | Path | None = None, overwrite: bool
     state: dict[str, Any] | None = None
     if resume_dir is not None:
         run_dir = Path(resume_dir)
-        if (run_dir / "last.pt").exists():
-            state = load_checkpoint(run_dir / "last.pt", map_location=run.device)
-            _check_state_fits(run, state, run_dir / "last.pt")  # one line, before any file of the run is written
+        if (run_dir / rundir.LAST).exists():
+            state = load_checkpoint(run_dir / rundir.LAST, map_location=run.device)
+            _check_state_fits(run, state, run_dir / rundir.LAST)  # one line, before any file of the run is written
             if _finished(run_dir, state, cfg):
                 if dist.main:
                     print(f"flatrobust: {run_dir} has finished its {cfg.epochs} epochs: nothing to do. To train it longer, "
@@ -492,7 +425,7 @@ def fit(cfg: RunConfig, *, resume_dir: str | Path | None = None, overwrite: bool
                     torch.distributed.destroy_process_group()
                 return run_dir
     elif dist.main:
-        run_dir = prepare_run_dir(cfg, overwrite=overwrite)
+        run_dir = rundir.prepare(Path(cfg.out_dir) / cfg.name, overwrite=overwrite)
     else:
         run_dir = Path(cfg.out_dir) / cfg.name
     numel = run.info.in_channels * run.info.image_size ** 2
@@ -501,9 +434,9 @@ def fit(cfg: RunConfig, *, resume_dir: str | Path | None = None, overwrite: bool
             print(f"flatrobust: warning: {'attack.' if warning.startswith('eps=') else ''}{warning}", file=sys.stderr)
     if dist.main:  # one process writes files under torchrun
         env = environment(cfg, run.device) | {"world_size": dist.world}
-        _write_start_files(run_dir, {  # What the model was built for: classes (names), channels, size, normalization.
-            "config.yaml": yaml.safe_dump(cfg.to_dict(), sort_keys=False), "env.json": json.dumps(env, indent=2) + "\n",
-            "data.json": json.dumps({"root": cfg.data.root, **run.info.to_dict()}, indent=1) + "\n"}, fresh=state is None)
+        # What the model was built for (data.json): classes (names), channels, size, normalization.
+        rundir.write_start_files(run_dir, config=cfg.to_dict(), env=env, data={"root": cfg.data.root, **run.info.to_dict()},
+                                 fresh=state is None)
         if progress:  # on stdout with the summary; stderr carries the epoch lines and the progress
             print(f"data: {cfg.data.name} {cfg.data.root if cfg.data.name != 'digits' else ''}".rstrip()
                   + f": {run.info.describe()}", flush=True)
@@ -530,7 +463,6 @@ def _loop(run: Run, run_dir: Path, state: dict | None, *, progress: bool, stop_a
     total_steps = cfg.epochs * steps_per_epoch
     aug = _augment_args(cfg)
     eval_attack = AttackConfig(eps=cfg.attack.eps, alpha=cfg.eval.alpha or cfg.attack.alpha, steps=cfg.eval.steps, norm=cfg.attack.norm)
-    metrics_path = run_dir / "metrics.jsonl"
     chance = ChanceLevel.of(run.eval_test.y)  # for the collapse check at epoch ends
 
     start_epoch, start_batch, best, skipped_total = 0, 0, -1.0, 0
@@ -547,9 +479,9 @@ def _loop(run: Run, run_dir: Path, state: dict | None, *, progress: bool, stop_a
         torch.set_rng_state(own["torch_rng"])
         if device.type == "cuda" and own.get("cuda_rng") is not None:
             torch.cuda.set_rng_state(own["cuda_rng"], device)
-        history = _truncate_metrics(metrics_path, start_epoch) if dist.main else []
+        history = rundir.truncate_metrics(run_dir, start_epoch) if dist.main else []
     else:
-        history = _truncate_metrics(metrics_path, 0) if dist.main else []
+        history = rundir.truncate_metrics(run_dir, 0) if dist.main else []
     tb = None
     if cfg.log.tensorboard and dist.main:
         tb = TensorBoardLog(run_dir / "tensorboard", resumed_at=start_epoch * steps_per_epoch + start_batch if state else None)
@@ -674,7 +606,7 @@ def _loop(run: Run, run_dir: Path, state: dict | None, *, progress: bool, stop_a
         # Order matters for a crash between writes: metrics, then best.pt, then last.pt. A resume starts
         # from last.pt, drops metric lines it does not cover and recomputes that epoch identically.
         if dist.main:
-            _write_json_line(metrics_path, record)
+            rundir.append_metrics(run_dir, record)
         if tb is not None:
             tb.write_epoch(record)
         if is_best:
@@ -711,25 +643,3 @@ def print_summary(run_dir: Path, history: list[dict], seconds: float) -> None:
         print("  ".join(c.rjust(w) for c, w in zip(r, widths)))
     ema = " (each holds the raw and the EMA weights: --weights ema|raw)" if "ema_test_robust_acc" in history[-1] else ""
     print(f"checkpoints: {run_dir / 'best.pt'} (best test robust accuracy of the raw weights), {run_dir / 'last.pt'}{ema}")
-
-
-def resume_config(run_dir: str | Path, overrides: list[str] | None = None) -> RunConfig:
-    """The config of an existing run directory, with optional overrides (e.g. epochs=30 to train longer)."""
-    from .config import _merge, parse_overrides
-
-    run_dir = Path(run_dir)
-    path, last = run_dir / "config.yaml", run_dir / "last.pt"
-    if not path.is_file() and not last.is_file():
-        raise UserError(f"{run_dir} is not a run directory (no config.yaml): pass the folder that `flatrobust train` created")
-    try:
-        tree = yaml.safe_load(path.read_text()) if path.is_file() else None
-    except (yaml.YAMLError, OSError, UnicodeDecodeError):
-        tree = None
-    if not isinstance(tree, dict):  # e.g. emptied by a full disk (before writes were atomic): last.pt holds the config too
-        if not last.is_file():
-            raise UserError(f"{str(path)!r} is empty or damaged and {run_dir} holds no last.pt: there is nothing to resume; "
-                            "start the run again (with --overwrite)")
-        tree = load_checkpoint(last)["config"]
-        print(f"flatrobust: warning: {str(path)!r} is missing, empty or damaged: resuming with the config saved in {str(last)!r}",
-              file=sys.stderr)
-    return config_from_dict(_merge(tree, parse_overrides(overrides or [])))

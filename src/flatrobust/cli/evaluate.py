@@ -39,6 +39,7 @@ from ..evalstore import write_json
 from ..evaluate import PROTOCOL, default_alpha, evaluate, format_table, require_autoattack, resolve_attacks
 from ..machine import describe
 from .landscape import add_trust_argument
+from ..rundir import checkpoint_file
 
 _NUMBER = r"\s*[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?\s*"
 
@@ -249,7 +250,7 @@ def run(args: argparse.Namespace) -> int:
     warning = whole_box_warning(norm, eps, info.in_channels * info.image_size ** 2)
     if warning:
         print(f"flatrobust: warning: {warning}", file=sys.stderr)
-    ckpt_file = path / ("best.pt" if (path / "best.pt").exists() else "last.pt") if path.is_dir() else path
+    ckpt_file = checkpoint_file(path)
 
     root = data_cfg.get("root")
     try:
