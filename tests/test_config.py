@@ -63,3 +63,38 @@ def test_bad_recipe_files(tmp_path, monkeypatch):
     lst.write_text("- a\n- b\n")
     with pytest.raises(UserError, match="must be a mapping"):
         load_config(lst)
+
+
+def test_attack_alpha_follows_eps_unless_given(tmp_path):
+    """One default for the PGD step everywhere (`attacks.default_alpha`): a recipe or command line that sets eps
+    but not alpha gets eps/4 (L-inf) or eps * 15/128 (L2), not a fixed 2/255; a given alpha is kept."""
+    from flatrobust.attacks import AttackConfig, default_alpha
+
+    assert load_config(None, []).attack.alpha == 2 / 255  # the default 8/255 L-inf
+    assert load_config(None, ["attack.eps=16/255"]).attack.alpha == pytest.approx(4 / 255)
+    assert load_config(None, ["attack.norm=l2", "attack.eps=128/255"]).attack.alpha == pytest.approx(15 / 255)
+    assert load_config(None, ["attack.eps=0.2", "attack.alpha=null"]).attack.alpha == pytest.approx(0.05)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("attack:\n  eps: 8/255\n  alpha: 1/255\n")
+    assert load_config(recipe, ["attack.eps=16/255"]).attack.alpha == pytest.approx(1 / 255)  # written: kept
+    cfg = load_config(None, ["attack.eps=0.1", "attack.steps=3"])
+    assert cfg.attack == AttackConfig(eps=0.1, steps=3) and cfg.attack.alpha == default_alpha("linf", 0.1)
+    assert list(cfg.to_dict()["attack"]) == ["norm", "eps", "alpha", "steps"]  # config.yaml's order, as before
+    with pytest.raises(UserError, match=r"attack.alpha must be >= 0, got -0.1"):
+        load_config(None, ["attack.alpha=-0.1"])
+
+
+def test_every_recipe_keeps_the_step_it_writes():
+    """The recipes write their step (the paper's, e.g. SVHN's 1/255 at 8/255): the default does not replace it."""
+    from pathlib import Path
+
+    import yaml
+
+    from flatrobust.config import _coerce
+
+    recipes = sorted(Path("recipes").rglob("*.yaml"))
+    assert len(recipes) > 20
+    for path in recipes:
+        written = (yaml.safe_load(path.read_text()).get("attack") or {}).get("alpha")
+        if written is not None:
+            assert load_config(path).attack.alpha == _coerce("attack.alpha", written, float), path

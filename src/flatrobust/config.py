@@ -11,6 +11,7 @@ import difflib
 import math
 import re
 import sys
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from .attacks import AttackConfig
 from .errors import UserError
 from .rundir import CONFIG, LAST, read_config
 
@@ -37,16 +39,6 @@ class DataConfig:
     extra: str = ""  # RST: .npz of extra images with pseudo-labels (x, y), e.g. from `flatrobust pseudolabel`
     extra_fraction: float = 0.5  # RST: share of every batch drawn from `extra` (Carmon et al.: half)
     on_device: str = "auto"  # auto (on the GPU if it fits in half its free memory) | on | off (pinned host memory)
-
-
-@dataclass
-class AttackSpec:
-    """PGD in pixel units. Training defaults: CIFAR L-inf 8/255, step 2/255, 10 steps (PAPER.md)."""
-
-    norm: str = "linf"  # linf | l2
-    eps: float = 8 / 255
-    alpha: float = 2 / 255
-    steps: int = 10
 
 
 @dataclass
@@ -108,7 +100,9 @@ class RunConfig:
     checkpoint_every: int = 0  # > 0: also checkpoint every N steps inside an epoch
     init_from: str = ""  # fine-tuning: start from the weights of this checkpoint / run directory / state_dict file
     data: DataConfig = field(default_factory=DataConfig)
-    attack: AttackSpec = field(default_factory=AttackSpec)
+    # The training attack (`attacks.AttackConfig`: norm, eps, alpha, steps); the recipe default is CIFAR L-inf 8/255,
+    # 10 steps, and alpha follows eps unless given (`attacks.default_alpha`: eps/4 for L-inf, eps * 15/128 for L2).
+    attack: AttackConfig = field(default_factory=lambda: AttackConfig(eps=8 / 255))
     eval: EvalSpec = field(default_factory=EvalSpec)
     awp: AWPConfig = field(default_factory=AWPConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -117,7 +111,7 @@ class RunConfig:
     ema: EMAConfig = field(default_factory=EMAConfig)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return dataclasses.asdict(self) | {"attack": self.attack.as_dict()}  # attack keys in the recipe's order
 
 
 CHOICES = {
@@ -144,7 +138,11 @@ LOWER = {
 _FRACTION = re.compile(r"^\s*([0-9.eE+-]+)\s*/\s*([0-9.eE+-]+)\s*$")
 
 
-def _coerce(key: str, value: Any, typ: type) -> Any:
+def _coerce(key: str, value: Any, typ: Any) -> Any:
+    if isinstance(typ, types.UnionType):  # `float | None`: None means "the default" (attack.alpha: follow eps)
+        if value is None:
+            return None
+        typ = next(t for t in typing.get_args(typ) if t is not type(None))
     if typ is bool:
         if isinstance(value, bool):
             return value
@@ -196,6 +194,18 @@ def _coerce(key: str, value: Any, typ: type) -> Any:
     raise AssertionError(typ)
 
 
+def _check_range(key: str, value: Any) -> None:
+    """UserError (one line) when `value` of `key` is not one of its CHOICES or lies below its LOWER bound."""
+    if key in CHOICES and value not in CHOICES[key]:
+        close = difflib.get_close_matches(str(value), CHOICES[key], n=1, cutoff=0.4)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise UserError(f"{key} must be one of {', '.join(CHOICES[key])}, got {value!r}{hint}")
+    if key in LOWER and value is not None:
+        low, inclusive = LOWER[key]
+        if value < low or (not inclusive and value == low):
+            raise UserError(f"{key} must be {'>=' if inclusive else '>'} {low}, got {value}")
+
+
 def _unknown(key: str, valid: list[str]) -> UserError:
     close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
     hint = f" (did you mean {close[0]!r}?)" if close else f" (valid keys: {', '.join(valid)})"
@@ -214,7 +224,9 @@ def _all_keys(cls, prefix="") -> list[str]:
     return keys
 
 
-def _build(cls, values: dict[str, Any], prefix: str = ""):
+def _build(cls, values: dict[str, Any], prefix: str = "", default: Any = None):
+    """A `cls` from the keys given (coerced and range-checked one by one), the rest from `cls`'s defaults; a field
+    `cls` itself leaves without a default (attack.eps) takes its value from `default`, the section's default."""
     if not isinstance(values, dict):
         raise UserError(f"{prefix.rstrip('.') or 'the config'} must be a mapping of keys to values, got {values!r}")
     hints = typing.get_type_hints(cls)
@@ -224,10 +236,16 @@ def _build(cls, values: dict[str, Any], prefix: str = ""):
             raise _unknown(prefix + str(key), _all_keys(RunConfig))
     kwargs = {}
     for f in dataclasses.fields(cls):
+        t, full = hints[f.name], prefix + f.name
         if f.name not in values:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and default is not None:
+                kwargs[f.name] = getattr(default, f.name)
             continue
-        t, v, full = hints[f.name], values[f.name], prefix + f.name
-        kwargs[f.name] = _build(t, v, full + ".") if dataclasses.is_dataclass(t) else _coerce(full, v, t)
+        if dataclasses.is_dataclass(t):
+            kwargs[f.name] = _build(t, values[f.name], full + ".", default=f.default_factory())
+        else:
+            kwargs[f.name] = _coerce(full, values[f.name], t)
+            _check_range(full, kwargs[f.name])
     return cls(**kwargs)
 
 
@@ -268,16 +286,8 @@ def _merge(base: dict, extra: dict) -> dict:
 
 
 def validate(cfg: RunConfig) -> RunConfig:
-    flat = _flatten(cfg)
-    for key, choices in CHOICES.items():
-        if flat[key] not in choices:
-            close = difflib.get_close_matches(str(flat[key]), choices, n=1, cutoff=0.4)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise UserError(f"{key} must be one of {', '.join(choices)}, got {flat[key]!r}{hint}")
-    for key, (low, inclusive) in LOWER.items():
-        v = flat[key]
-        if v < low or (not inclusive and v == low):
-            raise UserError(f"{key} must be {'>=' if inclusive else '>'} {low}, got {v}")
+    for key, value in _flatten(cfg).items():
+        _check_range(key, value)
     from .models import check_name
 
     try:

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attacks import threat_model
+from .attacks import AttackConfig, threat_model
 from .landscape import _check_data, check_attack, perturbed_parameters, robust_loss
 from .progress import Progress
 
@@ -61,7 +61,7 @@ def average_flatness(
     x: torch.Tensor,
     y: torch.Tensor,
     *,
-    attack: dict[str, Any],
+    attack: AttackConfig | dict[str, Any],
     xi: float = 0.5,
     draws: int = 10,
     batch_size: int = 256,
@@ -73,7 +73,7 @@ def average_flatness(
     Args:
         model: maps images in [0, 1] to logits; left bit-identical.
         x, y: evaluation examples (N, C, H, W) in [0, 1] and labels (N,).
-        attack: {norm, eps, alpha, steps} of the PGD that estimates rho (re-run for every draw).
+        attack: the PGD that estimates rho (re-run for every draw): an `AttackConfig` or a dict {norm, eps, alpha, steps}.
         xi: relative radius, ||nu_l|| = xi * ||w_l|| (Stutz et al.: 0.5).
         draws: number of random nu (Stutz et al.: 10).
         seed: nu from `torch.Generator().manual_seed(seed)`; PGD random starts reseeded with `seed`.
@@ -130,7 +130,7 @@ def worst_flatness(
     x: torch.Tensor,
     y: torch.Tensor,
     *,
-    attack: dict[str, Any],
+    attack: AttackConfig | dict[str, Any],
     xi: float = 0.003,
     steps: int = 20,
     weight_step: float | None = None,

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attacks import pgd
+from .attacks import AttackConfig, pgd
 from .modes import train_mode
 from .progress import Progress
 
@@ -44,22 +44,10 @@ DEFAULT_ALPHAS = tuple(round(-1 + 0.1 * i, 10) for i in range(21))  # -1.0, -0.9
 DIRECTION = "filter-normalized Gaussian (Li et al. 2018); dim <= 1 parameters (biases, BatchNorm) zero"
 
 
-def check_attack(attack: dict[str, Any]) -> dict[str, Any]:
-    """The threat model as a plain dict {norm, eps, alpha, steps} (validated; extra keys are dropped)."""
-    if not isinstance(attack, dict):
-        raise ValueError(f"attack must be a dict with keys eps, alpha, steps (and norm), got {attack!r}")
-    missing = [k for k in ("eps", "alpha", "steps") if k not in attack]
-    if missing:
-        raise ValueError(f"attack lacks {', '.join(missing)}: pass e.g. dict(norm='linf', eps=8/255, alpha=2/255, steps=10)")
-    out = {"norm": attack.get("norm", "linf"), "eps": float(attack["eps"]), "alpha": float(attack["alpha"]),
-           "steps": int(attack["steps"])}
-    if out["norm"] not in ("linf", "l2"):
-        raise ValueError(f"attack norm must be 'linf' or 'l2', got {out['norm']!r}")
-    if not (math.isfinite(out["eps"]) and out["eps"] >= 0 and math.isfinite(out["alpha"]) and out["alpha"] >= 0):
-        raise ValueError(f"attack eps and alpha must be finite numbers >= 0, got {out['eps']!r} and {out['alpha']!r}")
-    if out["steps"] < 1:
-        raise ValueError(f"attack steps must be >= 1, got {out['steps']}")
-    return out
+def check_attack(attack: AttackConfig | dict[str, Any]) -> dict[str, Any]:
+    """The threat model as a plain dict {norm, eps, alpha, steps}, validated by `attacks.AttackConfig` (ValueError;
+    alpha defaults to `default_alpha(norm, eps)`, extra keys are dropped)."""
+    return AttackConfig.of(attack).as_dict()
 
 
 def _check_data(x: torch.Tensor, y: torch.Tensor, batch_size: int) -> None:
@@ -107,13 +95,13 @@ def robust_loss(
     x: torch.Tensor,
     y: torch.Tensor,
     *,
-    attack: dict[str, Any],
+    attack: AttackConfig | dict[str, Any],
     batch_size: int = 256,
     seed: int = 0,
 ) -> tuple[float, float]:
     """rho(w) and the robust accuracy: mean CE and accuracy on PGD adversarial examples, in eval mode.
 
-    PGD (CE loss, one restart, random start) with `attack` = {norm, eps, alpha, steps}; the random start
+    PGD (CE loss, one restart, random start) with `attack` (an `AttackConfig` or a dict); the random start
     comes from a generator on x's device seeded with `seed`, so equal seeds give equal examples for equal
     weights. x (N, C, H, W) in [0, 1], y (N,); processed in batches of `batch_size`. The model's mode is
     restored afterwards; its weights and buffers are not changed.
@@ -165,7 +153,7 @@ def landscape_1d(
     x: torch.Tensor,
     y: torch.Tensor,
     *,
-    attack: dict[str, Any],
+    attack: AttackConfig | dict[str, Any],
     alphas: Iterable[float] = DEFAULT_ALPHAS,
     directions: int = 3,
     batch_size: int = 256,
@@ -177,7 +165,8 @@ def landscape_1d(
     Args:
         model: maps images in [0, 1] to logits; left bit-identical (a copy is perturbed).
         x, y: evaluation examples (N, C, H, W) in [0, 1] and labels (N,).
-        attack: {norm, eps, alpha, steps} of the PGD that estimates rho (re-run for every perturbed model).
+        attack: the PGD that estimates rho (re-run for every perturbed model): an `AttackConfig` or a dict
+            {norm, eps, alpha, steps}.
         alphas: step sizes along each direction, in units of the filter-normalized direction
             (alpha = 1 moves every filter by its own norm). Default -1, -0.9, ..., 1.
         directions: number K of random directions (drawn one after the other from
@@ -240,7 +229,7 @@ def landscape_2d(
     x: torch.Tensor,
     y: torch.Tensor,
     *,
-    attack: dict[str, Any],
+    attack: AttackConfig | dict[str, Any],
     alphas: Iterable[float] = DEFAULT_ALPHAS,
     betas: Iterable[float] | None = None,
     batch_size: int = 256,

@@ -272,8 +272,7 @@ def build(cfg: RunConfig, dist: Dist | None = None, *, progress: bool = False) -
             load_weights(model, cfg.init_from)
         except UserError as e:
             raise UserError(f"init_from: {e}") from None
-    a = cfg.attack
-    objective = create_objective(cfg.method, AttackConfig(eps=a.eps, alpha=a.alpha, steps=a.steps, norm=a.norm), beta=cfg.beta)
+    objective = create_objective(cfg.method, cfg.attack, beta=cfg.beta)
     o = cfg.optim
     optimizer = torch.optim.SGD(model.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay,
                                 nesterov=o.nesterov and o.momentum > 0)
