@@ -1,15 +1,17 @@
 """Files written atomically: a crash at any moment leaves the previous file or the new one, never half of one.
 
-`write_atomic` is the primitive (checkpoints, the run directory's files, the evaluation store); a write that
+`write_atomic` is the primitive (checkpoints, the run directory's files, the evaluation store), `write_json` the one
+JSON writer of the library and the CLI (eval.json, landscape.json, flatness.json, the store's manifest); a write that
 fails (disk full, no permission) is one `WriteError` line naming the file.
 """
 from __future__ import annotations
 
 import errno
+import json
 import os
 import secrets
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import Any, BinaryIO, Callable
 
 from .errors import UserError
 
@@ -70,3 +72,9 @@ def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
             raise WriteError(f"cannot write {str(path)!r}: {cause.strerror or cause}{full}; "
                              f"{'the previous file is kept' if path.exists() else 'nothing was written'}") from None
         raise
+
+
+def write_json(path: str | os.PathLike, obj: Any, *, indent: int = 2) -> None:
+    """`obj` as JSON (and a final newline) to `path`, atomically; the folder is created if needed."""
+    text = json.dumps(obj, indent=indent) + "\n"
+    write_atomic(path, lambda f: f.write(text.encode()))

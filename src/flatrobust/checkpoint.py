@@ -170,6 +170,25 @@ def model_from_checkpoint(path: str | os.PathLike, device: str | torch.device = 
     return net.to(device).eval(), state
 
 
+def checkpoint_split(state: dict[str, Any], split: str = "test", *, root: str | None = None, download: bool | None = None,
+                     progress: bool = False):
+    """Split `split` ("train" or "test", a `data.TensorData`) of the data checkpoint `state` was trained on, decoded as
+    its model expects (the classes, channels, size and normalization of its `data_info`): its config's data section,
+    with `root` pointing to another copy of the data and `download` (if given) replacing the config's. UserError (one
+    line) when the data cannot be read."""
+    from .data import DataError, info_from_checkpoint, load_split
+
+    data = dict(state["config"].get("data") or {})
+    if root is not None:
+        data["root"] = root
+    if download is not None:
+        data["download"] = download
+    try:
+        return load_split(data, split, like=info_from_checkpoint(state), progress=progress)
+    except DataError as e:
+        raise UserError(str(e)) from None
+
+
 def load_weights(model: nn.Module, path: str | os.PathLike) -> None:
     """Load pre-trained weights into `model` (fine-tuning): a flatrobust checkpoint or run directory, or a
     plain state_dict file (optionally under a 'state_dict' or 'model' key, DDP's 'module.' prefix allowed).

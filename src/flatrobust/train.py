@@ -30,7 +30,7 @@ from .data import DATASETS, DataError, TensorData, augment, batches, load_extra,
 from .ema import EMA
 from .errors import UserError
 from .guard import Rollback, StepMonitor, kept_checkpoint, skip_failure, stop_message
-from .machine import describe
+from .machine import describe, resolve_device
 from .objectives import AttackConfig, Objective, create_objective
 from .progress import Progress
 from .speed import accelerate
@@ -101,17 +101,6 @@ def lr_at(step: int, total_steps: int, cfg: RunConfig) -> float:
     if cfg.optim.schedule == "cosine":
         return 0.5 * base * (1 + math.cos(math.pi * progress))
     return base
-
-
-def resolve_device(spec: str, local_rank: int = 0) -> torch.device:
-    if spec == "auto":
-        spec = "cuda" if torch.cuda.is_available() else "cpu"
-    if spec.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"device={spec} but no CUDA device is available: use device=cpu or device=auto")
-    if spec == "cuda":  # one GPU per process under torchrun
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
-    return torch.device(spec)
 
 
 @dataclass
