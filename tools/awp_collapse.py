@@ -32,7 +32,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from flatrobust.awp import AWP  # noqa: E402
+from flatrobust.awp import AWP, perturbed_parameters  # noqa: E402
 from flatrobust.config import load_config  # noqa: E402
 from flatrobust.data import augment  # noqa: E402
 from flatrobust.models.smallcnn import SmallCNN  # noqa: E402
@@ -141,7 +141,7 @@ def cmd_steps(args) -> None:
     model, obj, opt = run.model, run.objective, run.optimizer
     awp = _awp_for(run, cfg, args.only)
     taps = Taps(cnn)
-    weights = [(n, p) for n, p in model.named_parameters() if p.dim() > 1]
+    weights = perturbed_parameters(model)
     rows = []
 
     def step(epoch, step_no, x, y, noise, awp_now):

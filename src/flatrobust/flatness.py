@@ -10,8 +10,8 @@ Because the neighbourhood scales with each layer's norm, both measures are invar
 of ReLU networks that leave the function unchanged (w_l -> c * w_l, w_{l+1} -> w_{l+1} / c), which makes
 flatness comparable across models; an absolute ball would not be.
 
-Perturbed tensors: every parameter with dim > 1 (conv and linear weights), the set
-`landscape.perturbed_parameters` returns and AWP perturbs. Biases, BatchNorm weight/bias and all buffers
+Perturbed tensors: the weights AWP perturbs, `awp.perturbed_parameters` (every trainable parameter with dim > 1:
+conv and linear weights). Biases, BatchNorm weight/bias, frozen weights and all buffers
 (BatchNorm running statistics, the Normalize layer's mean/std) are never perturbed; the model is
 evaluated in eval mode, so BatchNorm uses the running statistics stored with w.
 
@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attacks import AttackConfig, threat_model
-from .landscape import _check_data, check_attack, perturbed_parameters, robust_loss
+from .awp import perturbed_parameters
+from .landscape import _check_data, check_attack, robust_loss
 from .progress import Progress
 
 __all__ = ["average_flatness", "relative_sphere_sample", "worst_flatness"]

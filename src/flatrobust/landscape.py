@@ -4,7 +4,8 @@
 
 d is a Gaussian direction normalized filter-wise (Li et al., "Visualizing the Loss Landscape of Neural
 Nets", NeurIPS 2018): every filter d_{l,i} (slice i along dim 0 of a conv or linear weight) is rescaled
-to ||w_{l,i}||; biases and BatchNorm parameters (every parameter with dim <= 1) get d = 0. The filter-wise
+to ||w_{l,i}||; biases, BatchNorm parameters and frozen weights (every parameter AWP leaves alone,
+`awp.perturbed_parameters`) get d = 0. The filter-wise
 scale makes the curve invariant to the rescalings of ReLU networks that leave the function unchanged,
 so landscapes of different models can be compared on one alpha axis.
 
@@ -27,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attacks import AttackConfig, pgd
+from .awp import perturbed_parameters
 from .modes import train_mode
 from .progress import Progress
 
@@ -57,29 +59,22 @@ def _check_data(x: torch.Tensor, y: torch.Tensor, batch_size: int) -> None:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
 
 
-def perturbed_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    """(name, parameter) for every parameter with dim > 1: the conv and linear weights.
-
-    Biases and BatchNorm affine parameters (dim <= 1) are left out, as are buffers (BatchNorm running
-    statistics, the Normalize layer's mean/std). The same set AWP perturbs.
-    """
-    return [(n, p) for n, p in model.named_parameters() if p.dim() > 1]
-
-
 @torch.no_grad()
 def filter_normalized_direction(model: nn.Module, generator: torch.Generator | None = None) -> list[torch.Tensor]:
     """A random direction d, one tensor per `model.parameters()` entry (same shapes, devices, dtypes).
 
-    For a parameter w with dim > 1, d ~ N(0, I) and each filter is rescaled,
-    d_i <- d_i * ||w_i|| / ||d_i|| with i indexing dim 0 (the output channel of a conv, the output unit
-    of a linear layer), so ||d_i|| = ||w_i||. Parameters with dim <= 1 (biases, BatchNorm) get d = 0.
+    For a weight w that AWP perturbs (`awp.perturbed_parameters`: trainable, dim > 1), d ~ N(0, I) and each filter
+    is rescaled, d_i <- d_i * ||w_i|| / ||d_i|| with i indexing dim 0 (the output channel of a conv, the output
+    unit of a linear layer), so ||d_i|| = ||w_i||. Every other parameter (biases, BatchNorm, frozen weights) gets
+    d = 0.
     The Gaussian is drawn from `generator` on its own device (the global CPU RNG if None) and then moved
     to the parameter's device, so a CPU generator gives the same direction on any device.
     """
     gen_device = generator.device if generator is not None else torch.device("cpu")
+    perturbed = {id(p) for _, p in perturbed_parameters(model)}
     direction = []
     for w in model.parameters():
-        if w.dim() <= 1:
+        if id(w) not in perturbed:
             direction.append(torch.zeros_like(w))
             continue
         d = torch.randn(w.shape, generator=generator, device=gen_device, dtype=w.dtype).to(w.device)
