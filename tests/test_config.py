@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from flatrobust.config import RunConfig, load_config, parse_overrides
@@ -98,3 +100,31 @@ def test_every_recipe_keeps_the_step_it_writes():
         written = (yaml.safe_load(path.read_text()).get("attack") or {}).get("alpha")
         if written is not None:
             assert load_config(path).attack.alpha == _coerce("attack.alpha", written, float), path
+
+
+def test_a_mapping_given_whole_replaces_the_recipes_a_dotted_key_sets_one_entry(tmp_path, capsys):
+    """`model_args={}` on the command line once left the recipe's model_args as they were: a mapping given whole
+    replaces the recipe's (also at --resume), a dotted key sets one entry, and a section given whole is refused."""
+    import yaml
+
+    from flatrobust.cli import main
+    from flatrobust.config import resume_config
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: preactresnet18\nmodel_args: {width: 16, stem_stride: 2}\n")
+    assert load_config(recipe).model_args == {"width": 16, "stem_stride": 2}
+    assert load_config(recipe, ["model_args={}"]).model_args == {}
+    assert load_config(recipe, ["model_args={width: 8}"]).model_args == {"width": 8}
+    assert load_config(recipe, ["model_args.width=8"]).model_args == {"width": 8, "stem_stride": 2}
+    assert load_config(recipe, ["model_args={}", "model_args.width=8"]).model_args == {"width": 8}
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump(load_config(recipe).to_dict(), sort_keys=False))
+    assert resume_config(run, ["model_args={}"]).model_args == {}
+    assert resume_config(run, ["model_args.stem_stride=1"]).model_args == {"width": 16, "stem_stride": 1}
+    for bad, example in (("data={}", "data.name=..."), ("optim={lr: 0.05}", "optim.lr=..."), ("attack={}", "attack.eps=...")):
+        with pytest.raises(UserError, match=f"is a section: override its keys one by one \\(e.g. {re.escape(example)}\\)"):
+            load_config(recipe, [bad])
+    assert main(["train", "recipes/digits_at.yaml", "data={name: digits}", f"out_dir={tmp_path / 'o'}", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "data is a section" in err and err.count("\n") == 1 and not (tmp_path / "o").exists()

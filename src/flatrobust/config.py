@@ -260,8 +260,14 @@ def _set_path(tree: dict, dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+class _Whole(dict):
+    """A mapping given whole on the command line (`model_args={width: 16}`): it replaces the recipe's, where a
+    dotted key (`model_args.width=16`) sets one entry of it."""
+
+
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
-    """['awp.gamma=0.01', 'epochs=5'] -> nested dict; values parsed as YAML scalars (8/255 stays a string)."""
+    """['awp.gamma=0.01', 'epochs=5'] -> nested dict; values parsed as YAML scalars (8/255 stays a string). A value
+    written as a mapping ({...}) replaces the recipe's mapping when merged (`_merge`), never merges into it."""
     tree: dict[str, Any] = {}
     for item in overrides:
         if "=" not in item:
@@ -274,14 +280,30 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
             value = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError:
             value = raw
-        _set_path(tree, key, value)
+        _set_path(tree, key, _Whole(value) if isinstance(value, dict) else value)
+    return tree
+
+
+def _command_line(overrides: list[str]) -> dict[str, Any]:
+    """`parse_overrides`, refusing a section given whole (`data={...}`): merged into the recipe's section it would
+    silently keep the recipe's other keys of it, and replacing the section would silently drop them."""
+    tree = parse_overrides(overrides)
+    hints = typing.get_type_hints(RunConfig)
+    for key, value in tree.items():
+        if isinstance(value, _Whole) and dataclasses.is_dataclass(hints.get(key)):
+            name = next(iter(value), None) or dataclasses.fields(hints[key])[0].name
+            raise UserError(f"{key} is a section: override its keys one by one (e.g. {key}.{name}=...), not {key} as a whole")
     return tree
 
 
 def _merge(base: dict, extra: dict) -> dict:
+    """`extra` over `base`: sections merge key by key; a mapping given whole on the command line replaces."""
     out = dict(base)
     for k, v in extra.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        if isinstance(v, _Whole):
+            out[k] = dict(v)
+        else:
+            out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 
@@ -385,7 +407,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     tree = dict(base or {})
     if path is not None:
         tree = _merge(tree, read_yaml(path))
-    tree = _merge(tree, parse_overrides(overrides or []))
+    tree = _merge(tree, _command_line(overrides or []))
     cfg = validate(_build(RunConfig, tree))
     from .models import source_of
 
@@ -417,7 +439,7 @@ def resume_config(run_dir: str | Path, overrides: list[str] | None = None) -> Ru
         tree = load_checkpoint(last)["config"]
         print(f"flatrobust: warning: {str(path)!r} is missing, empty or damaged: resuming with the config saved in {str(last)!r}",
               file=sys.stderr)
-    return config_from_dict(_merge(tree, parse_overrides(overrides or [])))
+    return config_from_dict(_merge(tree, _command_line(overrides or [])))
 
 
 def config_from_dict(tree: dict[str, Any]) -> RunConfig:
