@@ -1,4 +1,4 @@
-"""What AWP promises (PAPER.md steps 2-4), checked against the maths and the official procedure."""
+"""What AWP promises (Wu et al. 2020, Section 4: the perturbation and restore around the step), checked against the maths and the official procedure."""
 import copy
 
 import pytest

@@ -1,4 +1,4 @@
-"""What the weight loss landscape promises (PAPER.md, Figure 1; Li et al. 2018), and its CLI."""
+"""What the weight loss landscape promises (Wu et al. 2020, Figure 1; Li et al. 2018), and its CLI."""
 import copy
 import json
 

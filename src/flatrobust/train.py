@@ -59,7 +59,8 @@ def train_step(
     generator: torch.Generator | None = None,
     rollback: Rollback | None = None,
 ) -> StepResult:
-    """One step (PAPER.md steps 1-4): x_adv at w, w <- w + v, step at w + v, w <- w - v.
+    """One AWP step (Wu, Xia, Wang, NeurIPS 2020, Section 4, in the order of its official code): 1. x_adv at w,
+    2.-3. w <- w + v, the optimizer step at w + v, 4. w <- w - v.
 
     No host synchronization: the result stays on the device, and so does the verdict on finiteness
     (`finite`). A non-finite step is applied like any other (its weights become non-finite; a loop stops
