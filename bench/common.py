@@ -8,7 +8,6 @@ and cancels in the ratios, which are the numbers the targets are about.
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import platform
 import statistics
@@ -31,11 +30,14 @@ def sync(device: torch.device) -> None:
 
 
 def resolve_device(spec: str) -> torch.device:
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if spec.startswith("cuda") and not torch.cuda.is_available():
-        sys.exit(f"--device {spec}: no CUDA device is available here (use --device cpu)")
-    return torch.device(spec)
+    """`flatrobust.machine.resolve_device` for a benchmark's --device: its one-line error ends the script."""
+    from flatrobust.errors import UserError
+    from flatrobust.machine import resolve_device as resolve
+
+    try:
+        return resolve(spec, option="--device")
+    except UserError as e:
+        sys.exit(str(e))
 
 
 def interleaved(fns: dict[str, Callable[[], object]], *, device: torch.device, warmup: int, repeats: int,
@@ -154,12 +156,13 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def write_json(path: str | None, data: dict) -> None:
+    """`flatrobust.atomic.write_json` when --out is given, and say so."""
+    from flatrobust.atomic import write_json as write
+
     if not path:
         return
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(json.dumps(data, indent=2) + "\n")
-    print(f"wrote {p}", file=sys.stderr)
+    write(path, data)
+    print(f"wrote {path}", file=sys.stderr)
 
 
 def set_threads(n: int | None) -> None:

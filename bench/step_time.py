@@ -4,8 +4,8 @@
 
 One run times every method interleaved (round-robin, order rotated every round, `--warmup` untimed steps
 per method first), so drift of a shared machine hits all methods alike; it reports the median seconds
-per step and images/s per method, and the medians of the per-round ratios AT-AWP/AT (PAPER.md "Cost":
-the lean step is 26F against AT's 23F, 1.13) and official/ours (the official procedure, 38F plus a
+per step and images/s per method, and the medians of the per-round ratios AT-AWP/AT (docs/PERFORMANCE.md,
+"Why the targets": the lean step is 26F against AT's 23F, 1.13) and official/ours (the official procedure, 38F plus a
 state_dict copy into a proxy, against our 26F: 1.46). The baseline is `flatrobust.reference`'s faithful
 re-implementation of the official loop, run on the same forward module (same speed switches).
 
@@ -47,7 +47,7 @@ METHODS = {
     "official_at": ("official AT (no AWP)", "official", None),  # not in the default set: for breakdowns
 }
 DEFAULT_METHODS = "at,at_awp,trades,trades_awp,mart,mart_awp,official_at_awp"
-# (numerator, denominator, target, expected from PAPER.md's pass count) of the per-round ratios.
+# (numerator, denominator, target, expected from the pass count of docs/PERFORMANCE.md) of the per-round ratios.
 RATIOS = [
     ("at_awp", "at", ("<=", 1.15), 26 / 23),
     ("trades_awp", "trades", None, None),

@@ -213,14 +213,9 @@ class Task:
 
 def _train_done(run_dir: Path) -> bool:
     """metrics.jsonl covers every epoch (the checkpoints may be gone: they are not committed)."""
-    cfg = run_dir / "config.yaml"
-    if not (cfg.is_file() and (run_dir / "metrics.jsonl").is_file()):
-        return False
-    import yaml
+    from flatrobust.rundir import finished
 
-    epochs = yaml.safe_load(cfg.read_text())["epochs"]
-    lines = [ln for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()]
-    return len(lines) >= epochs
+    return finished(run_dir)
 
 
 STAGES = ("train", "pgd_best", "pgd_last", "flatness_best", "flatness_last", "landscape_best", "landscape_last", "aa_best", "aa_last",
@@ -285,13 +280,10 @@ def tasks(rows: list[Row]) -> list[Task]:
 
 
 def _metrics_without_timing(path: Path) -> list[dict]:
-    """The epochs' records without their timings; a last line still being written (no newline yet) is left out."""
-    from flatrobust.train import TIMING_KEYS
+    """The epochs' records (of RUN_DIR/metrics.jsonl) without their timings; a last line still being written is left out."""
+    from flatrobust.rundir import read_metrics, without_timing
 
-    if not path.is_file():
-        return []
-    rows = [json.loads(ln) for ln in path.read_text().split("\n")[:-1] if ln.strip()]
-    return [{k: v for k, v in r.items() if k not in TIMING_KEYS and not k.endswith("time_s")} for r in rows]
+    return [without_timing(r) for r in read_metrics(path.parent)]
 
 
 def _first_difference(new: list[dict], committed: list[dict], finished: bool) -> str | None:
@@ -307,10 +299,9 @@ def _first_difference(new: list[dict], committed: list[dict], finished: bool) ->
 
 
 def _machine(run_dir: Path) -> str:
-    try:
-        env = json.loads((run_dir / "env.json").read_text())
-    except (OSError, ValueError):
-        env = {}
+    from flatrobust.rundir import read_env
+
+    env = read_env(run_dir)
     return f"torch {env.get('torch', '?')}, CPU capability {env.get('cpu_capability', 'not recorded')}"
 
 
@@ -490,11 +481,10 @@ def pseudo(seed: int, labeler: Path) -> int:
     extra_npz(seed); how often the pseudo-labels agree with the true labels goes to LABELER/pseudolabels.json."""
     import numpy as np
     import torch
-    import yaml
-
     from flatrobust.data import load_split
+    from flatrobust.rundir import read_config
 
-    cfg = yaml.safe_load((labeler / "config.yaml").read_text())
+    cfg = read_config(labeler)
     if cfg["seed"] != seed:
         print(f"{labeler} was trained with seed {cfg['seed']}, not {seed}", file=sys.stderr)
         return 2

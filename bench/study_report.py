@@ -15,6 +15,8 @@ from pathlib import Path
 
 import yaml
 
+from flatrobust.rundir import covers, read_config, read_metrics
+
 
 def _table(header, rows) -> list[str]:
     """The Markdown table of `flatrobust report`, imported when a table is drawn: flatrobust.report loads torch and
@@ -48,7 +50,7 @@ class RunData:
 
     @property
     def finished(self) -> bool:
-        return len(self.metrics) >= self.cfg["epochs"]
+        return covers(self.cfg, self.metrics)
 
     @property
     def best(self) -> dict:  # the epoch best.pt holds: highest monitored test PGD-20 (first of ties)
@@ -114,16 +116,6 @@ def _json(path: Path) -> dict | None:
         return None
 
 
-def _metrics(path: Path) -> list[dict]:
-    """metrics.jsonl as fractions, one record per epoch (a resumed run may log an epoch again: the last wins)."""
-    by_epoch = {}
-    for ln in path.read_text().splitlines():
-        if ln.strip():
-            r = json.loads(ln)
-            by_epoch[r["epoch"]] = r
-    return [by_epoch[k] for k in sorted(by_epoch)]
-
-
 def load(results: Path, rows) -> dict[str, list[RunData]]:
     by_row: dict[str, list[RunData]] = {}
     for row in rows:
@@ -131,10 +123,10 @@ def load(results: Path, rows) -> dict[str, list[RunData]]:
             d = row.run_dir(seed, results)
             if not (d / "config.yaml").is_file() or not (d / "metrics.jsonl").is_file():
                 continue
-            metrics = _metrics(d / "metrics.jsonl")
+            metrics = read_metrics(d)
             if not metrics:
                 continue
-            run = RunData(d.name, row.key, row.method, row.setting, seed, yaml.safe_load((d / "config.yaml").read_text()), metrics)
+            run = RunData(d.name, row.key, row.method, row.setting, seed, read_config(d), metrics)
             for kind in ("eval", "aa"):
                 for ck in CKPTS:
                     if (j := _json(d / f"{kind}_{ck}.json")) is not None:
@@ -547,9 +539,9 @@ def _probes(results: Path, runs, figs, at_keys: list[str]) -> list[str]:
     probes = []
     for d in sorted((results / "probes").glob("*")):
         if (d / "metrics.jsonl").is_file() and (d / "config.yaml").is_file():
-            ms = _metrics(d / "metrics.jsonl")
+            ms = read_metrics(d)
             if ms:
-                probes.append(RunData(d.name, "probe", "at", "probe", -1, yaml.safe_load((d / "config.yaml").read_text()), ms))
+                probes.append(RunData(d.name, "probe", "at", "probe", -1, read_config(d), ms))
     shown = [r for k in at_keys for r in runs.get(k, []) if r.seed == 0] + probes
     if not shown:
         return []
@@ -1003,9 +995,9 @@ def _replaced(results: Path) -> list[str]:
     for d in sorted((results / "replaced").glob("*/replaced.json")):
         info = json.loads(d.read_text())
         old_dir, new_dir = d.parent, results / info["run"]
-        old = [_metrics(old_dir / "metrics.jsonl"), _json(old_dir / "eval_best.json"), _json(old_dir / "eval_last.json"),
+        old = [read_metrics(old_dir), _json(old_dir / "eval_best.json"), _json(old_dir / "eval_last.json"),
                _json(old_dir / "flatness_last" / "flatness.json")]
-        new = [_metrics(new_dir / "metrics.jsonl"), _json(new_dir / "eval_best.json"), _json(new_dir / "eval_last.json"),
+        new = [read_metrics(new_dir), _json(new_dir / "eval_best.json"), _json(new_dir / "eval_last.json"),
                _json(new_dir / "flatness_last" / "flatness.json")]
 
         def summary(ms, eb, el, fl) -> str:

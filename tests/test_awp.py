@@ -1,4 +1,4 @@
-"""What AWP promises (PAPER.md steps 2-4), checked against the maths and the official procedure."""
+"""What AWP promises (Wu et al. 2020, Section 4: the perturbation and restore around the step), checked against the maths and the official procedure."""
 import copy
 
 import pytest
@@ -225,3 +225,28 @@ def test_uses_foreach_kernels_not_a_python_loop(monkeypatch):
     awp.perturb(_loss_fn(x, y))
     awp.restore()
     assert calls == ["_foreach_norm", "_foreach_norm", "_foreach_mul_", "_foreach_add_", "_foreach_sub_"]
+
+
+def test_one_definition_of_the_weights_awp_perturbs():
+    """`perturbed_parameters` (trainable, dim > 1) is the set AWP perturbs, the landscape's direction moves and the
+    flatness measures perturb: a frozen weight is left alone by all of them (the landscape once moved it)."""
+    from flatrobust import perturbed_parameters
+    from flatrobust.flatness import average_flatness, worst_flatness
+    from flatrobust.landscape import filter_normalized_direction, landscape_1d
+
+    torch.manual_seed(0)
+    model = models.create("smallcnn", num_classes=10, in_channels=1).eval()
+    frozen = next(p for n, p in model.named_parameters() if n.endswith("conv1.weight"))
+    frozen.requires_grad_(False)
+    names = [n for n, _ in perturbed_parameters(model)]
+    assert names == [n for n, p in model.named_parameters() if p.dim() > 1 and p is not frozen] and len(names) >= 4
+    assert AWP(model, gamma=0.01).names == names
+    direction = filter_normalized_direction(model, torch.Generator().manual_seed(0))
+    moved = [n for (n, _), d in zip(model.named_parameters(), direction) if d.abs().sum() > 0]
+    assert moved == names
+    x, y = torch.rand(8, 1, 8, 8), torch.arange(8)
+    attack = dict(norm="linf", eps=0.05, alpha=0.02, steps=1)
+    assert landscape_1d(model, x, y, attack=attack, alphas=[0, 1], directions=1)["perturbed"] == names
+    assert average_flatness(model, x, y, attack=attack, draws=1)["perturbed"] == names
+    worst = worst_flatness(model, x, y, attack=attack, steps=1)
+    assert worst["perturbed"] == names and len(worst["relative_norms"]) == len(names)

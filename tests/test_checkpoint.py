@@ -93,12 +93,12 @@ def test_disk_full_during_a_write_is_one_line_and_keeps_the_previous_file(tmp_pa
 def test_files_get_the_mode_the_umask_gives(tmp_path, umask):
     """best.pt, last.pt, eval.json (every atomic write) are created 0666 less the umask, like any file the user
     writes, not mkstemp's 0600."""
-    from flatrobust.evalstore import write_json
+    from flatrobust.atomic import write_json  # the one JSON writer (eval.json, landscape.json, ...)
 
     old = os.umask(umask)
     try:
         save_checkpoint(_state(), tmp_path / "last.pt")
-        write_json({"a": 1}, tmp_path / "eval.json")
+        write_json(tmp_path / "eval.json", {"a": 1})
     finally:
         os.umask(old)
     for name in ("last.pt", "eval.json"):

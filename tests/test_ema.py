@@ -16,7 +16,8 @@ from flatrobust.awp import AWP
 from flatrobust.checkpoint import CheckpointError, model_from_checkpoint
 from flatrobust.cli import main
 from flatrobust.config import load_config
-from flatrobust.train import TIMING_KEYS, fit
+from flatrobust.rundir import without_timing
+from flatrobust.train import fit
 
 TINY = ["awp.warmup=0", "data.train_subset=256", "data.eval_subset=64", "batch_size=64", "attack.steps=2", "attack.eps=0.2",
         "attack.alpha=0.1", "eval.steps=2", "awp.gamma=0.01", "optim.lr=0.05", "ema.decay=0.9"]
@@ -110,8 +111,7 @@ def test_awp_never_leaks_into_the_average(tmp_path, monkeypatch):
 
 def _final(run_dir: Path):
     ckpt = torch.load(run_dir / "last.pt", weights_only=True)
-    rows = [{k: v for k, v in json.loads(ln).items() if k not in TIMING_KEYS and k != "eval_time_s"}
-            for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = [without_timing(json.loads(ln)) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return ckpt, rows
 
 

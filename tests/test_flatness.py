@@ -1,4 +1,4 @@
-"""What the flatness measures promise (Stutz, Hein, Schiele 2021, as in PAPER.md), and their CLI."""
+"""What the flatness measures promise (Stutz, Hein, Schiele, ICCV 2021), and their CLI."""
 import copy
 import json
 

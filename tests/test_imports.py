@@ -77,3 +77,25 @@ def test_the_cycle_finder_finds_a_cycle():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
     graph = import_graph()
     assert "flatrobust.trust" in graph["flatrobust.evaluate"]  # function-level and top-level imports are both seen
+
+
+def _reachable(graph: dict[str, set[str]], start: str) -> set[str]:
+    seen, todo = set(), [start]
+    while todo:
+        for m in graph[todo.pop()] - seen:
+            seen.add(m)
+            todo.append(m)
+    return seen
+
+
+def test_layers_the_method_never_imports_evaluation_training_or_the_cli():
+    """awp.py, attacks/ and objectives.py (the method) reach none of evaluation, training or the CLI, directly or
+    through another module; the library never reaches the CLI."""
+    graph = import_graph()
+    method = [m for m in graph if m in ("flatrobust.awp", "flatrobust.objectives") or m.startswith("flatrobust.attacks")]
+    above = ("flatrobust.evaluate", "flatrobust.trust", "flatrobust.train", "flatrobust.config", "flatrobust.cli")
+    for m in method:
+        assert not [r for r in _reachable(graph, m) if r.startswith(above)], m
+    for m in graph:
+        if not m.startswith(("flatrobust.cli", "flatrobust.__main__")):  # the entry point is the CLI
+            assert not [r for r in _reachable(graph, m) if r.startswith("flatrobust.cli")], m

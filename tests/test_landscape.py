@@ -1,4 +1,4 @@
-"""What the weight loss landscape promises (PAPER.md, Figure 1; Li et al. 2018), and its CLI."""
+"""What the weight loss landscape promises (Wu et al. 2020, Figure 1; Li et al. 2018), and its CLI."""
 import copy
 import json
 
@@ -214,3 +214,20 @@ def test_cli_bad_input_exits_2_with_one_line(tmp_path, capsys, args, message):
 def test_cli_missing_checkpoint_exits_2(tmp_path, capsys):
     assert main(["landscape", str(tmp_path / "missing.pt")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_the_attack_is_one_description_an_attack_config_or_its_dict(data):
+    """landscape and flatness take `attacks.AttackConfig` (the training attack's own description) or its dict form,
+    alike; alpha left out follows eps as everywhere else; a bad attack is a ValueError naming the field."""
+    from flatrobust.attacks import AttackConfig
+    from flatrobust.landscape import check_attack
+
+    x, y = data
+    model = _smallcnn()
+    as_config = AttackConfig(eps=0.1, alpha=0.025, steps=3)
+    assert check_attack(as_config) == check_attack(ATTACK) == ATTACK
+    assert robust_loss(model, x, y, attack=as_config, seed=1) == robust_loss(model, x, y, attack=ATTACK, seed=1)
+    assert check_attack(dict(eps=0.1, steps=3))["alpha"] == 0.025
+    for bad, field in ((dict(ATTACK, steps=0), "steps"), (dict(ATTACK, norm="l1"), "norm"), (dict(steps=3), "eps")):
+        with pytest.raises(ValueError, match=field):
+            check_attack(bad)

@@ -26,7 +26,7 @@ def test_trades_loss_matches_its_formula(batch):
 
 
 def test_trades_ascent_loss_does_not_detach_natural_logits(batch):
-    """The AWP ascent for TRADES differentiates through the natural logits too (PAPER.md)."""
+    """The AWP ascent for TRADES differentiates through the natural logits too (as the official TRADES-AWP code does)."""
     model, x, y = batch
     x_adv = (x + 0.03 * torch.randn_like(x)).clamp(0, 1)
     obj = TRADES(AttackConfig(eps=0.1), beta=6.0)

@@ -15,7 +15,8 @@ import yaml
 
 from flatrobust.cli import main
 from flatrobust.config import load_config
-from flatrobust.train import TIMING_KEYS, fit, lr_at
+from flatrobust.rundir import without_timing
+from flatrobust.train import EpochPlan, fit, lr_at
 
 # A run that takes a few seconds: 256 digits, PGD-2, AWP on.
 TINY = ["awp.warmup=0", "data.train_subset=256", "data.eval_subset=64", "batch_size=64", "attack.steps=2", "attack.eps=0.2",
@@ -61,6 +62,36 @@ def test_piecewise_schedule_per_iteration():
     assert lr_at(0, 100, cos) == pytest.approx(0.1) and lr_at(50, 100, cos) == pytest.approx(0.05)
 
 
+def test_epoch_plan_shares_every_batch_among_processes_and_follows_the_schedule():
+    """The epoch plan `fit` follows (public: tools/awp_collapse.py replays it): one process takes every batch, the last
+    one short; under DDP the processes split each global batch and the short one is dropped; with RST's extra data
+    an epoch is one pass over the labeled part; the lr is the schedule's at the global step."""
+    cfg = load_config(None, ["batch_size=4", "epochs=3", "optim.lr=0.1"])
+    one = EpochPlan(cfg, n_labeled=10)
+    order, _ = one.generators(1, torch.device("cpu"))
+    alone = one.index_batches(order)
+    assert one.steps_per_epoch == len(alone) == 3 and [len(b) for b in alone] == [4, 4, 2]
+    assert sorted(torch.cat(alone).tolist()) == list(range(10))
+    ranks = [EpochPlan(cfg, n_labeled=10, rank=r, world=2) for r in range(2)]
+    shares = [p.index_batches(p.generators(1, torch.device("cpu"))[0]) for p in ranks]
+    assert ranks[0].steps_per_epoch == 2 and [len(b) for b in shares[0]] == [2, 2]
+    assert [torch.cat([a, b]).sort().values.tolist() for a, b in zip(*shares)] == [b.sort().values.tolist() for b in alone[:2]]
+    assert not torch.equal(one.generators(1, torch.device("cpu"))[1].get_state(), ranks[1].generators(1, torch.device("cpu"))[1].get_state())
+    rst = EpochPlan(cfg, n_labeled=10, n_extra=30)  # half of every batch of 4 labeled: 5 steps cover the labeled part
+    assert rst.steps_per_epoch == 5 and rst.total_steps == 15
+    assert [one.lr(one.step(e, 0)) for e in range(3)] == [lr_at(s, 9, cfg) for s in (0, 3, 6)] == [0.1, 0.1, 0.01]
+
+
+def test_tools_use_only_public_training_helpers():
+    """The tools replay and read runs through the public API (the epoch plan, the run directory), not private helpers."""
+    import ast
+
+    for path in Path("tools").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("flatrobust"):
+                assert not [a.name for a in node.names if a.name.startswith("_")], path
+
+
 @pytest.mark.parametrize(
     "args,message",
     [
@@ -94,7 +125,7 @@ def test_existing_run_dir_is_not_overwritten(tmp_path, capsys):
 
 def _final(run_dir: Path):
     ckpt = torch.load(run_dir / "last.pt", weights_only=True)
-    rows = [{k: v for k, v in r.items() if k not in TIMING_KEYS and k != "eval_time_s"} for r in _metrics(run_dir)]
+    rows = [without_timing(r) for r in _metrics(run_dir)]
     return ckpt["model"], ckpt["optimizer"], rows
 
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -33,12 +32,12 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from flatrobust.awp import AWP  # noqa: E402
+from flatrobust.awp import AWP, perturbed_parameters  # noqa: E402
 from flatrobust.config import load_config  # noqa: E402
-from flatrobust.data import augment, batches  # noqa: E402
+from flatrobust.data import augment  # noqa: E402
 from flatrobust.models.smallcnn import SmallCNN  # noqa: E402
 from flatrobust.modes import frozen_bn_stats, train_mode  # noqa: E402
-from flatrobust.train import _augment_args, _epoch_generators, build, lr_at, train_step  # noqa: E402
+from flatrobust.train import EpochPlan, build, train_step  # noqa: E402
 
 LAYERS = ("bn1", "bn2", "bn3", "fc1")  # outputs that feed a ReLU
 
@@ -120,20 +119,17 @@ def _awp_for(run, cfg, only: str) -> AWP | None:
 
 
 def _epochs(args, cfg, run, awp, on_step, on_epoch) -> None:
-    """fit's loop without evaluation and files: same batches, noise, lr per step and train_step."""
-    n = len(run.train)
-    spe = math.ceil(n / cfg.batch_size)
-    total = cfg.epochs * spe
-    aug = _augment_args(cfg)
+    """fit's loop without evaluation and files: the same epoch plan (batches, noise, lr per step) and train_step."""
+    plan = EpochPlan.of(run)
     for epoch in range(args.epochs):
-        order, noise = _epoch_generators(cfg, epoch, run.device)
+        order, noise = plan.generators(epoch, run.device)
         awp_on = awp is not None and epoch >= cfg.awp.warmup
         sums = [0.0, 0.0, 0]
-        for b, idx in enumerate(batches(n, cfg.batch_size, shuffle=True, generator=order)):
+        for b, idx in enumerate(plan.index_batches(order, run.train.x.device)):
             for g in run.optimizer.param_groups:
-                g["lr"] = lr_at(epoch * spe + b, total, cfg)
-            x, y = augment(run.train.x[idx], generator=noise, **aug), run.train.y[idx]
-            loss, correct = on_step(epoch, epoch * spe + b + 1, x, y, noise, awp if awp_on else None)
+                g["lr"] = plan.lr(plan.step(epoch, b))
+            x, y = augment(run.train.x[idx], generator=noise, **plan.augment), run.train.y[idx]
+            loss, correct = on_step(epoch, plan.step(epoch, b) + 1, x, y, noise, awp if awp_on else None)
             sums[0] += loss * len(y)
             sums[1] += correct
             sums[2] += len(y)
@@ -145,7 +141,7 @@ def cmd_steps(args) -> None:
     model, obj, opt = run.model, run.objective, run.optimizer
     awp = _awp_for(run, cfg, args.only)
     taps = Taps(cnn)
-    weights = [(n, p) for n, p in model.named_parameters() if p.dim() > 1]
+    weights = perturbed_parameters(model)
     rows = []
 
     def step(epoch, step_no, x, y, noise, awp_now):

@@ -45,6 +45,13 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if hasattr(model, "module") and isinstance(model.module, nn.Module) else model
 
 
+def perturbed_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """(name, parameter) of the weights AWP perturbs: every trainable parameter (requires_grad) with dim > 1, i.e. the
+    conv and linear weights; biases, BatchNorm's affine parameters, frozen weights and buffers are left alone, as in
+    the official code. The one definition of the set, shared by the landscape and the flatness measures."""
+    return [(n, p) for n, p in _unwrap(model).named_parameters() if p.dim() > 1 and p.requires_grad]
+
+
 class AWP:
     """Layer-wise relative adversarial weight perturbation.
 
@@ -52,8 +59,9 @@ class AWP:
         model: the network being trained (a DDP-wrapped model works; see `perturb`).
         gamma: relative size of the perturbation, ||v_l|| = gamma * ||w_l|| (paper: 0.01 for AT,
             0.005 for TRADES). gamma = 0 makes `perturb`/`restore` exact no-ops.
-        params: the tensors to perturb. Default: every parameter with dim > 1 (conv and linear weights);
-            biases and BatchNorm affine parameters are never perturbed by default, as in the paper.
+        params: the tensors to perturb. Default: `perturbed_parameters(model)`, every trainable parameter with
+            dim > 1 (conv and linear weights); biases and BatchNorm affine parameters are never perturbed by
+            default, as in the paper.
         check_finite: keep the device-side flags `finite`/`layer_finite` and give a layer whose ascent
             gradient is not finite no perturbation (one elementwise pass over the gradients, no host
             synchronization). Off: no flags, and a non-finite gradient makes the weights non-finite.
@@ -71,12 +79,11 @@ class AWP:
         self.model = model
         self.gamma = float(gamma)
         self.check_finite = check_finite
-        named = list(_unwrap(model).named_parameters())
         if params is None:
-            chosen = [(n, p) for n, p in named if p.dim() > 1 and p.requires_grad]
+            chosen = perturbed_parameters(model)
         else:
             ids = {id(p) for p in params}
-            chosen = [(n, p) for n, p in named if id(p) in ids]
+            chosen = [(n, p) for n, p in _unwrap(model).named_parameters() if id(p) in ids]
             if len(chosen) != len(ids):
                 raise ValueError("AWP params= must be parameters of the model")
         if not chosen:

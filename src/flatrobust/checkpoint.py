@@ -1,4 +1,4 @@
-"""Checkpoints: written atomically, loaded safely (`weights_only=True`), recognisably ours.
+"""Checkpoints: written atomically (`atomic.write_atomic`), loaded safely (`weights_only=True`), recognisably ours.
 
 A checkpoint is a plain dict of tensors and Python primitives:
 
@@ -12,17 +12,17 @@ so it loads with `torch.load(path, weights_only=True)` anywhere, and a file carr
 """
 from __future__ import annotations
 
-import errno
 import os
 import re
-import secrets
 from pathlib import Path
-from typing import Any, BinaryIO, Callable
+from typing import Any
 
 import torch
 from torch import nn
 
+from .atomic import WriteError, write_atomic  # noqa: F401 - WriteError re-exported (its home was here)
 from .errors import UserError
+from .rundir import checkpoint_file
 
 FORMAT = "flatrobust"
 VERSION = 1
@@ -36,64 +36,6 @@ class NotACheckpointError(CheckpointError):
     """A readable file that is not a flatrobust checkpoint (e.g. a plain state_dict)."""
 
 
-class WriteError(UserError):
-    """A file that could not be written (disk full, no permission, ...): one line naming it; the previous
-    file at that path, if any, is kept and no temporary file is left."""
-
-
-def _oserror(e: BaseException) -> OSError | None:
-    """The OSError behind `e`: itself, or the one a writer (torch.save's "unexpected pos") raised from."""
-    seen = set()
-    while e is not None and id(e) not in seen:
-        if isinstance(e, OSError):
-            return e
-        seen.add(id(e))
-        e = e.__cause__ or e.__context__
-    return None
-
-
-def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> None:
-    """Call `write(f)` on a temporary file in `path`'s folder, fsync it, rename it to `path`, fsync the folder.
-
-    A crash at any moment leaves either the previous file at `path` or the new one, never half of one,
-    and no temporary file behind. The file gets the mode of any file the user creates (0666 less the umask),
-    as `open` would give it. A write that fails for lack of space or permission raises `WriteError` (one
-    line naming `path` and the reason).
-    """
-    path = Path(path)
-    tmp = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        for _ in range(100):  # mkstemp's way to a fresh name, but with open()'s mode 0666 & ~umask, not 0600
-            tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
-            try:
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-                break
-            except FileExistsError:
-                continue
-        else:
-            raise FileExistsError(f"no free temporary name beside {path}")
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        dir_fd = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except BaseException as e:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
-        cause = _oserror(e) if isinstance(e, Exception) else None
-        if cause is not None:
-            full = " (the disk is full)" if cause.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", -1)) else ""
-            raise WriteError(f"cannot write {str(path)!r}: {cause.strerror or cause}{full}; "
-                             f"{'the previous file is kept' if path.exists() else 'nothing was written'}") from None
-        raise
-
-
 def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> None:
     """Write `state` to `path` atomically (`write_atomic`): a crash during the write leaves the previous
     file at `path` intact."""
@@ -103,14 +45,9 @@ def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> None:
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a flatrobust checkpoint with `weights_only=True`; CheckpointError (one line) if it is not one."""
-    path = Path(path)
-    if path.is_dir():
-        for name in ("best.pt", "last.pt"):
-            if (path / name).exists():
-                path = path / name
-                break
-        else:
-            raise CheckpointError(f"{path} is a folder without best.pt or last.pt: pass a checkpoint file or a run directory")
+    folder, path = Path(path), checkpoint_file(path)
+    if folder.is_dir() and not path.exists():
+        raise CheckpointError(f"{folder} is a folder without best.pt or last.pt: pass a checkpoint file or a run directory")
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist: pass the path of a .pt file written by `flatrobust train`")
     return _check_ours(_read(path, map_location), path)
@@ -231,6 +168,25 @@ def model_from_checkpoint(path: str | os.PathLike, device: str | torch.device = 
     except RuntimeError as e:
         raise CheckpointError(f"{path}: weights do not fit model {name!r} ({str(e).splitlines()[0][:120]})") from None
     return net.to(device).eval(), state
+
+
+def checkpoint_split(state: dict[str, Any], split: str = "test", *, root: str | None = None, download: bool | None = None,
+                     progress: bool = False):
+    """Split `split` ("train" or "test", a `data.TensorData`) of the data checkpoint `state` was trained on, decoded as
+    its model expects (the classes, channels, size and normalization of its `data_info`): its config's data section,
+    with `root` pointing to another copy of the data and `download` (if given) replacing the config's. UserError (one
+    line) when the data cannot be read."""
+    from .data import DataError, info_from_checkpoint, load_split
+
+    data = dict(state["config"].get("data") or {})
+    if root is not None:
+        data["root"] = root
+    if download is not None:
+        data["download"] = download
+    try:
+        return load_split(data, split, like=info_from_checkpoint(state), progress=progress)
+    except DataError as e:
+        raise UserError(str(e)) from None
 
 
 def load_weights(model: nn.Module, path: str | os.PathLike) -> None:

@@ -10,6 +10,8 @@ import dataclasses
 import difflib
 import math
 import re
+import sys
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +19,9 @@ from typing import Any
 
 import yaml
 
+from .attacks import AttackConfig
 from .errors import UserError
+from .rundir import CONFIG, LAST, read_config
 
 
 @dataclass
@@ -35,16 +39,6 @@ class DataConfig:
     extra: str = ""  # RST: .npz of extra images with pseudo-labels (x, y), e.g. from `flatrobust pseudolabel`
     extra_fraction: float = 0.5  # RST: share of every batch drawn from `extra` (Carmon et al.: half)
     on_device: str = "auto"  # auto (on the GPU if it fits in half its free memory) | on | off (pinned host memory)
-
-
-@dataclass
-class AttackSpec:
-    """PGD in pixel units. Training defaults: CIFAR L-inf 8/255, step 2/255, 10 steps (PAPER.md)."""
-
-    norm: str = "linf"  # linf | l2
-    eps: float = 8 / 255
-    alpha: float = 2 / 255
-    steps: int = 10
 
 
 @dataclass
@@ -106,7 +100,9 @@ class RunConfig:
     checkpoint_every: int = 0  # > 0: also checkpoint every N steps inside an epoch
     init_from: str = ""  # fine-tuning: start from the weights of this checkpoint / run directory / state_dict file
     data: DataConfig = field(default_factory=DataConfig)
-    attack: AttackSpec = field(default_factory=AttackSpec)
+    # The training attack (`attacks.AttackConfig`: norm, eps, alpha, steps); the recipe default is CIFAR L-inf 8/255,
+    # 10 steps, and alpha follows eps unless given (`attacks.default_alpha`: eps/4 for L-inf, eps * 15/128 for L2).
+    attack: AttackConfig = field(default_factory=lambda: AttackConfig(eps=8 / 255))
     eval: EvalSpec = field(default_factory=EvalSpec)
     awp: AWPConfig = field(default_factory=AWPConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -115,7 +111,7 @@ class RunConfig:
     ema: EMAConfig = field(default_factory=EMAConfig)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return dataclasses.asdict(self) | {"attack": self.attack.as_dict()}  # attack keys in the recipe's order
 
 
 CHOICES = {
@@ -142,7 +138,11 @@ LOWER = {
 _FRACTION = re.compile(r"^\s*([0-9.eE+-]+)\s*/\s*([0-9.eE+-]+)\s*$")
 
 
-def _coerce(key: str, value: Any, typ: type) -> Any:
+def _coerce(key: str, value: Any, typ: Any) -> Any:
+    if isinstance(typ, types.UnionType):  # `float | None`: None means "the default" (attack.alpha: follow eps)
+        if value is None:
+            return None
+        typ = next(t for t in typing.get_args(typ) if t is not type(None))
     if typ is bool:
         if isinstance(value, bool):
             return value
@@ -194,6 +194,18 @@ def _coerce(key: str, value: Any, typ: type) -> Any:
     raise AssertionError(typ)
 
 
+def _check_range(key: str, value: Any) -> None:
+    """UserError (one line) when `value` of `key` is not one of its CHOICES or lies below its LOWER bound."""
+    if key in CHOICES and value not in CHOICES[key]:
+        close = difflib.get_close_matches(str(value), CHOICES[key], n=1, cutoff=0.4)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise UserError(f"{key} must be one of {', '.join(CHOICES[key])}, got {value!r}{hint}")
+    if key in LOWER and value is not None:
+        low, inclusive = LOWER[key]
+        if value < low or (not inclusive and value == low):
+            raise UserError(f"{key} must be {'>=' if inclusive else '>'} {low}, got {value}")
+
+
 def _unknown(key: str, valid: list[str]) -> UserError:
     close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
     hint = f" (did you mean {close[0]!r}?)" if close else f" (valid keys: {', '.join(valid)})"
@@ -212,7 +224,9 @@ def _all_keys(cls, prefix="") -> list[str]:
     return keys
 
 
-def _build(cls, values: dict[str, Any], prefix: str = ""):
+def _build(cls, values: dict[str, Any], prefix: str = "", default: Any = None):
+    """A `cls` from the keys given (coerced and range-checked one by one), the rest from `cls`'s defaults; a field
+    `cls` itself leaves without a default (attack.eps) takes its value from `default`, the section's default."""
     if not isinstance(values, dict):
         raise UserError(f"{prefix.rstrip('.') or 'the config'} must be a mapping of keys to values, got {values!r}")
     hints = typing.get_type_hints(cls)
@@ -222,10 +236,16 @@ def _build(cls, values: dict[str, Any], prefix: str = ""):
             raise _unknown(prefix + str(key), _all_keys(RunConfig))
     kwargs = {}
     for f in dataclasses.fields(cls):
+        t, full = hints[f.name], prefix + f.name
         if f.name not in values:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and default is not None:
+                kwargs[f.name] = getattr(default, f.name)
             continue
-        t, v, full = hints[f.name], values[f.name], prefix + f.name
-        kwargs[f.name] = _build(t, v, full + ".") if dataclasses.is_dataclass(t) else _coerce(full, v, t)
+        if dataclasses.is_dataclass(t):
+            kwargs[f.name] = _build(t, values[f.name], full + ".", default=f.default_factory())
+        else:
+            kwargs[f.name] = _coerce(full, values[f.name], t)
+            _check_range(full, kwargs[f.name])
     return cls(**kwargs)
 
 
@@ -240,8 +260,14 @@ def _set_path(tree: dict, dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+class _Whole(dict):
+    """A mapping given whole on the command line (`model_args={width: 16}`): it replaces the recipe's, where a
+    dotted key (`model_args.width=16`) sets one entry of it."""
+
+
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
-    """['awp.gamma=0.01', 'epochs=5'] -> nested dict; values parsed as YAML scalars (8/255 stays a string)."""
+    """['awp.gamma=0.01', 'epochs=5'] -> nested dict; values parsed as YAML scalars (8/255 stays a string). A value
+    written as a mapping ({...}) replaces the recipe's mapping when merged (`_merge`), never merges into it."""
     tree: dict[str, Any] = {}
     for item in overrides:
         if "=" not in item:
@@ -254,28 +280,36 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
             value = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError:
             value = raw
-        _set_path(tree, key, value)
+        _set_path(tree, key, _Whole(value) if isinstance(value, dict) else value)
+    return tree
+
+
+def _command_line(overrides: list[str]) -> dict[str, Any]:
+    """`parse_overrides`, refusing a section given whole (`data={...}`): merged into the recipe's section it would
+    silently keep the recipe's other keys of it, and replacing the section would silently drop them."""
+    tree = parse_overrides(overrides)
+    hints = typing.get_type_hints(RunConfig)
+    for key, value in tree.items():
+        if isinstance(value, _Whole) and dataclasses.is_dataclass(hints.get(key)):
+            name = next(iter(value), None) or dataclasses.fields(hints[key])[0].name
+            raise UserError(f"{key} is a section: override its keys one by one (e.g. {key}.{name}=...), not {key} as a whole")
     return tree
 
 
 def _merge(base: dict, extra: dict) -> dict:
+    """`extra` over `base`: sections merge key by key; a mapping given whole on the command line replaces."""
     out = dict(base)
     for k, v in extra.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        if isinstance(v, _Whole):
+            out[k] = dict(v)
+        else:
+            out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 
 def validate(cfg: RunConfig) -> RunConfig:
-    flat = _flatten(cfg)
-    for key, choices in CHOICES.items():
-        if flat[key] not in choices:
-            close = difflib.get_close_matches(str(flat[key]), choices, n=1, cutoff=0.4)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise UserError(f"{key} must be one of {', '.join(choices)}, got {flat[key]!r}{hint}")
-    for key, (low, inclusive) in LOWER.items():
-        v = flat[key]
-        if v < low or (not inclusive and v == low):
-            raise UserError(f"{key} must be {'>=' if inclusive else '>'} {low}, got {v}")
+    for key, value in _flatten(cfg).items():
+        _check_range(key, value)
     from .models import check_name
 
     try:
@@ -373,7 +407,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     tree = dict(base or {})
     if path is not None:
         tree = _merge(tree, read_yaml(path))
-    tree = _merge(tree, parse_overrides(overrides or []))
+    tree = _merge(tree, _command_line(overrides or []))
     cfg = validate(_build(RunConfig, tree))
     from .models import source_of
 
@@ -382,6 +416,30 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         # later: by --resume, eval, landscape and flatness, which read this absolute path from the run's config
         cfg.model_dir = str((Path(path).parent if path is not None else Path.cwd()).resolve())
     return cfg
+
+
+def resume_config(run_dir: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """The config of an existing run directory (its config.yaml), with optional overrides (e.g. epochs=30 to train
+    longer). A config.yaml that is missing, empty or damaged (a full disk, before writes were atomic) is replaced
+    by the config last.pt holds, with a warning."""
+    run_dir = Path(run_dir)
+    path, last = run_dir / CONFIG, run_dir / LAST
+    if not path.is_file() and not last.is_file():
+        raise UserError(f"{run_dir} is not a run directory (no config.yaml): pass the folder that `flatrobust train` created")
+    try:
+        tree = read_config(run_dir) if path.is_file() else None
+    except UserError:
+        tree = None
+    if not tree:
+        if not last.is_file():
+            raise UserError(f"{str(path)!r} is empty or damaged and {run_dir} holds no last.pt: there is nothing to resume; "
+                            "start the run again (with --overwrite)")
+        from .checkpoint import load_checkpoint
+
+        tree = load_checkpoint(last)["config"]
+        print(f"flatrobust: warning: {str(path)!r} is missing, empty or damaged: resuming with the config saved in {str(last)!r}",
+              file=sys.stderr)
+    return config_from_dict(_merge(tree, _command_line(overrides or [])))
 
 
 def config_from_dict(tree: dict[str, Any]) -> RunConfig:

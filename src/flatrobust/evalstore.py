@@ -10,7 +10,7 @@ A store is a folder (`flatrobust eval` uses `eval.parts/` beside `eval.json`):
     ATTACK.CHUNK.part.pt the finished batches of the chunk in progress, one such record per batch, rewritten
                          after every batch; replaced by ATTACK.CHUNK.pt once the chunk is finished
 
-The grain is one batch: every file is written atomically (`checkpoint.write_atomic`), so an interruption
+The grain is one batch: every file is written atomically (`atomic.write_atomic`), so an interruption
 at any moment loses at most the batch in progress. `open_store` refuses a folder whose manifest differs
 from the evaluation asked for (one line naming what differs); records are per attack and an attack's
 randomness depends only on (seed, attack name), so a rerun may add or drop attacks and still reuse the
@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoint import write_atomic
+from .atomic import write_atomic, write_json
 from .errors import UserError
 
 MANIFEST = "manifest.json"
@@ -45,12 +45,6 @@ def fingerprint_tensors(tensors: list[tuple[str, torch.Tensor]]) -> str:
 
 def fingerprint_model(model: nn.Module) -> str:
     return fingerprint_tensors(list(model.state_dict().items()))
-
-
-def write_json(obj: Any, path: str | Path) -> None:
-    """JSON to `path`, atomically."""
-    text = json.dumps(obj, indent=2) + "\n"
-    write_atomic(path, lambda f: f.write(text.encode()))
 
 
 class ChunkStore:
@@ -110,5 +104,5 @@ def open_store(folder: str | Path, key: dict[str, Any], *, restart: bool = False
         raise UserError(f"{folder} exists and is not a store of partial evaluation results (no {MANIFEST}): "
                         "move it away or write the results elsewhere")
     else:
-        write_json(key, manifest)
+        write_json(manifest, key)
     return ChunkStore(folder)

@@ -10,8 +10,8 @@ Because the neighbourhood scales with each layer's norm, both measures are invar
 of ReLU networks that leave the function unchanged (w_l -> c * w_l, w_{l+1} -> w_{l+1} / c), which makes
 flatness comparable across models; an absolute ball would not be.
 
-Perturbed tensors: every parameter with dim > 1 (conv and linear weights), the set
-`landscape.perturbed_parameters` returns and AWP perturbs. Biases, BatchNorm weight/bias and all buffers
+Perturbed tensors: the weights AWP perturbs, `awp.perturbed_parameters` (every trainable parameter with dim > 1:
+conv and linear weights). Biases, BatchNorm weight/bias, frozen weights and all buffers
 (BatchNorm running statistics, the Normalize layer's mean/std) are never perturbed; the model is
 evaluated in eval mode, so BatchNorm uses the running statistics stored with w.
 
@@ -28,8 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attacks import threat_model
-from .landscape import _check_data, check_attack, perturbed_parameters, robust_loss
+from .attacks import AttackConfig, threat_model
+from .awp import perturbed_parameters
+from .landscape import _check_data, check_attack, robust_loss
 from .progress import Progress
 
 __all__ = ["average_flatness", "relative_sphere_sample", "worst_flatness"]
@@ -61,7 +62,7 @@ def average_flatness(
     x: torch.Tensor,
     y: torch.Tensor,
     *,
-    attack: dict[str, Any],
+    attack: AttackConfig | dict[str, Any],
     xi: float = 0.5,
     draws: int = 10,
     batch_size: int = 256,
@@ -73,7 +74,7 @@ def average_flatness(
     Args:
         model: maps images in [0, 1] to logits; left bit-identical.
         x, y: evaluation examples (N, C, H, W) in [0, 1] and labels (N,).
-        attack: {norm, eps, alpha, steps} of the PGD that estimates rho (re-run for every draw).
+        attack: the PGD that estimates rho (re-run for every draw): an `AttackConfig` or a dict {norm, eps, alpha, steps}.
         xi: relative radius, ||nu_l|| = xi * ||w_l|| (Stutz et al.: 0.5).
         draws: number of random nu (Stutz et al.: 10).
         seed: nu from `torch.Generator().manual_seed(seed)`; PGD random starts reseeded with `seed`.
@@ -130,7 +131,7 @@ def worst_flatness(
     x: torch.Tensor,
     y: torch.Tensor,
     *,
-    attack: dict[str, Any],
+    attack: AttackConfig | dict[str, Any],
     xi: float = 0.003,
     steps: int = 20,
     weight_step: float | None = None,

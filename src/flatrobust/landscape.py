@@ -4,7 +4,8 @@
 
 d is a Gaussian direction normalized filter-wise (Li et al., "Visualizing the Loss Landscape of Neural
 Nets", NeurIPS 2018): every filter d_{l,i} (slice i along dim 0 of a conv or linear weight) is rescaled
-to ||w_{l,i}||; biases and BatchNorm parameters (every parameter with dim <= 1) get d = 0. The filter-wise
+to ||w_{l,i}||; biases, BatchNorm parameters and frozen weights (every parameter AWP leaves alone,
+`awp.perturbed_parameters`) get d = 0. The filter-wise
 scale makes the curve invariant to the rescalings of ReLU networks that leave the function unchanged,
 so landscapes of different models can be compared on one alpha axis.
 
@@ -26,7 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attacks import pgd
+from .attacks import AttackConfig, pgd
+from .awp import perturbed_parameters
 from .modes import train_mode
 from .progress import Progress
 
@@ -44,22 +46,10 @@ DEFAULT_ALPHAS = tuple(round(-1 + 0.1 * i, 10) for i in range(21))  # -1.0, -0.9
 DIRECTION = "filter-normalized Gaussian (Li et al. 2018); dim <= 1 parameters (biases, BatchNorm) zero"
 
 
-def check_attack(attack: dict[str, Any]) -> dict[str, Any]:
-    """The threat model as a plain dict {norm, eps, alpha, steps} (validated; extra keys are dropped)."""
-    if not isinstance(attack, dict):
-        raise ValueError(f"attack must be a dict with keys eps, alpha, steps (and norm), got {attack!r}")
-    missing = [k for k in ("eps", "alpha", "steps") if k not in attack]
-    if missing:
-        raise ValueError(f"attack lacks {', '.join(missing)}: pass e.g. dict(norm='linf', eps=8/255, alpha=2/255, steps=10)")
-    out = {"norm": attack.get("norm", "linf"), "eps": float(attack["eps"]), "alpha": float(attack["alpha"]),
-           "steps": int(attack["steps"])}
-    if out["norm"] not in ("linf", "l2"):
-        raise ValueError(f"attack norm must be 'linf' or 'l2', got {out['norm']!r}")
-    if not (math.isfinite(out["eps"]) and out["eps"] >= 0 and math.isfinite(out["alpha"]) and out["alpha"] >= 0):
-        raise ValueError(f"attack eps and alpha must be finite numbers >= 0, got {out['eps']!r} and {out['alpha']!r}")
-    if out["steps"] < 1:
-        raise ValueError(f"attack steps must be >= 1, got {out['steps']}")
-    return out
+def check_attack(attack: AttackConfig | dict[str, Any]) -> dict[str, Any]:
+    """The threat model as a plain dict {norm, eps, alpha, steps}, validated by `attacks.AttackConfig` (ValueError;
+    alpha defaults to `default_alpha(norm, eps)`, extra keys are dropped)."""
+    return AttackConfig.of(attack).as_dict()
 
 
 def _check_data(x: torch.Tensor, y: torch.Tensor, batch_size: int) -> None:
@@ -69,29 +59,22 @@ def _check_data(x: torch.Tensor, y: torch.Tensor, batch_size: int) -> None:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
 
 
-def perturbed_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    """(name, parameter) for every parameter with dim > 1: the conv and linear weights.
-
-    Biases and BatchNorm affine parameters (dim <= 1) are left out, as are buffers (BatchNorm running
-    statistics, the Normalize layer's mean/std). The same set AWP perturbs.
-    """
-    return [(n, p) for n, p in model.named_parameters() if p.dim() > 1]
-
-
 @torch.no_grad()
 def filter_normalized_direction(model: nn.Module, generator: torch.Generator | None = None) -> list[torch.Tensor]:
     """A random direction d, one tensor per `model.parameters()` entry (same shapes, devices, dtypes).
 
-    For a parameter w with dim > 1, d ~ N(0, I) and each filter is rescaled,
-    d_i <- d_i * ||w_i|| / ||d_i|| with i indexing dim 0 (the output channel of a conv, the output unit
-    of a linear layer), so ||d_i|| = ||w_i||. Parameters with dim <= 1 (biases, BatchNorm) get d = 0.
+    For a weight w that AWP perturbs (`awp.perturbed_parameters`: trainable, dim > 1), d ~ N(0, I) and each filter
+    is rescaled, d_i <- d_i * ||w_i|| / ||d_i|| with i indexing dim 0 (the output channel of a conv, the output
+    unit of a linear layer), so ||d_i|| = ||w_i||. Every other parameter (biases, BatchNorm, frozen weights) gets
+    d = 0.
     The Gaussian is drawn from `generator` on its own device (the global CPU RNG if None) and then moved
     to the parameter's device, so a CPU generator gives the same direction on any device.
     """
     gen_device = generator.device if generator is not None else torch.device("cpu")
+    perturbed = {id(p) for _, p in perturbed_parameters(model)}
     direction = []
     for w in model.parameters():
-        if w.dim() <= 1:
+        if id(w) not in perturbed:
             direction.append(torch.zeros_like(w))
             continue
         d = torch.randn(w.shape, generator=generator, device=gen_device, dtype=w.dtype).to(w.device)
@@ -107,13 +90,13 @@ def robust_loss(
     x: torch.Tensor,
     y: torch.Tensor,
     *,
-    attack: dict[str, Any],
+    attack: AttackConfig | dict[str, Any],
     batch_size: int = 256,
     seed: int = 0,
 ) -> tuple[float, float]:
     """rho(w) and the robust accuracy: mean CE and accuracy on PGD adversarial examples, in eval mode.
 
-    PGD (CE loss, one restart, random start) with `attack` = {norm, eps, alpha, steps}; the random start
+    PGD (CE loss, one restart, random start) with `attack` (an `AttackConfig` or a dict); the random start
     comes from a generator on x's device seeded with `seed`, so equal seeds give equal examples for equal
     weights. x (N, C, H, W) in [0, 1], y (N,); processed in batches of `batch_size`. The model's mode is
     restored afterwards; its weights and buffers are not changed.
@@ -165,7 +148,7 @@ def landscape_1d(
     x: torch.Tensor,
     y: torch.Tensor,
     *,
-    attack: dict[str, Any],
+    attack: AttackConfig | dict[str, Any],
     alphas: Iterable[float] = DEFAULT_ALPHAS,
     directions: int = 3,
     batch_size: int = 256,
@@ -177,7 +160,8 @@ def landscape_1d(
     Args:
         model: maps images in [0, 1] to logits; left bit-identical (a copy is perturbed).
         x, y: evaluation examples (N, C, H, W) in [0, 1] and labels (N,).
-        attack: {norm, eps, alpha, steps} of the PGD that estimates rho (re-run for every perturbed model).
+        attack: the PGD that estimates rho (re-run for every perturbed model): an `AttackConfig` or a dict
+            {norm, eps, alpha, steps}.
         alphas: step sizes along each direction, in units of the filter-normalized direction
             (alpha = 1 moves every filter by its own norm). Default -1, -0.9, ..., 1.
         directions: number K of random directions (drawn one after the other from
@@ -240,7 +224,7 @@ def landscape_2d(
     x: torch.Tensor,
     y: torch.Tensor,
     *,
-    attack: dict[str, Any],
+    attack: AttackConfig | dict[str, Any],
     alphas: Iterable[float] = DEFAULT_ALPHAS,
     betas: Iterable[float] | None = None,
     batch_size: int = 256,

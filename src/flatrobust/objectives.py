@@ -8,7 +8,7 @@ Each objective says three things, as the official code of each method does them:
     code ascends the method's own training loss (for TRADES: CE on natural + beta * KL with batchmean,
     natural logits NOT detached), evaluated at w on the same adversarial batch.
 
-A training step with any objective and AWP::
+The training attack is an `attacks.AttackConfig` (re-exported here). A training step with any objective and AWP::
 
     x_adv = obj.attack(model, x, y)
     awp.perturb(lambda m: obj.ascent_loss(m, x, x_adv, y))
@@ -17,43 +17,13 @@ A training step with any objective and AWP::
 """
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attacks import pgd
+from .attacks import AttackConfig, pgd
 
-
-@dataclass
-class AttackConfig:
-    """The training attack: PGD-`steps` with step `alpha` in the `norm` ball of radius `eps` (pixel units).
-
-    `eps` has no default: it depends on the data (CIFAR L-inf 8/255, L2 128/255; digits 0.2). `alpha`
-    defaults to the paper's ratio to eps, `flatrobust.evaluate.default_alpha` (eps/4 for L-inf, so 2/255 at
-    8/255; eps * 15/128 for L2).
-    """
-
-    eps: float
-    alpha: float | None = None
-    steps: int = 10
-    norm: str = "linf"
-
-    def __post_init__(self) -> None:
-        if self.norm not in ("linf", "l2"):
-            raise ValueError(f"AttackConfig norm must be 'linf' or 'l2', got {self.norm!r}")
-        if not isinstance(self.eps, (int, float)) or not math.isfinite(self.eps) or self.eps < 0:
-            raise ValueError(f"AttackConfig eps must be a finite number >= 0 (pixel units, e.g. 8/255), got {self.eps!r}")
-        if self.alpha is None:
-            from .evaluate import default_alpha
-
-            self.alpha = default_alpha(self.norm, self.eps)
-        if not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha) or self.alpha < 0:
-            raise ValueError(f"AttackConfig alpha must be a finite number >= 0, got {self.alpha!r}")
-        if not isinstance(self.steps, int) or self.steps < 1:
-            raise ValueError(f"AttackConfig steps must be an integer >= 1, got {self.steps!r}")
+__all__ = ["AT", "MART", "OBJECTIVES", "TRADES", "AttackConfig", "Objective", "create_objective"]
 
 
 class Objective:

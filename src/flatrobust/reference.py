@@ -1,4 +1,5 @@
-"""A faithful re-implementation of the official AT-AWP procedure (PAPER.md, csdongxian/AWP).
+"""A faithful re-implementation of the official AT-AWP procedure (Wu, Xia, Wang, NeurIPS 2020; its code,
+github.com/csdongxian/AWP).
 
 It is the yardstick, not the product: tests check that `flatrobust.AWP` gives the same weights as this
 procedure, and `bench/` times it as the baseline. It reproduces what the official code does every step:

@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-import yaml
 from matplotlib.figure import Figure
 
+from . import rundir
 from .attacks.threat import format_eps
 from .errors import UserError
 
@@ -70,24 +70,11 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def _read_metrics(path: Path) -> list[dict[str, Any]]:
-    lines = path.read_text().splitlines()
-    by_epoch: dict[Any, dict[str, Any]] = {}
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError:
-            if i == len(lines) - 1:  # a run still being written may end in a half-written line
-                continue
-            raise UserError(f"{path}, line {i + 1}, is not valid JSON: fix or delete that line") from None
-        if not isinstance(row, dict) or not _finite(row.get("epoch")):
-            raise UserError(f"{path}, line {i + 1}, is not an object with a numeric 'epoch': is this a flatrobust metrics file?")
-        by_epoch[row["epoch"]] = row  # a resumed run may log an epoch again: the last entry wins
-    if not by_epoch:
-        raise UserError(f"{path} holds no epoch yet: let the run finish at least one epoch")
-    rows = [by_epoch[e] for e in sorted(by_epoch)]
+def _read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """`rundir.read_metrics`, with accuracies in percent and the gap filled in where a run did not log it."""
+    rows = rundir.read_metrics(run_dir)
+    if not rows:
+        raise UserError(f"{run_dir / rundir.METRICS} holds no epoch yet: let the run finish at least one epoch")
     # Accuracies in percent. Fractions are recognised by every accuracy of the run lying in [0, 1].
     values = [r[k] for r in rows for k in ACC_KEYS[:4] if _finite(r.get(k))]
     scale = 100.0 if values and max(abs(v) for v in values) <= 1.0 else 1.0
@@ -105,19 +92,11 @@ def load_run(path: str | os.PathLike) -> Run:
     path = Path(path)
     if not path.is_dir():
         raise UserError(f"run directory {path} does not exist (or is not a folder): pass folders written by `flatrobust train`")
-    metrics_path = path / "metrics.jsonl"
-    if not metrics_path.is_file():
-        raise UserError(f"{path} has no metrics.jsonl: pass folders written by `flatrobust train`")
-    config: dict[str, Any] = {}
-    if (path / "config.yaml").is_file():
-        try:
-            config = yaml.safe_load((path / "config.yaml").read_text()) or {}
-        except yaml.YAMLError as e:
-            raise UserError(f"{path / 'config.yaml'} is not valid YAML ({str(e).splitlines()[0]})") from None
-        if not isinstance(config, dict):
-            raise UserError(f"{path / 'config.yaml'} does not hold a mapping: is this a flatrobust run directory?")
+    if not (path / rundir.METRICS).is_file():
+        raise UserError(f"{path} has no {rundir.METRICS}: pass folders written by `flatrobust train`")
+    config = rundir.read_config(path, required=False)
     name = config.get("name") if isinstance(config.get("name"), str) and config.get("name") else path.resolve().name
-    run = Run(name=name, path=path, config=config, metrics=_read_metrics(metrics_path))
+    run = Run(name=name, path=path, config=config, metrics=_read_metrics(path))
     for attr in ("eval", "landscape", "flatness", "data"):
         if (path / f"{attr}.json").is_file():
             setattr(run, attr, _read_json(path / f"{attr}.json"))

@@ -7,40 +7,34 @@ PGD-20 accuracy on fixed train and test subsets (the robust generalization gap),
 """
 from __future__ import annotations
 
-import contextlib
-import json
 import math
 import os
-import shutil
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
-import yaml
 from torch import nn
 
-from . import models
+from . import models, rundir
 from .attacks import pgd, whole_box_warning
 from .awp import AWP
-from .checkpoint import WriteError, load_checkpoint, load_weights, save_checkpoint, write_atomic
+from .checkpoint import WriteError, load_checkpoint, load_weights, save_checkpoint
 from .collapse import ChanceLevel, collapse_warning, top_class_share
-from .config import RunConfig, config_from_dict
+from .config import RunConfig
 from .data import DATASETS, DataError, TensorData, augment, batches, load_extra, load_split, mixed_batch_sizes, mixed_batches
 from .ema import EMA
 from .errors import UserError
 from .guard import Rollback, StepMonitor, kept_checkpoint, skip_failure, stop_message
-from .machine import describe
+from .machine import describe, resolve_device
 from .objectives import AttackConfig, Objective, create_objective
 from .progress import Progress
 from .speed import accelerate
 from .tblog import TensorBoardLog, require_tensorboard
-
-TIMING_KEYS = ("epoch_time_s", "images_per_s", "elapsed_s")  # metrics that differ between identical runs
-
 
 class NonFiniteError(FloatingPointError):
     """A non-finite loss or AWP gradient; the message names epoch, step and (for AWP) the layer."""
@@ -65,7 +59,8 @@ def train_step(
     generator: torch.Generator | None = None,
     rollback: Rollback | None = None,
 ) -> StepResult:
-    """One step (PAPER.md steps 1-4): x_adv at w, w <- w + v, step at w + v, w <- w - v.
+    """One AWP step (Wu, Xia, Wang, NeurIPS 2020, Section 4, in the order of its official code): 1. x_adv at w,
+    2.-3. w <- w + v, the optimizer step at w + v, 4. w <- w - v.
 
     No host synchronization: the result stays on the device, and so does the verdict on finiteness
     (`finite`). A non-finite step is applied like any other (its weights become non-finite; a loop stops
@@ -107,17 +102,6 @@ def lr_at(step: int, total_steps: int, cfg: RunConfig) -> float:
     if cfg.optim.schedule == "cosine":
         return 0.5 * base * (1 + math.cos(math.pi * progress))
     return base
-
-
-def resolve_device(spec: str, local_rank: int = 0) -> torch.device:
-    if spec == "auto":
-        spec = "cuda" if torch.cuda.is_available() else "cpu"
-    if spec.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"device={spec} but no CUDA device is available: use device=cpu or device=auto")
-    if spec == "cuda":  # one GPU per process under torchrun
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
-    return torch.device(spec)
 
 
 @dataclass
@@ -278,8 +262,7 @@ def build(cfg: RunConfig, dist: Dist | None = None, *, progress: bool = False) -
             load_weights(model, cfg.init_from)
         except UserError as e:
             raise UserError(f"init_from: {e}") from None
-    a = cfg.attack
-    objective = create_objective(cfg.method, AttackConfig(eps=a.eps, alpha=a.alpha, steps=a.steps, norm=a.norm), beta=cfg.beta)
+    objective = create_objective(cfg.method, cfg.attack, beta=cfg.beta)
     o = cfg.optim
     optimizer = torch.optim.SGD(model.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay,
                                 nesterov=o.nesterov and o.momentum > 0)
@@ -316,26 +299,80 @@ def _place_train_data(data: TensorData, device: torch.device, on_device: str) ->
     return TensorData(data.x.pin_memory() if pin else data.x, data.y.pin_memory() if pin else data.y, data.info)
 
 
-def _epoch_generators(cfg: RunConfig, epoch: int, device: torch.device, rank: int = 0) -> tuple[torch.Generator, torch.Generator]:
-    """(order, noise): the data order (on the CPU) and the augmentation/attack noise (on `device`) of one
-    epoch, from (seed, epoch).
+# ----------------------------------------------------------------------------------- the epoch plan
 
-    Deriving them from (seed, epoch) instead of carrying one stream across epochs makes every epoch
-    reproducible on its own, which is what exact resume needs. The order is drawn on the CPU so that it is
-    the same on every device, and its indices reach the device once per epoch (`_to_data_device`).
+
+@dataclass(frozen=True)
+class EpochPlan:
+    """Which examples, noise and learning rate every step of a run uses: a function of the config, the data sizes and
+    the process's place in the job only, so that a resume and a replay (tools/awp_collapse.py) take `fit`'s steps.
+
+    Under DDP every process takes its share of each global batch of batch_size, and the last, incomplete batch is
+    dropped so that no process is left without examples. With RST's extra data an epoch is one pass over the
+    labeled data, each batch completed with extra examples (`data.extra_fraction` of it).
     """
-    base = (cfg.seed * 1_000_003 + epoch) % (2**63)
-    order = torch.Generator().manual_seed(base)
-    noise = torch.Generator(device=device).manual_seed(base ^ 0x5DEECE66D ^ (rank << 40))  # own noise per process
-    return order, noise
 
+    cfg: RunConfig
+    n_labeled: int  # the first n_labeled examples of the training data are labeled; the rest is extra data
+    n_extra: int = 0
+    rank: int = 0
+    world: int = 1
 
-def _to_data_device(index_batches: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
-    """An epoch's index batches (drawn on the CPU) on the device of the data, in one non-blocking copy."""
-    if device.type == "cpu" or not index_batches:
-        return index_batches
-    flat = torch.cat(index_batches).pin_memory().to(device, non_blocking=True)
-    return list(flat.split([len(i) for i in index_batches]))
+    @classmethod
+    def of(cls, run: Run) -> EpochPlan:
+        return cls(run.cfg, run.n_labeled, len(run.train) - run.n_labeled, run.dist.rank, run.dist.world)
+
+    @cached_property
+    def steps_per_epoch(self) -> int:
+        cfg = self.cfg
+        per_batch = mixed_batch_sizes(cfg.batch_size, cfg.data.extra_fraction)[0] if self.n_extra else cfg.batch_size
+        return self.n_labeled // per_batch if self.world > 1 else math.ceil(self.n_labeled / per_batch)
+
+    @property
+    def total_steps(self) -> int:
+        return self.cfg.epochs * self.steps_per_epoch
+
+    def step(self, epoch: int, batch: int) -> int:
+        """The global step (0-based) of batch `batch` of epoch `epoch` (0-based)."""
+        return epoch * self.steps_per_epoch + batch
+
+    def lr(self, step: int) -> float:
+        return lr_at(step, self.total_steps, self.cfg)
+
+    @cached_property
+    def augment(self) -> dict[str, Any]:
+        """`data.augment` as the keyword arguments of `data.augment` (the dataset's default for "default")."""
+        cfg = self.cfg
+        default = DATASETS[cfg.data.name].default_augment if cfg.data.name in DATASETS else "none"
+        kind = default if cfg.data.augment == "default" else cfg.data.augment
+        return {"crop_padding": 4, "flip": True} if kind == "crop_flip" else {"crop_padding": 0, "flip": False}
+
+    def generators(self, epoch: int, device: torch.device) -> tuple[torch.Generator, torch.Generator]:
+        """(order, noise): the data order (on the CPU) and the augmentation/attack noise (on `device`) of one epoch,
+        from (seed, epoch).
+
+        Deriving them from (seed, epoch) instead of carrying one stream across epochs makes every epoch
+        reproducible on its own, which is what exact resume needs. The order is drawn on the CPU so that it is
+        the same on every device, and its indices reach the device once per epoch (`index_batches`).
+        """
+        base = (self.cfg.seed * 1_000_003 + epoch) % (2**63)
+        order = torch.Generator().manual_seed(base)
+        noise = torch.Generator(device=device).manual_seed(base ^ 0x5DEECE66D ^ (self.rank << 40))  # own noise per process
+        return order, noise
+
+    def index_batches(self, order: torch.Generator, device: torch.device | None = None) -> list[torch.Tensor]:
+        """This process's index batches of the epoch drawn by `order`, on `device` (the data's) in one non-blocking copy."""
+        cfg, drop_last = self.cfg, self.world > 1
+        if self.n_extra:
+            epoch = mixed_batches(self.n_labeled, self.n_extra, cfg.batch_size, cfg.data.extra_fraction, generator=order,
+                                  drop_last=drop_last)
+        else:
+            epoch = batches(self.n_labeled, cfg.batch_size, shuffle=True, generator=order, drop_last=drop_last)
+        own = [idx[self.rank::self.world] for idx in epoch]
+        if device is None or device.type == "cpu" or not own:
+            return own
+        flat = torch.cat(own).pin_memory().to(device, non_blocking=True)
+        return list(flat.split([len(i) for i in own]))
 
 
 def _fetch(data: TensorData, idx: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -350,6 +387,40 @@ def _fetch(data: TensorData, idx: torch.Tensor, device: torch.device) -> tuple[t
     return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
 
 
+# ----------------------------------------------------------------------------------- the steps of the epoch loop
+
+
+@dataclass
+class Position:
+    """Where a run stands: what a checkpoint records and a resume restores."""
+
+    epoch: int = 0  # epochs finished
+    batch: int = 0  # steps of epoch `epoch` + 1 taken (> 0: a checkpoint inside an epoch, checkpoint_every)
+    best: float = -1.0  # the best monitored test robust accuracy so far (best.pt's epoch)
+    skipped: int = 0  # steps undone by nonfinite=skip, over the whole run
+    noise_state: torch.Tensor | None = None  # inside an epoch: the state of its noise generator
+    epoch_sums: dict | None = None  # inside an epoch: the sums of its steps so far (`new_sums`)
+
+
+def new_sums() -> dict[str, Any]:
+    """An epoch's running sums over its steps (as a checkpoint inside the epoch stores them)."""
+    return {"loss": 0.0, "correct": 0.0, "seen": 0, "skipped": 0, "time": 0.0}
+
+
+def restore(run: Run, state: dict[str, Any]) -> Position:
+    """Put weights, optimizer, EMA and random number generators back as checkpoint `state` holds them; where it stands."""
+    run.model.load_state_dict(state["model"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    if run.ema is not None and state.get("ema") is not None:  # (EMA turned on at resume: it starts from here)
+        run.ema.load_state_dict(state["ema"])
+    own = _own_position(state, run.dist)
+    torch.set_rng_state(own["torch_rng"])
+    if run.device.type == "cuda" and own.get("cuda_rng") is not None:
+        torch.cuda.set_rng_state(own["cuda_rng"], run.device)
+    return Position(state["epoch"], state["batch"], state["best"], state.get("skipped", 0), own.get("noise_state"),
+                    own.get("epoch_sums"))
+
+
 def _own_position(state: dict, dist: Dist) -> dict:
     """This process's noise state, epoch sums and RNG states from a checkpoint (its entry of `ranks` when
     it was taken inside an epoch under DDP). A checkpoint from inside an epoch resumes only with the
@@ -359,6 +430,29 @@ def _own_position(state: dict, dist: Dist) -> dict:
         raise UserError(f"the checkpoint was taken inside epoch {state['epoch'] + 1} by {world} process(es): resume it with "
                         f"{world} (torchrun --nproc_per_node={world}), or from an epoch-end checkpoint with any number")
     return ranks[dist.rank] if ranks is not None else state
+
+
+def write_checkpoint(run: Run, run_dir: Path, name: str, at: Position) -> None:
+    """RUN_DIR/`name` (last.pt or best.pt) at position `at`, with the RNG states to resume from there exactly.
+
+    A collective under DDP inside an epoch (every process's noise, sums and RNG go into the file): every process
+    calls it; only the main process writes.
+    """
+    where = f"epoch {at.epoch + 1}, step {at.batch}" if at.batch else f"epoch {at.epoch}"
+    _check_weights_finite(run.model, where, run_dir)
+    position = {"noise_state": at.noise_state, "epoch_sums": at.epoch_sums, "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state(run.device) if run.device.type == "cuda" else None}
+    ranks = run.dist.gather(position) if run.dist.world > 1 and at.batch else None
+    if not run.dist.main:
+        return
+    save_checkpoint({
+        "config": run.cfg.to_dict(), "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
+        "epoch": at.epoch, "batch": at.batch, "best": at.best, "skipped": at.skipped, **position,
+        "world_size": run.dist.world, "ranks": ranks,
+        "awp": run.awp.state_dict() if run.awp is not None else None,
+        "ema": run.ema.state_dict() if run.ema is not None else None,
+        "data_info": run.info.to_dict() if run.info is not None else None,
+    }, run_dir / name)
 
 
 def _check_weights_finite(model: nn.Module, where: str, run_dir: Path) -> None:
@@ -371,39 +465,180 @@ def _check_weights_finite(model: nn.Module, where: str, run_dir: Path) -> None:
                              f"{kept_checkpoint(run_dir)}: lower optim.lr")
 
 
-def _augment_args(cfg: RunConfig) -> dict[str, Any]:
-    default = DATASETS[cfg.data.name].default_augment if cfg.data.name in DATASETS else "none"
-    kind = default if cfg.data.augment == "default" else cfg.data.augment
-    return {"crop_padding": 4, "flip": True} if kind == "crop_flip" else {"crop_padding": 0, "flip": False}
+class StepReader:
+    """The per-step monitoring: the steps' loss, accuracy and finiteness stay on the device (`StepMonitor`) until
+    `read` brings them to the host (one sync, every log.interval steps), adds them to the epoch's sums, stops the
+    run on a non-finite step (nonfinite=stop, or nonfinite=skip when skipping is all it does: `guard.skip_failure`),
+    and feeds TensorBoard and the progress bar."""
+
+    def __init__(self, run: Run, run_dir: Path, plan: EpochPlan, tb: TensorBoardLog | None, *, skipped: int):
+        self.run, self.run_dir, self.plan, self.tb = run, run_dir, plan, tb
+        self.monitor = StepMonitor(run.device)
+        self.skipped = skipped  # non-finite steps over the whole run (nonfinite=skip undid them)
+        self._clock = time.time()
+
+    def start(self, first: int) -> None:
+        """A new epoch (or the rest of one) starts at batch `first`."""
+        self.monitor.start(first)
+        self.restart_clock()
+
+    def restart_clock(self) -> None:
+        """An epoch's time counts its steps only (not evaluation or checkpoint writes)."""
+        self._clock = time.time()
+
+    def add(self, result: StepResult, n: int, awp: AWP | None) -> None:
+        self.monitor.add(result.loss, result.correct, n, result.finite, awp)
+
+    def read(self, epoch: int, sums: dict[str, Any], step_end: int, bar: Progress) -> None:
+        """Bring the steps up to global step `step_end` to the host into `sums`; raise on a non-finite step."""
+        cfg, dist, r = self.run.cfg, self.run.dist, self.monitor.read()
+        awp_names = self.run.awp.names if self.run.awp is not None else None
+        bad = r.bad if dist.world == 1 else int(dist.all_sum([r.bad], self.run.device)[0])
+        if bad and cfg.nonfinite == "stop":
+            raise NonFiniteError(stop_message(r, epoch, awp_names, self.run_dir))
+        sums["loss"] += r.loss_sum
+        sums["correct"] += r.correct
+        sums["seen"] += r.seen
+        sums["skipped"] += r.bad
+        self.skipped += r.bad
+        in_epoch, per_epoch = step_end - self.plan.step(epoch, 0), self.plan.steps_per_epoch
+        gave_up = r.bad and skip_failure(r.longest_bad_run, sums["skipped"], in_epoch, per_epoch)
+        if gave_up:  # nonfinite=skip, and skipping is all the run does
+            raise NonFiniteError(stop_message(r, epoch, awp_names, self.run_dir, gave_up=gave_up))
+        if self.tb is not None:  # a loss point every log.interval steps of the epoch and at its end
+            self.tb.step(step_end, r.loss_sum, r.seen, write=in_epoch % cfg.log.interval == 0 or in_epoch == per_epoch)
+        now = time.time()
+        sums["time"] += now - self._clock  # wall time of the steps, read after the device has finished them
+        self._clock = now
+        seen = max(sums["seen"], 1)
+        bar.set_postfix(loss=f"{sums['loss'] / seen:.3f}", adv_acc=f"{sums['correct'] / seen:.1%}",
+                        img_s=f"{sums['seen'] / max(sums['time'], 1e-9):.0f}")
 
 
-def _write_json_line(path: Path, record: dict) -> None:
-    """Append one line; a failed write (disk full) is cut back off and raised as a one-line WriteError."""
-    size = path.stat().st_size if path.exists() else 0
-    try:
-        with open(path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-    except OSError as e:
-        with contextlib.suppress(OSError):
-            os.truncate(path, size)  # no half line left for the next reader
-        raise WriteError(f"cannot write {str(path)!r}: {e.strerror or e}") from None
+class Monitoring(NamedTuple):
+    """The per-epoch evaluation of the weights on the fixed monitoring subsets."""
+
+    accs: dict[str, float]  # `evaluate_weights` of the raw weights, and with EMA of the average (ema_*)
+    top_class_share: float  # share of test monitoring images given the most frequent class (collapse check)
+    seconds: float
 
 
-def _truncate_metrics(path: Path, epochs: int) -> list[dict]:
-    """Keep the first `epochs` lines (those covered by the checkpoint) and return them."""
-    if not path.exists():
-        return []
-    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
-    kept = []
-    for ln in lines[:epochs]:
-        try:
-            kept.append(json.loads(ln))
-        except json.JSONDecodeError:
-            break
-    path.write_text("".join(json.dumps(r) + "\n" for r in kept))
-    return kept
+def monitor_epoch(run: Run, attack: AttackConfig) -> Monitoring:
+    """Clean and PGD accuracy on the fixed train and test subsets (raw weights, and EMA), and the collapse check."""
+    t0 = time.time()
+    accs = evaluate_weights(run.local_forward, run, attack)
+    if run.ema is not None:
+        accs |= evaluate_weights(run.ema_forward, run, attack, prefix="ema_")
+    top_share = top_class_share(run.local_forward, run.eval_test.x, batch_size=run.cfg.eval.batch_size)
+    return Monitoring(accs, top_share, time.time() - t0)
+
+
+def epoch_record(plan: EpochPlan, epoch: int, sums: dict[str, Any], awp_on: bool, watch: Monitoring, eval_n: int) -> dict[str, Any]:
+    """The epoch's line of metrics.jsonl (`sums` summed over every process)."""
+    end = plan.step(epoch + 1, 0)
+    seen = max(sums["seen"], 1)
+    return {
+        "epoch": epoch + 1, "step": end, "lr": plan.lr(end - 1), "awp_active": awp_on, "train_loss": sums["loss"] / seen,
+        "train_batch_adv_acc": sums["correct"] / seen,  # on the training batches, at w + v
+        **watch.accs,  # train/test clean and robust accuracy and the gap; with EMA the same again as ema_*
+        "eval_n": eval_n,  # images in each of the fixed test and train monitoring subsets
+        "test_top_class_share": watch.top_class_share,
+        "skipped_batches": sums["skipped"], "epoch_time_s": sums["time"], "eval_time_s": watch.seconds,
+        "images_per_s": sums["seen"] / max(sums["time"], 1e-9),
+    }
+
+
+def save_epoch(run: Run, run_dir: Path, record: dict[str, Any], at: Position, *, is_best: bool, tb: TensorBoardLog | None) -> None:
+    """The epoch's record and checkpoints. Order matters for a crash between writes: metrics, then best.pt, then
+    last.pt. A resume starts from last.pt, drops metric lines it does not cover and recomputes that epoch identically."""
+    if run.dist.main:
+        rundir.append_metrics(run_dir, record)
+    if tb is not None:
+        tb.write_epoch(record)
+    if is_best:
+        write_checkpoint(run, run_dir, rundir.BEST, at)
+    write_checkpoint(run, run_dir, rundir.LAST, at)
+
+
+def epoch_line(cfg: RunConfig, record: dict[str, Any], *, has_awp: bool, has_ema: bool, is_best: bool) -> str:
+    """The line printed at the end of an epoch."""
+    warmup = "epoch 1" if cfg.awp.warmup == 1 else f"epochs 1-{cfg.awp.warmup}"
+    awp = "" if not has_awp else "  AWP on" if record["awp_active"] else f"  AWP off (warm-up: {warmup})"
+    steps = cfg.eval.steps
+    ema = (f"  EMA: test clean {record['ema_test_clean_acc']:.2%}  test PGD-{steps} {record['ema_test_robust_acc']:.2%}"
+           if has_ema else "")
+    return (f"epoch {record['epoch']:>3}/{cfg.epochs}  loss {record['train_loss']:.4f}  test clean {record['test_clean_acc']:.2%}  "
+            f"test PGD-{steps} {record['test_robust_acc']:.2%}  train PGD-{steps} {record['train_robust_acc']:.2%}  "
+            f"gap {record['gap']:+.2%}{awp}{ema}{'  (best)' if is_best else ''}")
+
+
+def _loop(run: Run, run_dir: Path, state: dict | None, *, progress: bool, stop_after_steps: int | None) -> Path:
+    cfg, dist, plan = run.cfg, run.dist, EpochPlan.of(run)
+    at = restore(run, state) if state is not None else Position()
+    history = rundir.truncate_metrics(run_dir, at.epoch) if dist.main else []
+    tb = (TensorBoardLog(run_dir / "tensorboard", resumed_at=plan.step(at.epoch, at.batch) if state else None)
+          if cfg.log.tensorboard and dist.main else None)
+    reader = StepReader(run, run_dir, plan, tb, skipped=at.skipped)
+    rollback = Rollback(run.model, run.optimizer) if cfg.nonfinite == "skip" else None
+    eval_attack = AttackConfig(eps=cfg.attack.eps, alpha=cfg.eval.alpha or cfg.attack.alpha, steps=cfg.eval.steps, norm=cfg.attack.norm)
+    chance = ChanceLevel.of(run.eval_test.y)  # for the collapse check at epoch ends
+    best, steps_done, t_run = at.best, 0, time.time()
+    for epoch in range(at.epoch, cfg.epochs):
+        order, noise = plan.generators(epoch, run.device)
+        index_batches = plan.index_batches(order, run.train.x.device)
+        first, sums = 0, new_sums()
+        if epoch == at.epoch and at.batch > 0:  # continue inside the epoch where the checkpoint was taken
+            first, sums = at.batch, dict(at.epoch_sums)
+            noise.set_state(at.noise_state)
+        awp = run.awp if run.awp is not None and epoch >= cfg.awp.warmup else None
+        bar = Progress(range(first, len(index_batches)), total=len(index_batches), initial=first, enabled=progress,
+                       desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch")
+        reader.start(first)
+        for b in bar:
+            step = plan.step(epoch, b)
+            for group in run.optimizer.param_groups:
+                group["lr"] = plan.lr(step)
+            x, y = _fetch(run.train, index_batches[b], run.device)
+            x = augment(x, generator=noise, **plan.augment)
+            result = train_step(run.forward, run.objective, run.optimizer, x, y, awp=awp, generator=noise, rollback=rollback)
+            reader.add(result, len(y), awp)
+            if run.ema is not None:
+                run.ema.update(run.model)  # after train_step's awp.restore() (and rollback): the average never sees w + v
+            steps_done += 1
+            save = cfg.checkpoint_every and (b + 1) % cfg.checkpoint_every == 0 and b + 1 < len(index_batches)
+            stop = stop_after_steps is not None and steps_done >= stop_after_steps
+            if save or stop or (b + 1) % cfg.log.interval == 0:  # the only host syncs of the loop
+                reader.read(epoch, sums, step + 1, bar)
+            if save:
+                write_checkpoint(run, run_dir, rundir.LAST, Position(epoch, b + 1, best, reader.skipped, noise.get_state(), sums))
+                reader.restart_clock()
+            if stop:
+                bar.close()
+                if tb is not None:
+                    tb.close()
+                return run_dir
+        reader.read(epoch, sums, plan.step(epoch + 1, 0), bar)
+        bar.close()
+        watch = monitor_epoch(run, eval_attack)
+        sums["loss"], sums["correct"], sums["seen"] = dist.all_sum([sums["loss"], sums["correct"], sums["seen"]], run.device)
+        record = epoch_record(plan, epoch, sums, awp is not None, watch, len(run.eval_test))
+        history.append(record)
+        warning = collapse_warning(history, chance=chance)  # AWP killed the model?
+        if warning:
+            record["warning"] = warning
+        is_best = record["test_robust_acc"] > best
+        if is_best:
+            best = record["test_robust_acc"]
+        save_epoch(run, run_dir, record, Position(epoch + 1, 0, best, reader.skipped), is_best=is_best, tb=tb)
+        if progress:
+            print(epoch_line(cfg, record, has_awp=run.awp is not None, has_ema=run.ema is not None, is_best=is_best), file=sys.stderr)
+        if warning and dist.main and not (len(history) > 1 and history[-2].get("warning")):  # once per collapse
+            print(f"flatrobust: warning: {warning}", file=sys.stderr)
+    if tb is not None:
+        tb.close()
+    if progress:
+        print_summary(run_dir, history, time.time() - t_run)
+    return run_dir
 
 
 def _check_state_fits(run: Run, state: dict[str, Any], path: Path) -> None:
@@ -419,37 +654,6 @@ def _check_state_fits(run: Run, state: dict[str, Any], path: Path) -> None:
         why = next((ln for ln in lines if ln.startswith(("size mismatch", "Missing key", "Unexpected key"))), lines[0] if lines else "")
         raise UserError(f"{str(path)!r} does not fit the model this config builds ({run.cfg.model!r}; {type(e).__name__}: "
                         f"{why[:160]}): resume with the config the run was trained with") from None
-
-
-def _write_start_files(run_dir: Path, files: dict[str, str], *, fresh: bool) -> None:
-    """Write the run's config.yaml, env.json and data.json, each atomically. If one cannot be written (disk
-    full), a fresh run directory is removed again, so that nothing half-made blocks running the command again;
-    a resumed run keeps its files (each is the old one or the new one, never half of one)."""
-    made = not run_dir.exists()
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        for name, text in files.items():
-            write_atomic(run_dir / name, lambda f, text=text: f.write(text.encode()))
-    except (WriteError, OSError) as e:
-        if fresh:
-            for name in files:
-                with contextlib.suppress(OSError):
-                    (run_dir / name).unlink(missing_ok=True)
-            if made:
-                with contextlib.suppress(OSError):
-                    run_dir.rmdir()
-        why = str(e) if isinstance(e, WriteError) else f"cannot create {str(run_dir)!r}: {e.strerror or e}"
-        raise WriteError(f"{why}: the run did not start{' (its run directory was removed again)' if fresh and made else ''}; "
-                         "make room and run the command again") from None
-
-
-def prepare_run_dir(cfg: RunConfig, *, overwrite: bool) -> Path:
-    run_dir = Path(cfg.out_dir) / cfg.name
-    if run_dir.exists() and any(run_dir.iterdir()):
-        if not overwrite:
-            raise UserError(f"run directory {run_dir} already exists: pass --overwrite to replace it, --resume {run_dir} to continue it, or name=NEW_NAME")
-        shutil.rmtree(run_dir)
-    return run_dir
 
 
 def _finished(run_dir: Path, state: dict[str, Any], cfg: RunConfig) -> bool:
@@ -480,9 +684,9 @@ def fit(cfg: RunConfig, *, resume_dir: str | Path | None = None, overwrite: bool
     state: dict[str, Any] | None = None
     if resume_dir is not None:
         run_dir = Path(resume_dir)
-        if (run_dir / "last.pt").exists():
-            state = load_checkpoint(run_dir / "last.pt", map_location=run.device)
-            _check_state_fits(run, state, run_dir / "last.pt")  # one line, before any file of the run is written
+        if (run_dir / rundir.LAST).exists():
+            state = load_checkpoint(run_dir / rundir.LAST, map_location=run.device)
+            _check_state_fits(run, state, run_dir / rundir.LAST)  # one line, before any file of the run is written
             if _finished(run_dir, state, cfg):
                 if dist.main:
                     print(f"flatrobust: {run_dir} has finished its {cfg.epochs} epochs: nothing to do. To train it longer, "
@@ -492,7 +696,7 @@ def fit(cfg: RunConfig, *, resume_dir: str | Path | None = None, overwrite: bool
                     torch.distributed.destroy_process_group()
                 return run_dir
     elif dist.main:
-        run_dir = prepare_run_dir(cfg, overwrite=overwrite)
+        run_dir = rundir.prepare(Path(cfg.out_dir) / cfg.name, overwrite=overwrite)
     else:
         run_dir = Path(cfg.out_dir) / cfg.name
     numel = run.info.in_channels * run.info.image_size ** 2
@@ -501,9 +705,9 @@ def fit(cfg: RunConfig, *, resume_dir: str | Path | None = None, overwrite: bool
             print(f"flatrobust: warning: {'attack.' if warning.startswith('eps=') else ''}{warning}", file=sys.stderr)
     if dist.main:  # one process writes files under torchrun
         env = environment(cfg, run.device) | {"world_size": dist.world}
-        _write_start_files(run_dir, {  # What the model was built for: classes (names), channels, size, normalization.
-            "config.yaml": yaml.safe_dump(cfg.to_dict(), sort_keys=False), "env.json": json.dumps(env, indent=2) + "\n",
-            "data.json": json.dumps({"root": cfg.data.root, **run.info.to_dict()}, indent=1) + "\n"}, fresh=state is None)
+        # What the model was built for (data.json): classes (names), channels, size, normalization.
+        rundir.write_start_files(run_dir, config=cfg.to_dict(), env=env, data={"root": cfg.data.root, **run.info.to_dict()},
+                                 fresh=state is None)
         if progress:  # on stdout with the summary; stderr carries the epoch lines and the progress
             print(f"data: {cfg.data.name} {cfg.data.root if cfg.data.name != 'digits' else ''}".rstrip()
                   + f": {run.info.describe()}", flush=True)
@@ -516,184 +720,6 @@ def fit(cfg: RunConfig, *, resume_dir: str | Path | None = None, overwrite: bool
     finally:
         if dist.world > 1 and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
-
-
-def _loop(run: Run, run_dir: Path, state: dict | None, *, progress: bool, stop_after_steps: int | None) -> Path:
-    cfg, model, optimizer, device, dist = run.cfg, run.model, run.optimizer, run.device, run.dist
-    n, n_extra = run.n_labeled, len(run.train) - run.n_labeled
-    # Under DDP every process takes its share of each global batch of batch_size; the last, incomplete
-    # batch is dropped so that no process is left without examples. With RST's extra data an epoch is one
-    # pass over the labeled data, each batch completed with extra examples.
-    drop_last = dist.world > 1
-    per_batch = mixed_batch_sizes(cfg.batch_size, cfg.data.extra_fraction)[0] if n_extra else cfg.batch_size
-    steps_per_epoch = n // per_batch if drop_last else math.ceil(n / per_batch)
-    total_steps = cfg.epochs * steps_per_epoch
-    aug = _augment_args(cfg)
-    eval_attack = AttackConfig(eps=cfg.attack.eps, alpha=cfg.eval.alpha or cfg.attack.alpha, steps=cfg.eval.steps, norm=cfg.attack.norm)
-    metrics_path = run_dir / "metrics.jsonl"
-    chance = ChanceLevel.of(run.eval_test.y)  # for the collapse check at epoch ends
-
-    start_epoch, start_batch, best, skipped_total = 0, 0, -1.0, 0
-    resume_noise, epoch_sums = None, None
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        if run.ema is not None and state.get("ema") is not None:  # (EMA turned on at resume: it starts from here)
-            run.ema.load_state_dict(state["ema"])
-        start_epoch, start_batch, best = state["epoch"], state["batch"], state["best"]
-        skipped_total = state.get("skipped", 0)
-        own = _own_position(state, dist)
-        resume_noise, epoch_sums = own.get("noise_state"), own.get("epoch_sums")
-        torch.set_rng_state(own["torch_rng"])
-        if device.type == "cuda" and own.get("cuda_rng") is not None:
-            torch.cuda.set_rng_state(own["cuda_rng"], device)
-        history = _truncate_metrics(metrics_path, start_epoch) if dist.main else []
-    else:
-        history = _truncate_metrics(metrics_path, 0) if dist.main else []
-    tb = None
-    if cfg.log.tensorboard and dist.main:
-        tb = TensorBoardLog(run_dir / "tensorboard", resumed_at=start_epoch * steps_per_epoch + start_batch if state else None)
-
-    def checkpoint(path: Path, epoch: int, batch: int, noise: torch.Generator | None, sums: dict | None) -> None:
-        # epoch/batch as resume reads them: (e, 0) after epoch e (1-based), (e, b) after step b of epoch e + 1
-        _check_weights_finite(model, f"epoch {epoch + 1}, step {batch}" if batch else f"epoch {epoch}", run_dir)
-        position = {"noise_state": noise.get_state() if noise is not None else None, "epoch_sums": sums,
-                    "torch_rng": torch.get_rng_state(), "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
-        # Under DDP each process has its own noise, sums and RNG inside an epoch: all of them go into the file.
-        ranks = dist.gather(position) if dist.world > 1 and batch else None
-        if not dist.main:
-            return
-        save_checkpoint({
-            "config": cfg.to_dict(), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "epoch": epoch, "batch": batch, "best": best, "skipped": skipped_total, **position,
-            "world_size": dist.world, "ranks": ranks,
-            "awp": run.awp.state_dict() if run.awp is not None else None,
-            "ema": run.ema.state_dict() if run.ema is not None else None,
-            "data_info": run.info.to_dict() if run.info is not None else None,
-        }, path)
-
-    rollback = Rollback(model, optimizer) if cfg.nonfinite == "skip" else None
-    monitor = StepMonitor(device)  # per-step metrics and the non-finite flag stay on the device between reads
-    awp_names = run.awp.names if run.awp is not None else None
-
-    def read_metrics(epoch: int, sums: dict, step_end: int) -> None:
-        """Bring the steps since the last read (up to global step `step_end`) to the host (one sync); stop here on a
-        non-finite step."""
-        nonlocal skipped_total, t_read
-        r = monitor.read()
-        bad = r.bad if dist.world == 1 else int(dist.all_sum([r.bad], device)[0])
-        if bad and cfg.nonfinite == "stop":
-            raise NonFiniteError(stop_message(r, epoch, awp_names, run_dir))
-        sums["loss"] += r.loss_sum
-        sums["correct"] += r.correct
-        sums["seen"] += r.seen
-        sums["skipped"] += r.bad
-        skipped_total += r.bad
-        gave_up = r.bad and skip_failure(r.longest_bad_run, sums["skipped"], step_end - epoch * steps_per_epoch, steps_per_epoch)
-        if gave_up:  # nonfinite=skip, and skipping is all the run does
-            raise NonFiniteError(stop_message(r, epoch, awp_names, run_dir, gave_up=gave_up))
-        if tb is not None:  # a loss point every log.interval steps of the epoch and at its end
-            in_epoch = step_end - epoch * steps_per_epoch
-            tb.step(step_end, r.loss_sum, r.seen, write=in_epoch % cfg.log.interval == 0 or in_epoch == steps_per_epoch)
-        now = time.time()
-        sums["time"] += now - t_read  # wall time of the steps, read after the device has finished them
-        t_read = now
-        if progress:
-            bar.set_postfix(loss=f"{sums['loss'] / max(sums['seen'], 1):.3f}", adv_acc=f"{sums['correct'] / max(sums['seen'], 1):.1%}", img_s=f"{sums['seen'] / max(sums['time'], 1e-9):.0f}")
-
-    steps_done = 0
-    t_run = time.time()
-    for epoch in range(start_epoch, cfg.epochs):
-        order, noise = _epoch_generators(cfg, epoch, device, dist.rank)
-        if n_extra:
-            epoch_batches = mixed_batches(n, n_extra, cfg.batch_size, cfg.data.extra_fraction, generator=order, drop_last=drop_last)
-        else:
-            epoch_batches = batches(n, cfg.batch_size, shuffle=True, generator=order, drop_last=drop_last)
-        index_batches = _to_data_device([idx[dist.rank::dist.world] for idx in epoch_batches], run.train.x.device)
-        first = 0
-        sums = {"loss": 0.0, "correct": 0.0, "seen": 0, "skipped": 0, "time": 0.0}
-        if epoch == start_epoch and start_batch > 0:  # continue inside the epoch where the checkpoint was taken
-            first = start_batch
-            noise.set_state(resume_noise)
-            sums = dict(epoch_sums)
-        awp_on = run.awp is not None and epoch >= cfg.awp.warmup
-        bar = Progress(range(first, len(index_batches)), total=len(index_batches), initial=first, enabled=progress,
-                       desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch")
-        monitor.start(first)
-        t_read = time.time()
-        for b in bar:
-            step = epoch * steps_per_epoch + b
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, total_steps, cfg)
-            x, y = _fetch(run.train, index_batches[b], device)
-            x = augment(x, generator=noise, **aug)
-            awp = run.awp if awp_on else None
-            result = train_step(run.forward, run.objective, optimizer, x, y, awp=awp, generator=noise, rollback=rollback)
-            monitor.add(result.loss, result.correct, len(y), result.finite, awp)
-            if run.ema is not None:
-                run.ema.update(model)  # after train_step's awp.restore() (and rollback): the average never sees w + v
-            steps_done += 1
-            save = cfg.checkpoint_every and (b + 1) % cfg.checkpoint_every == 0 and b + 1 < len(index_batches)
-            stop = stop_after_steps is not None and steps_done >= stop_after_steps
-            if save or stop or (b + 1) % cfg.log.interval == 0:  # the only host syncs of the loop
-                read_metrics(epoch, sums, step + 1)
-            if save:
-                checkpoint(run_dir / "last.pt", epoch, b + 1, noise, sums)
-                t_read = time.time()  # the epoch's time counts steps, not checkpoint writes
-            if stop:
-                bar.close()
-                if tb is not None:
-                    tb.close()
-                return run_dir
-        read_metrics(epoch, sums, (epoch + 1) * steps_per_epoch)
-        bar.close()
-        t_eval = time.time()
-        accs = evaluate_weights(run.local_forward, run, eval_attack)
-        if run.ema is not None:
-            accs |= evaluate_weights(run.ema_forward, run, eval_attack, prefix="ema_")
-        test_clean, test_rob, train_rob = accs["test_clean_acc"], accs["test_robust_acc"], accs["train_robust_acc"]
-        top_share = top_class_share(run.local_forward, run.eval_test.x, batch_size=cfg.eval.batch_size)  # collapse check
-        sums["loss"], sums["correct"], sums["seen"] = dist.all_sum([sums["loss"], sums["correct"], sums["seen"]], device)
-        record = {
-            "epoch": epoch + 1, "step": (epoch + 1) * steps_per_epoch, "lr": lr_at((epoch + 1) * steps_per_epoch - 1, total_steps, cfg),
-            "awp_active": awp_on, "train_loss": sums["loss"] / max(sums["seen"], 1),
-            "train_batch_adv_acc": sums["correct"] / max(sums["seen"], 1),  # on the training batches, at w + v
-            **accs,  # train/test clean and robust accuracy and the gap; with EMA the same again as ema_*
-            "eval_n": len(run.eval_test),  # images in each of the fixed test and train monitoring subsets
-            "test_top_class_share": top_share,  # share of test images given the most frequent class (collapse check)
-            "skipped_batches": sums["skipped"], "epoch_time_s": sums["time"], "eval_time_s": time.time() - t_eval,
-            "images_per_s": sums["seen"] / max(sums["time"], 1e-9),
-        }
-        history.append(record)
-        warning = collapse_warning(history, chance=chance)  # AWP killed the model?
-        if warning:
-            record["warning"] = warning
-        is_best = test_rob > best
-        if is_best:
-            best = test_rob
-        # Order matters for a crash between writes: metrics, then best.pt, then last.pt. A resume starts
-        # from last.pt, drops metric lines it does not cover and recomputes that epoch identically.
-        if dist.main:
-            _write_json_line(metrics_path, record)
-        if tb is not None:
-            tb.write_epoch(record)
-        if is_best:
-            checkpoint(run_dir / "best.pt", epoch + 1, 0, None, None)
-        checkpoint(run_dir / "last.pt", epoch + 1, 0, None, None)
-        if progress:
-            warmup = "epoch 1" if cfg.awp.warmup == 1 else f"epochs 1-{cfg.awp.warmup}"
-            awp_text = "" if run.awp is None else "  AWP on" if awp_on else f"  AWP off (warm-up: {warmup})"
-            print(f"epoch {epoch + 1:>3}/{cfg.epochs}  loss {record['train_loss']:.4f}  test clean {test_clean:.2%}  "
-                  f"test PGD-{cfg.eval.steps} {test_rob:.2%}  train PGD-{cfg.eval.steps} {train_rob:.2%}  gap {record['gap']:+.2%}{awp_text}"
-                  + (f"  EMA: test clean {accs['ema_test_clean_acc']:.2%}  test PGD-{cfg.eval.steps} {accs['ema_test_robust_acc']:.2%}"
-                     if run.ema is not None else "") + f"{'  (best)' if is_best else ''}", file=sys.stderr)
-        if warning and dist.main and not (len(history) > 1 and history[-2].get("warning")):  # once per collapse
-            print(f"flatrobust: warning: {warning}", file=sys.stderr)
-    if tb is not None:
-        tb.close()
-    if progress:
-        print_summary(run_dir, history, time.time() - t_run)
-    return run_dir
 
 
 def print_summary(run_dir: Path, history: list[dict], seconds: float) -> None:
@@ -711,25 +737,3 @@ def print_summary(run_dir: Path, history: list[dict], seconds: float) -> None:
         print("  ".join(c.rjust(w) for c, w in zip(r, widths)))
     ema = " (each holds the raw and the EMA weights: --weights ema|raw)" if "ema_test_robust_acc" in history[-1] else ""
     print(f"checkpoints: {run_dir / 'best.pt'} (best test robust accuracy of the raw weights), {run_dir / 'last.pt'}{ema}")
-
-
-def resume_config(run_dir: str | Path, overrides: list[str] | None = None) -> RunConfig:
-    """The config of an existing run directory, with optional overrides (e.g. epochs=30 to train longer)."""
-    from .config import _merge, parse_overrides
-
-    run_dir = Path(run_dir)
-    path, last = run_dir / "config.yaml", run_dir / "last.pt"
-    if not path.is_file() and not last.is_file():
-        raise UserError(f"{run_dir} is not a run directory (no config.yaml): pass the folder that `flatrobust train` created")
-    try:
-        tree = yaml.safe_load(path.read_text()) if path.is_file() else None
-    except (yaml.YAMLError, OSError, UnicodeDecodeError):
-        tree = None
-    if not isinstance(tree, dict):  # e.g. emptied by a full disk (before writes were atomic): last.pt holds the config too
-        if not last.is_file():
-            raise UserError(f"{str(path)!r} is empty or damaged and {run_dir} holds no last.pt: there is nothing to resume; "
-                            "start the run again (with --overwrite)")
-        tree = load_checkpoint(last)["config"]
-        print(f"flatrobust: warning: {str(path)!r} is missing, empty or damaged: resuming with the config saved in {str(last)!r}",
-              file=sys.stderr)
-    return config_from_dict(_merge(tree, parse_overrides(overrides or [])))

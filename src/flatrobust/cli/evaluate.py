@@ -35,10 +35,11 @@ import torch
 
 from ..attacks import format_eps, whole_box_warning
 from ..errors import UserError
-from ..evalstore import write_json
+from ..atomic import write_json
 from ..evaluate import PROTOCOL, default_alpha, evaluate, format_table, require_autoattack, resolve_attacks
-from ..machine import describe
-from .landscape import add_trust_argument
+from ..machine import describe, resolve_device
+from .common import add_trust_argument
+from ..rundir import checkpoint_file
 
 _NUMBER = r"\s*[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?\s*"
 
@@ -88,14 +89,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "nearest to 1000); it changes no number, and an interruption loses at most one batch")
     p.add_argument("--restart", action="store_true", help="delete the partial results of an earlier run (OUT's .parts folder) and start over")
     add_trust_argument(p)
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda but no CUDA device is available: use --device cpu or auto")
-    return torch.device(name)
 
 
 def _threat_model(args, cfg: dict) -> tuple[str, float, float | None]:
@@ -164,10 +157,10 @@ def _model_args(args: argparse.Namespace) -> dict | None:
 
 
 def _state_dict_model(args: argparse.Namespace, device: torch.device):
-    """(model, data section, DatasetInfo, model_args) for a plain state_dict file evaluated with --model and --data."""
+    """(model, data section, DatasetInfo, model_args, test split) for a plain state_dict file evaluated with --model and --data."""
     from .. import models
     from ..checkpoint import load_weights
-    from ..data import DataError, dataset_info
+    from ..data import DataError, dataset_info, load_split
 
     if args.data is None:
         raise UserError("--model needs --data: the data the weights were trained for, e.g. --data imagefolder:DIR or --data cifar10")
@@ -191,12 +184,16 @@ def _state_dict_model(args: argparse.Namespace, device: torch.device):
     except ValueError as e:
         raise UserError(f"--model: {e}") from None
     load_weights(model, path)  # weights_only; one-line CheckpointError when the file does not fit the model
-    return model.to(device).eval(), data_cfg, info, model_args
+    try:
+        test = load_split(data_cfg, "test", like=info, progress=True)
+    except DataError as e:
+        raise UserError(str(e)) from None
+    return model.to(device).eval(), data_cfg, info, model_args, test
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..checkpoint import NotACheckpointError, UntrustedCodeError, model_from_checkpoint
-    from ..data import DataError, info_from_checkpoint, load_split
+    from ..checkpoint import NotACheckpointError, UntrustedCodeError, checkpoint_split, model_from_checkpoint
+    from ..data import info_from_checkpoint
 
     names = resolve_attacks(args.attacks)
     if "autoattack" in names:
@@ -211,7 +208,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--chunk-size must be a positive multiple of --batch-size ({args.batch_size}), got {args.chunk_size}")
     if args.eps is not None:
         parse_pixels(args.eps, "--eps")  # fail on a bad value before loading anything
-    device = _device(args.device)
+    device = resolve_device(args.device, option="--device")
 
     path = Path(args.checkpoint)
     if args.model is None and (args.data is not None or args.model_args is not None):
@@ -220,7 +217,7 @@ def run(args: argparse.Namespace) -> int:
     if args.model is not None and args.data is not None:
         if args.weights == "ema":
             raise UserError("--weights ema needs a flatrobust checkpoint of a run trained with ema.decay > 0, not a plain state_dict")
-        model, data_cfg, info, model_args = _state_dict_model(args, device)
+        model, data_cfg, info, model_args, test = _state_dict_model(args, device)
         ckpt: dict = {}
         cfg = {"model": args.model, "model_args": model_args, "data": data_cfg, "attack": {"norm": args.norm or "linf"}}
     else:
@@ -249,13 +246,11 @@ def run(args: argparse.Namespace) -> int:
     warning = whole_box_warning(norm, eps, info.in_channels * info.image_size ** 2)
     if warning:
         print(f"flatrobust: warning: {warning}", file=sys.stderr)
-    ckpt_file = path / ("best.pt" if (path / "best.pt").exists() else "last.pt") if path.is_dir() else path
+    ckpt_file = checkpoint_file(path)
+    if ckpt:
+        test = checkpoint_split(ckpt, "test", root=args.data_root, progress=True)
 
     root = data_cfg.get("root")
-    try:
-        test = load_split(data_cfg, "test", like=info, progress=True)
-    except DataError as e:
-        raise UserError(str(e)) from None
     if args.n is not None:
         test = test.subset(args.n, seed=args.seed)
 
@@ -308,7 +303,7 @@ def run(args: argparse.Namespace) -> int:
         "environment": _environment(device),
         **{k: result[k] for k in ("n", "attacks", "worst_case", "checks", "seconds")},
     }
-    write_json(report, out)
+    write_json(out, report)
     shutil.rmtree(parts, ignore_errors=True)  # finished: the partial results have served their purpose
     print(f"wrote {out}")
     return 0

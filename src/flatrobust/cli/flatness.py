@@ -8,7 +8,8 @@ from __future__ import annotations
 import argparse
 
 from ..errors import UserError
-from .landscape import add_common_arguments, header, load_for_analysis, number, output_name, write_json
+from ..atomic import write_json
+from .common import add_common_arguments, header, load_for_analysis, number, output_name
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
         result["worst"] = worst_flatness(model, x, y, attack=attack, xi=xi_worst, steps=args.worst_steps,
                                          batch_size=args.batch_size, seed=args.seed, progress=True)
     result["seconds"] = round(time.perf_counter() - t0, 3)
-    write_json(out / output_name(args, "flatness", ".json"), result)
+    write_json(out / output_name(args, "flatness", ".json"), result, indent=1)
 
     base = result.get("average") or result["worst"]
     print(f"flatness of {args.checkpoint}{' (EMA weights)' if args.weights == 'ema' else ''} on {result['data']['name']} {args.data} (n={x.shape[0]}, "

@@ -12,7 +12,7 @@ import argparse
 from pathlib import Path
 
 from ..errors import UserError
-from .landscape import add_trust_argument
+from .common import add_trust_argument
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -30,6 +30,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..checkpoint import model_from_checkpoint
     from ..data import DataError, images_to_tensor, info_from_checkpoint, read_npz
+    from ..machine import resolve_device
     from ..progress import Progress
 
     if args.batch_size < 1:
@@ -37,9 +38,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.suffix != ".npz":
         raise UserError(f"--out must end in .npz, got {out}")
-    device = torch.device("cuda" if args.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
-    if args.device == "cuda" and device.type != "cuda":
-        raise UserError("--device cuda but no CUDA device is available: use --device cpu")
+    device = resolve_device(args.device, option="--device")
     model, ckpt = model_from_checkpoint(args.checkpoint, device, trust_code=args.trust_model_code)
     info = info_from_checkpoint(ckpt)  # the images must have the training data's channels and size
     try:

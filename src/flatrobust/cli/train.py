@@ -17,8 +17,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..config import load_config
-    from ..train import NonFiniteError, fit, resume_config
+    from ..config import load_config, resume_config
+    from ..train import NonFiniteError, fit
 
     overrides = list(args.overrides)
     if args.resume:

@@ -1,0 +1,65 @@
+"""The description of a PGD attack: threat model (norm, eps), step size and number of steps, in pixel units.
+
+One description for every place that runs PGD: the training attack of the objectives, the recipe's `attack`
+section (`flatrobust.config`), the monitoring attack of the training loop, and the attack that estimates the
+robust loss in `landscape` and `flatness`. The step size has one default everywhere, `default_alpha(norm, eps)`:
+the step of AWP's official code scaled with eps (2/255 at L-inf 8/255, 15/255 at L2 128/255).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping
+
+from .threat import THREAT_MODELS, default_alpha
+
+FIELDS = ("norm", "eps", "alpha", "steps")  # the order of `as_dict` (and of a run's config.yaml)
+
+
+@dataclasses.dataclass
+class AttackConfig:
+    """PGD-`steps` with step `alpha` in the `norm` ball of radius `eps` (pixel units).
+
+    `eps` has no default: it depends on the data (CIFAR L-inf 8/255, L2 128/255; digits 0.2). `alpha`
+    defaults to `default_alpha(norm, eps)` (eps/4 for L-inf, so 2/255 at 8/255; eps * 15/128 for L2).
+    ValueError, naming the field, for a value outside its range.
+    """
+
+    eps: float
+    alpha: float | None = None
+    steps: int = 10
+    norm: str = "linf"
+
+    def __post_init__(self) -> None:
+        if self.norm not in THREAT_MODELS:
+            raise ValueError(f"AttackConfig norm must be one of {', '.join(map(repr, THREAT_MODELS))}, got {self.norm!r}")
+        if not _nonnegative(self.eps):
+            raise ValueError(f"AttackConfig eps must be a finite number >= 0 (pixel units, e.g. 8/255), got {self.eps!r}")
+        if self.alpha is None:
+            self.alpha = default_alpha(self.norm, self.eps)
+        if not _nonnegative(self.alpha):
+            raise ValueError(f"AttackConfig alpha must be a finite number >= 0, got {self.alpha!r}")
+        self.eps, self.alpha = float(self.eps), float(self.alpha)
+        if not isinstance(self.steps, int) or isinstance(self.steps, bool) or self.steps < 1:
+            raise ValueError(f"AttackConfig steps must be an integer >= 1, got {self.steps!r}")
+
+    @classmethod
+    def of(cls, attack: AttackConfig | Mapping[str, Any]) -> AttackConfig:
+        """`attack` itself, or the one a mapping {norm, eps, alpha, steps} describes (eps required, extra keys ignored)."""
+        if isinstance(attack, cls):
+            return attack
+        if not isinstance(attack, Mapping) or "eps" not in attack:
+            raise ValueError(f"attack must be an AttackConfig or a dict with keys norm, eps, alpha, steps (eps required), "
+                             f"e.g. dict(norm='linf', eps=8/255, alpha=2/255, steps=10), got {attack!r}")
+        values = {k: attack[k] for k in FIELDS if k in attack}
+        if isinstance(values.get("steps"), float) and values["steps"].is_integer():  # e.g. read from JSON as 10.0
+            values["steps"] = int(values["steps"])
+        return cls(**values)
+
+    def as_dict(self) -> dict[str, Any]:
+        """{norm, eps, alpha, steps}: the JSON form written beside every result that used the attack."""
+        return {k: getattr(self, k) for k in FIELDS}
+
+
+def _nonnegative(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0

@@ -1,0 +1,118 @@
+"""What the subcommands share, so that none imports another: the --trust-model-code consent (eval, landscape,
+flatness, pseudolabel), and for `landscape` and `flatness` their common arguments, the checkpoint with its evaluation
+examples and threat model, where results go, and what a result file records about its origin.
+"""
+from __future__ import annotations
+
+import argparse
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import UserError
+
+
+def number(text: str) -> float:
+    """A float, also written as a fraction ("8/255")."""
+    try:
+        return float(Fraction(text.strip())) if "/" in text else float(text)
+    except (ValueError, ZeroDivisionError):
+        raise UserError(f"{text!r} is not a number (write e.g. 0.031 or 8/255)") from None
+
+
+def add_common_arguments(parser: argparse.ArgumentParser, n_default: int) -> None:
+    parser.add_argument("checkpoint", help="a .pt file written by `flatrobust train`, or its run directory (best.pt, else last.pt)")
+    parser.add_argument("--data", choices=("train", "test"), default="test", help="split to evaluate on (default: test)")
+    parser.add_argument("--n", type=int, default=n_default, help=f"examples: a fixed subset drawn with --seed (default: {n_default})")
+    parser.add_argument("--seed", type=int, default=0, help="subset, random directions / draws and PGD random starts (default: 0)")
+    parser.add_argument("--eps", default=None, help="attack radius, overrides the checkpoint's attack.eps (e.g. 8/255)")
+    parser.add_argument("--norm", choices=("linf", "l2"), default=None, help="attack norm, overrides attack.norm (needs --eps)")
+    parser.add_argument("--steps", type=int, default=None, help="PGD steps, overrides attack.steps")
+    parser.add_argument("--step-size", default=None, help="PGD step size (e.g. 2/255); default: the checkpoint's attack.alpha, "
+                                                          "or with --eps the default step for it (eps/4 for linf, eps*15/128 for l2)")
+    parser.add_argument("--batch-size", type=int, default=256, help="examples per PGD batch (default: 256)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: cuda when available")
+    parser.add_argument("--out", default=None, help="output folder (default: the checkpoint's folder)")
+    parser.add_argument("--weights", choices=("raw", "ema"), default="raw",
+                        help="the trained weights (default) or their moving average (runs with ema.decay > 0; files get an _ema suffix)")
+    add_trust_argument(parser)
+
+
+def add_trust_argument(parser: argparse.ArgumentParser) -> None:
+    """--trust-model-code: the user's consent to import the module of a model that a checkpoint's config names."""
+    parser.add_argument("--trust-model-code", action="store_true",
+                        help="import the module of a package.module:callable model that the checkpoint's config names (a "
+                             "checkpoint never chooses code to run otherwise; docs/RELIABILITY.md)")
+
+
+def resolve_attack(cfg: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """The checkpoint's threat model with the command line's overrides, as `attacks.AttackConfig` checks it (a dict).
+
+    A new radius (--eps) without a step (--step-size) gets the default step for it, not the checkpoint's."""
+    from ..attacks import AttackConfig
+
+    base = cfg.get("attack") or {}
+    if args.norm is not None and args.norm != base.get("norm") and args.eps is None:
+        raise UserError(f"--norm {args.norm} differs from the checkpoint's norm {base.get('norm')!r}: give --eps for it too")
+    attack = {
+        "norm": args.norm or base.get("norm", "linf"),
+        "eps": number(args.eps) if args.eps is not None else base.get("eps"),
+        "alpha": number(args.step_size) if args.step_size is not None else None if args.eps is not None else base.get("alpha"),
+        "steps": args.steps if args.steps is not None else base.get("steps"),
+    }
+    for key, value in attack.items():
+        if value is None and not (key == "alpha" and args.eps is not None):
+            raise UserError(f"the checkpoint's config has no attack.{key}: give it on the command line")
+    attack = {k: (number(v) if isinstance(v, str) and k in ("eps", "alpha") else v) for k, v in attack.items()}
+    try:
+        return AttackConfig.of(attack).as_dict()
+    except ValueError as e:
+        raise UserError(f"the attack {attack}: {e}") from None
+
+
+def load_for_analysis(args: argparse.Namespace):
+    """(model in eval mode, checkpoint dict, x, y, attack, device, default output folder) from the arguments."""
+    from ..checkpoint import checkpoint_split, model_from_checkpoint
+    from ..machine import resolve_device
+
+    if args.n < 1:
+        raise UserError(f"--n must be >= 1, got {args.n}")
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
+    device = resolve_device(args.device, option="--device")
+    model, ckpt = model_from_checkpoint(args.checkpoint, device, weights=args.weights, trust_code=args.trust_model_code)
+    attack = resolve_attack(ckpt["config"], args)
+    data = checkpoint_split(ckpt, args.data, download=False, progress=True).subset(args.n, args.seed).to(device)
+    path = Path(args.checkpoint)
+    out = Path(args.out) if args.out else (path if path.is_dir() else path.parent)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create the output folder {out}: {e.strerror}") from None
+    return model, ckpt, data.x, data.y, attack, device, out
+
+
+def header(args: argparse.Namespace, ckpt: dict[str, Any], n: int, device: torch.device) -> dict[str, Any]:
+    """What a result file records about where its numbers come from."""
+    from .. import __version__
+
+    cfg = ckpt["config"]
+    path = Path(args.checkpoint).resolve()
+    return {
+        "checkpoint": str(args.checkpoint),
+        "run": cfg.get("name") or (path.name if path.is_dir() else path.parent.name),
+        "model": cfg.get("model"),
+        "weights": args.weights,
+        "epoch": ckpt.get("epoch"),
+        "data": {"name": cfg["data"]["name"], "split": args.data, "n": n, "subset_seed": args.seed},
+        "device": str(device),
+        "torch": torch.__version__,
+        "flatrobust": __version__,
+    }
+
+
+def output_name(args: argparse.Namespace, stem: str, suffix: str) -> str:
+    """stem + suffix, with "_ema" before the suffix for --weights ema (the raw weights' files are kept)."""
+    return f"{stem}{'_ema' if args.weights == 'ema' else ''}{suffix}"

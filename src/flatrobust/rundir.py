@@ -1,0 +1,187 @@
+"""The run directory: the one place that knows what `flatrobust train` writes and how to read it back.
+
+    RUN_DIR/
+      config.yaml     the resolved config (`RunConfig.to_dict()`), written (atomically, as env.json and data.json)
+                      when the run starts or resumes
+      env.json        versions, device, processor, seed, git commit and argv of the process that trained
+      data.json       the data the model was built for: root, classes, channels, size, normalization
+      metrics.jsonl   one JSON object per finished epoch, appended and fsynced; a resume first drops the
+                      lines its checkpoint does not cover
+      last.pt         the checkpoint a resume starts from (end of the last epoch, or inside one with checkpoint_every)
+      best.pt         the epoch with the best monitored test robust accuracy (of the raw weights)
+      tensorboard/    with log.tensorboard: a view of metrics.jsonl
+
+and what the other commands add beside the checkpoints (eval.json, landscape.json, flatness.json). A run has
+finished when metrics.jsonl covers every epoch of config.yaml: the checkpoints need not be there (a study
+commits run directories without them). Every reader (`report`, the CLI, bench/study*.py) goes through here.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .atomic import WriteError, write_atomic
+from .errors import UserError
+
+__all__ = [
+    "BEST", "CONFIG", "DATA", "ENV", "LAST", "METRICS", "TIMING_KEYS", "append_metrics", "checkpoint_file", "covers", "finished",
+    "prepare", "read_config", "read_env", "read_metrics", "truncate_metrics", "without_timing", "write_start_files",
+]
+
+CONFIG, ENV, DATA, METRICS, LAST, BEST = "config.yaml", "env.json", "data.json", "metrics.jsonl", "last.pt", "best.pt"
+# The per-epoch metrics that differ between two runs that are otherwise bit-identical (wall-clock times).
+TIMING_KEYS = ("epoch_time_s", "eval_time_s", "images_per_s")
+
+
+def prepare(run_dir: str | os.PathLike, *, overwrite: bool) -> Path:
+    """The folder a new run writes into: UserError (one line) if it holds files, unless `overwrite` deletes them."""
+    run_dir = Path(run_dir)
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if not overwrite:
+            raise UserError(f"run directory {run_dir} already exists: pass --overwrite to replace it, --resume {run_dir} "
+                            "to continue it, or name=NEW_NAME")
+        shutil.rmtree(run_dir)
+    return run_dir
+
+
+def write_start_files(run_dir: Path, *, config: dict[str, Any], env: dict[str, Any], data: dict[str, Any], fresh: bool) -> None:
+    """Write config.yaml, env.json and data.json, each atomically. If one cannot be written (disk full), a fresh run
+    directory is removed again, so that nothing half-made blocks running the command again; a resumed run keeps
+    its files (each is the old one or the new one, never half of one). WriteError (one line) then."""
+    files = {CONFIG: yaml.safe_dump(config, sort_keys=False), ENV: json.dumps(env, indent=2) + "\n",
+             DATA: json.dumps(data, indent=1) + "\n"}
+    run_dir = Path(run_dir)
+    made = not run_dir.exists()
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        for name, text in files.items():
+            write_atomic(run_dir / name, lambda f, text=text: f.write(text.encode()))
+    except (WriteError, OSError) as e:
+        if fresh:
+            for name in files:
+                with contextlib.suppress(OSError):
+                    (run_dir / name).unlink(missing_ok=True)
+            if made:
+                with contextlib.suppress(OSError):
+                    run_dir.rmdir()
+        why = str(e) if isinstance(e, WriteError) else f"cannot create {str(run_dir)!r}: {e.strerror or e}"
+        raise WriteError(f"{why}: the run did not start{' (its run directory was removed again)' if fresh and made else ''}; "
+                         "make room and run the command again") from None
+
+
+def read_config(run_dir: str | os.PathLike, *, required: bool = True) -> dict[str, Any]:
+    """config.yaml as a dict ({} when empty); UserError (one line) if it is unreadable, not YAML or not a mapping, or is
+    missing and `required` ({} when it is missing and not required)."""
+    path = Path(run_dir) / CONFIG
+    if not path.is_file():
+        if required:
+            raise UserError(f"{run_dir} is not a run directory (no {CONFIG}): pass the folder that `flatrobust train` created")
+        return {}
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"{path} is not valid YAML ({str(e).splitlines()[0]})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} cannot be read ({type(e).__name__})") from None
+    if not isinstance(tree, dict):
+        raise UserError(f"{path} does not hold a mapping: is this a flatrobust run directory?")
+    return tree
+
+
+def read_env(run_dir: str | os.PathLike) -> dict[str, Any]:
+    """env.json, or {} when it is missing or unreadable (runs of older versions wrote less)."""
+    try:
+        env = json.loads((Path(run_dir) / ENV).read_text())
+    except (OSError, ValueError):
+        return {}
+    return env if isinstance(env, dict) else {}
+
+
+def append_metrics(run_dir: Path, record: dict[str, Any]) -> None:
+    """One epoch's line, on disk (fsync) before the checkpoints that follow it are written; WriteError (one line) if
+    it cannot be written, with no half line left."""
+    path = Path(run_dir) / METRICS
+    size = path.stat().st_size if path.exists() else 0
+    try:
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:  # disk full: the half line is cut back off, for the next reader
+        with contextlib.suppress(OSError):
+            os.truncate(path, size)
+        raise WriteError(f"cannot write {str(path)!r}: {e.strerror or e}") from None
+
+
+def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """metrics.jsonl: one record per epoch, sorted by epoch, as written (no file: []).
+
+    A resumed run may have logged an epoch again: the last record wins. A last line that does not parse is one
+    still being written and is left out; any other bad line is a UserError (one line).
+    """
+    path = Path(run_dir) / METRICS
+    if not path.is_file():
+        return []
+    lines = path.read_text().splitlines()
+    by_epoch: dict[Any, dict[str, Any]] = {}
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            if i == len(lines) - 1:
+                continue
+            raise UserError(f"{path}, line {i + 1}, is not valid JSON: fix or delete that line") from None
+        epoch = row.get("epoch") if isinstance(row, dict) else None
+        if not (isinstance(epoch, (int, float)) and not isinstance(epoch, bool) and math.isfinite(epoch)):
+            raise UserError(f"{path}, line {i + 1}, is not an object with a numeric 'epoch': is this a flatrobust metrics file?")
+        by_epoch[epoch] = row
+    return [by_epoch[e] for e in sorted(by_epoch)]
+
+
+def truncate_metrics(run_dir: Path, epochs: int) -> list[dict[str, Any]]:
+    """Keep the first `epochs` lines (those a checkpoint covers) and return them: what a resume starts from."""
+    path = Path(run_dir) / METRICS
+    if not path.exists():
+        return []
+    kept = []
+    for line in [ln for ln in path.read_text().splitlines() if ln.strip()][:epochs]:
+        try:
+            kept.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    return kept
+
+
+def without_timing(record: dict[str, Any]) -> dict[str, Any]:
+    """An epoch's record less its wall-clock times: what two bit-identical runs agree on."""
+    return {k: v for k, v in record.items() if k not in TIMING_KEYS}
+
+
+def covers(config: dict[str, Any], metrics: list[dict[str, Any]]) -> bool:
+    """Whether the records of `read_metrics` cover every epoch of the config: the run has finished."""
+    return len(metrics) >= config["epochs"]
+
+
+def finished(run_dir: str | os.PathLike) -> bool:
+    """Whether metrics.jsonl covers every epoch of config.yaml (False when either is missing)."""
+    if not (Path(run_dir) / CONFIG).is_file():
+        return False
+    return covers(read_config(run_dir), read_metrics(run_dir))
+
+
+def checkpoint_file(path: str | os.PathLike) -> Path:
+    """The checkpoint a path names: the file itself, or in a run directory best.pt, else last.pt."""
+    path = Path(path)
+    if not path.is_dir():
+        return path
+    return path / (BEST if (path / BEST).exists() else LAST)
