@@ -339,3 +339,23 @@ def test_start_step_from_the_command_line(tmp_path, capsys):
     assert not all(torch.equal(plain[k], late[k]) for k in plain) and not all(torch.equal(early[k], late[k]) for k in plain)
     half, _ = last("half", "awp.warmup=1")  # AWP from epoch 1 = from step 2 here: the same run
     assert all(torch.equal(half[k], late[k]) for k in plain)
+
+
+def test_trainers_stay_out_of_the_library():
+    """Only flatrobust.integrations imports Lightning or transformers, and nothing in flatrobust imports the
+    integrations: `import flatrobust` (and AWP) never needs the extras."""
+    import ast
+    from pathlib import Path
+
+    pkg = Path(__file__).resolve().parents[1] / "src" / "flatrobust"
+    for path in pkg.rglob("*.py"):
+        names = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                names.add(("." * node.level) + (node.module or ""))
+        roots = {n.lstrip(".").split(".")[0] for n in names}
+        if path.parent.name != "integrations":
+            assert not roots & {"pytorch_lightning", "lightning", "transformers", "accelerate"}, path
+            assert not any("integrations" in n for n in names), path
