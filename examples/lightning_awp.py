@@ -16,7 +16,6 @@ import argparse
 
 import pytorch_lightning as pl
 import torch
-import torch.nn.functional as F
 from sklearn.datasets import load_digits
 
 from flatrobust import AT, AttackConfig, models, pgd

@@ -1,9 +1,9 @@
 """AWP in the Hugging Face Trainer (flatrobust.integrations.huggingface): AWPTrainer's steps are a hand loop's."""
 import os
+import resource
 import runpy
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -165,10 +165,15 @@ def test_example_runs(capsys, variant):
 
 @pytest.mark.slow
 def test_example_as_a_user_runs_it_takes_under_a_minute():
-    start = time.time()
-    out = subprocess.run([sys.executable, str(EXAMPLE)], capture_output=True, text=True, timeout=300, check=True).stdout
+    """The example as `python examples/...` runs it, one thread: under a minute of CPU time (its wall time on this
+    shared 2-core machine is longer by however busy the machine is)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    out = subprocess.run([sys.executable, str(EXAMPLE)], capture_output=True, text=True, timeout=600, check=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"}).stdout
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     assert "snippet AWP" in out and "60 steps" in out
-    assert time.time() - start < 60, f"{time.time() - start:.0f} s (on a machine this busy: {os.getloadavg()[0]:.1f} load)"
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    assert cpu < 60, f"{cpu:.0f} s of CPU time"
 
 
 def test_a_non_finite_ascent_gradient_stops_training_naming_the_layer(tmp_path):
