@@ -19,7 +19,7 @@ THREADS ?= 1
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c constraints.txt -e '.[test,autoattack,timm,tensorboard]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[test,autoattack,timm,tensorboard,lightning,huggingface]'
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -1,8 +1,8 @@
 """flatrobust: adversarially robust training with Adversarial Weight Perturbation (AWP).
 
 The public API, small enough to remember:
-  - `AWP`: the weight perturbation, a SAM-like perturb/restore pair usable in any training loop, and
-    `perturbed_parameters`, the weights it perturbs (and the landscape and flatness measures move);
+  - `AWP`: the weight perturbation, a SAM-like perturb/restore pair usable in any training loop (with the
+    fine-tuning options of docs/AWP_VARIANTS.md); `perturbed_parameters`: the weights it perturbs;
   - `pgd`, `fgsm`, `LinfBall`, `L2Ball`: attacks and threat models (inputs in [0, 1]);
   - `AT`, `TRADES`, `MART`, `AttackConfig`, `create_objective`: the training objectives;
   - `models.create`: the model zoo with normalization inside the model;
@@ -25,7 +25,7 @@ from .train import train_step
 __version__ = "0.1.0"
 
 __all__ = [
-    "AWP", "EMA", "perturbed_parameters", "pgd", "fgsm", "LinfBall", "L2Ball", "AT", "TRADES", "MART", "AttackConfig", "Objective",
+    "AWP", "perturbed_parameters", "EMA", "pgd", "fgsm", "LinfBall", "L2Ball", "AT", "TRADES", "MART", "AttackConfig", "Objective",
     "create_objective", "data", "models", "frozen_bn_stats", "train_mode", "train_step", "landscape_1d", "landscape_2d",
     "filter_normalized_direction", "average_flatness", "worst_flatness", "__version__",
 ]

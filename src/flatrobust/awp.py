@@ -24,12 +24,21 @@ no perturbation (v_l = 0), so the weights stay finite and `restore` is exact. So
 perturbation size gamma * ||w_l|| / ||g_l|| overflows (a huge gamma: `perturbation_finite`), and `finite` is
 false then too. A training loop reads the flag when it reads its other metrics; `check()` reads it at once
 and raises, naming the layer.
+
+Fine-tuning AWP (docs/AWP_VARIANTS.md), the variant copied from fine-tuning code rather than the paper, is the
+same object with options, each off by default so that the paper's update is unchanged: `patterns` (perturb only
+the parameters whose name matches, e.g. the word embeddings, whatever their dim), `ascent_steps` (K ascent steps,
+each of size gamma * ||w_l + v_l|| from the gradient at w + v), `eps_rel` (every element bounded,
+|v_ij| <= eps_rel * |w_ij|), `start_step` / `start_epoch` (plain steps before them) and `scaler` (a
+`torch.amp.GradScaler`: the ascent loss is scaled, the gradients unscaled before the norms). Its ascent from
+the clean loss is `perturb(lambda m: loss(m(x), y))` on the clean batch.
 """
 from __future__ import annotations
 
 import contextlib
 import math
-from typing import Callable, Iterable, Iterator
+import re
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -45,11 +54,34 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if hasattr(model, "module") and isinstance(model.module, nn.Module) else model
 
 
-def perturbed_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    """(name, parameter) of the weights AWP perturbs: every trainable parameter (requires_grad) with dim > 1, i.e. the
-    conv and linear weights; biases, BatchNorm's affine parameters, frozen weights and buffers are left alone, as in
-    the official code. The one definition of the set, shared by the landscape and the flatness measures."""
-    return [(n, p) for n, p in _unwrap(model).named_parameters() if p.dim() > 1 and p.requires_grad]
+def perturbed_parameters(model: nn.Module, patterns: str | Sequence[str] | None = None) -> list[tuple[str, nn.Parameter]]:
+    """The weights AWP perturbs, as (name, parameter) of the model without its DDP wrapper.
+
+    `patterns` None (the paper): every trainable parameter with dim > 1 (conv and linear weights, embeddings);
+    biases and normalization parameters are left alone. Otherwise one regular expression or several, searched
+    in each name (`re.search`, so the plain word "weight" matches every name that contains it, as the
+    fine-tuning snippet's `adv_param in name` does): every trainable parameter that one of them matches,
+    whatever its dim. ValueError when a pattern is not a regular expression or matches no trainable parameter.
+    """
+    named = [(n, p) for n, p in _unwrap(model).named_parameters() if p.requires_grad]
+    if patterns is None:
+        chosen = [(n, p) for n, p in named if p.dim() > 1]
+        if not chosen:
+            raise ValueError("AWP found no parameter to perturb (it perturbs parameters with dim > 1)")
+        return chosen
+    regexes = []
+    for pattern in [patterns] if isinstance(patterns, str) else list(patterns):
+        try:
+            rx = re.compile(pattern)
+        except (re.error, TypeError) as e:
+            raise ValueError(f"AWP patterns: {pattern!r} is not a regular expression ({e})") from None
+        if not any(rx.search(n) for n, _ in named):
+            shown = ", ".join(repr(n) for n, _ in named[:3])
+            raise ValueError(f"AWP pattern {pattern!r} matches no trainable parameter of the model (names such as {shown})")
+        regexes.append(rx)
+    if not regexes:
+        raise ValueError("AWP patterns is empty: give at least one pattern, or None for every weight of dim > 1")
+    return [(n, p) for n, p in named if any(rx.search(n) for rx in regexes)]
 
 
 class AWP:
@@ -59,12 +91,25 @@ class AWP:
         model: the network being trained (a DDP-wrapped model works; see `perturb`).
         gamma: relative size of the perturbation, ||v_l|| = gamma * ||w_l|| (paper: 0.01 for AT,
             0.005 for TRADES). gamma = 0 makes `perturb`/`restore` exact no-ops.
-        params: the tensors to perturb. Default: `perturbed_parameters(model)`, every trainable parameter with
-            dim > 1 (conv and linear weights); biases and BatchNorm affine parameters are never perturbed by
-            default, as in the paper.
+        params: the tensors to perturb. Default: every parameter with dim > 1 (conv and linear weights);
+            biases and BatchNorm affine parameters are never perturbed by default, as in the paper.
         check_finite: keep the device-side flags `finite`/`layer_finite` and give a layer whose ascent
             gradient is not finite no perturbation (one elementwise pass over the gradients, no host
             synchronization). Off: no flags, and a non-finite gradient makes the weights non-finite.
+
+    Fine-tuning options (docs/AWP_VARIANTS.md), keyword-only, each off by default:
+        patterns: perturb the trainable parameters whose name one of these regular expressions matches
+            (`perturbed_parameters`), e.g. "word_embeddings"; instead of `params`.
+        ascent_steps: K >= 1 ascent steps, v <- v + gamma * ||w_l + v_l|| * g_l / (||g_l|| + 1e-20) with g the
+            gradient at w + v (K forward/backward passes). No projection onto the ball: without `eps_rel`,
+            ||v_l|| grows up to K * gamma * ||w_l||, as in the snippet.
+        eps_rel: > 0 bounds every element after every ascent step, |v_ij| <= eps_rel * |w_ij| (w at `perturb`).
+        start_step, start_epoch: `perturb` is an exact no-op while `step` < start_step or `epoch` <
+            start_epoch. `step` counts `perturb` calls (a loop or trainer may set it, e.g. to its global step
+            on resume); `epoch` is set by the loop, `awp.epoch = epoch`, as DistributedSampler.set_epoch.
+        scaler: a `torch.amp.GradScaler`: the ascent loss is scaled before its backward (fp16 gradients do
+            not underflow) and the gradients unscaled before the norms; an ascent gradient that overflowed
+            leaves its layer unperturbed and clears `finite`, as a non-finite gradient does without one.
     """
 
     def __init__(
@@ -73,21 +118,44 @@ class AWP:
         gamma: float = 0.01,
         params: Iterable[torch.Tensor] | None = None,
         check_finite: bool = True,
+        *,
+        patterns: str | Sequence[str] | None = None,
+        ascent_steps: int = 1,
+        eps_rel: float | None = None,
+        start_step: int = 0,
+        start_epoch: int = 0,
+        scaler: Any = None,
     ):
         if not isinstance(gamma, (int, float)) or not math.isfinite(gamma) or gamma < 0:
             raise ValueError(f"AWP gamma must be a finite number >= 0, got {gamma!r}")
+        if not isinstance(ascent_steps, int) or isinstance(ascent_steps, bool) or ascent_steps < 1:
+            raise ValueError(f"AWP ascent_steps must be an integer >= 1, got {ascent_steps!r}")
+        if eps_rel is not None and (not isinstance(eps_rel, (int, float)) or not math.isfinite(eps_rel) or eps_rel <= 0):
+            raise ValueError(f"AWP eps_rel must be a finite number > 0 (|v_ij| <= eps_rel * |w_ij|; None: no bound; "
+                             f"gamma=0 turns AWP off), got {eps_rel!r}")
+        for key, value in (("start_step", start_step), ("start_epoch", start_epoch)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"AWP {key} must be an integer >= 0, got {value!r}")
+        if scaler is not None and not callable(getattr(scaler, "scale", None)):
+            raise ValueError(f"AWP scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
+        if params is not None and patterns is not None:
+            raise ValueError("AWP takes params= or patterns=, not both")
         self.model = model
         self.gamma = float(gamma)
         self.check_finite = check_finite
+        self.ascent_steps, self.eps_rel, self.scaler = ascent_steps, None if eps_rel is None else float(eps_rel), scaler
+        self.start_step, self.start_epoch = start_step, start_epoch
+        self.step = 0  # perturb calls so far (a no-op call counts): start_step compares with it
+        self.epoch = 0  # set by the training loop: start_epoch compares with it
         if params is None:
-            chosen = perturbed_parameters(model)
+            chosen = perturbed_parameters(model, patterns)
         else:
             ids = {id(p) for p in params}
             chosen = [(n, p) for n, p in _unwrap(model).named_parameters() if id(p) in ids]
             if len(chosen) != len(ids):
                 raise ValueError("AWP params= must be parameters of the model")
-        if not chosen:
-            raise ValueError("AWP found no parameter to perturb (it perturbs parameters with dim > 1)")
+            if not chosen:
+                raise ValueError("AWP found no parameter to perturb (params= is empty)")
         self.names = [n for n, _ in chosen]
         self.params = [p for _, p in chosen]
         self._v: list[torch.Tensor] | None = None  # the perturbation in place, between perturb and restore
@@ -103,25 +171,47 @@ class AWP:
         """True between `perturb` and `restore`."""
         return self._v is not None
 
+    @property
+    def started(self) -> bool:
+        """Whether the next `perturb` perturbs: `step` >= start_step and `epoch` >= start_epoch (and gamma > 0)."""
+        return self.gamma > 0 and self.step >= self.start_step and self.epoch >= self.start_epoch
+
     def perturb(self, loss_fn: Callable[[nn.Module], torch.Tensor]) -> None:
         """w <- w + v, v the normalized ascent step of `loss_fn(model)` (a scalar loss to ascend) at w.
 
         The loss is evaluated in train mode with BatchNorm running statistics frozen; the model's own
-        mode, buffers and `.grad` are left as they were.
+        mode, buffers and `.grad` are left as they were. Before `start_step`/`start_epoch` (and with
+        gamma = 0) it is an exact no-op that `loss_fn` is not called for.
         """
         if self._v is not None:
             raise RuntimeError("AWP.perturb called twice without restore(): call awp.restore() after the optimizer step")
         self.layer_finite = self.perturbation_finite = self.finite = self.loss_finite = self._loss = None
-        if self.gamma == 0:
+        started = self.started
+        self.step += 1
+        if not started:
             self._v = []  # exact no-op, but keep the perturb/restore pairing checked
             return
         net = _unwrap(self.model)
+        if self.ascent_steps == 1 and self.eps_rel is None:  # the paper: one step, onto the sphere
+            grads = self._ascent_step(net, loss_fn)
+            with torch.no_grad():
+                torch._foreach_add_(self.params, grads)
+            self._v = grads  # the only extra memory over AT: one tensor per perturbed weight
+            return
+        self._v = self._fine_tuning_ascent(net, loss_fn)
+
+    def _ascent_step(self, net: nn.Module, loss_fn: Callable[[nn.Module], torch.Tensor]) -> list[torch.Tensor]:
+        """gamma * ||w_l|| * g_l / (||g_l|| + 1e-20) at the current weights w (0 where g_l is not finite)."""
         with train_mode(net, True), frozen_bn_stats(net):
             loss = loss_fn(net)
-            grads = list(torch.autograd.grad(loss, self.params, allow_unused=True))
+            scaled = loss if self.scaler is None else self.scaler.scale(loss)  # fp16: small gradients survive
+            grads = list(torch.autograd.grad(scaled, self.params, allow_unused=True))
         for i, g in enumerate(grads):
             if g is None:  # a weight that does not reach the loss gets no perturbation
                 grads[i] = torch.zeros_like(self.params[i])
+        if self.scaler is not None:  # unscale before the norms (1 / s on the device: no host synchronization)
+            inv_scale = 1.0 / self.scaler.scale(torch.ones((), device=grads[0].device, dtype=torch.float32))
+            torch._foreach_mul_(grads, inv_scale)
         self._all_reduce(grads)
         g_norm = torch.stack(torch._foreach_norm(grads))  # (L,)
         with torch.no_grad():
@@ -130,15 +220,44 @@ class AWP:
             if self.check_finite:  # decided on the device: a layer with a non-finite gradient or size gets v_l = 0
                 ok = torch.isfinite(g_norm)  # ||g_l|| is finite iff every entry of g_l is (or it overflowed)
                 size_ok = torch.isfinite(scale) | ~ok  # gamma * ||w_l|| overflowed (a gradient's fault is told first)
-                self.layer_finite, self.perturbation_finite, self.finite = ok, size_ok, (ok & size_ok).all()
+                if self.layer_finite is None:  # the first ascent step, at w
+                    self.layer_finite, self.perturbation_finite = ok, size_ok
+                    self.loss_finite = torch.isfinite(loss.detach())
+                else:  # a later one (ascent_steps > 1): any step's fault counts
+                    self.layer_finite, self.perturbation_finite = self.layer_finite & ok, self.perturbation_finite & size_ok
+                self.finite = (self.layer_finite & self.perturbation_finite).all()
                 self._loss = loss.detach()
-                self.loss_finite = torch.isfinite(self._loss)
                 scale = torch.where(ok & size_ok, scale, 0)
                 for g in grads:  # inf * 0 would be nan: zero the non-finite entries first
                     torch.nan_to_num_(g, nan=0.0, posinf=0.0, neginf=0.0)
             torch._foreach_mul_(grads, list(scale.to(grads[0].dtype).unbind()))
-            torch._foreach_add_(self.params, grads)
-        self._v = grads  # the only extra memory over AT: one tensor per perturbed weight
+        return grads
+
+    def _fine_tuning_ascent(self, net: nn.Module, loss_fn: Callable[[nn.Module], torch.Tensor]) -> list[torch.Tensor]:
+        """K ascent steps from the gradient at w + v, each v clipped to |v_ij| <= eps_rel * |w_ij|; returns v
+        (the weights hold w + v). If `loss_fn` raises, the weights are given back as they were."""
+        bound = None
+        if self.eps_rel is not None:
+            with torch.no_grad():
+                bound = torch._foreach_abs(self.params)  # |w_ij| at the start of the step: the snippet's backup
+                torch._foreach_mul_(bound, self.eps_rel)
+                lower = torch._foreach_neg(bound)
+        v = [torch.zeros_like(p) for p in self.params]
+        try:
+            for _ in range(self.ascent_steps):
+                step = self._ascent_step(net, loss_fn)  # at w + v
+                with torch.no_grad():
+                    new = torch._foreach_add(v, step)
+                    if bound is not None:  # |v_ij| <= eps_rel * |w_ij|, elementwise
+                        torch._foreach_minimum_(new, bound)
+                        torch._foreach_maximum_(new, lower)
+                    torch._foreach_add_(self.params, torch._foreach_sub(new, v))  # w + v -> w + new
+                    v = new
+        except BaseException:
+            with torch.no_grad():
+                torch._foreach_sub_(self.params, v)
+            raise
+        return v
 
     def check(self) -> None:
         """Raise FloatingPointError naming the first layer whose last ascent gradient (or perturbation) was not finite.
@@ -192,10 +311,12 @@ class AWP:
             g.copy_(f)
 
     def state_dict(self) -> dict:
-        """The configuration (the perturbation itself never outlives a step, so it is not saved)."""
-        return {"gamma": self.gamma, "names": list(self.names)}
+        """The configuration and the step/epoch counters (the perturbation itself never outlives a step, so it
+        is not saved)."""
+        return {"gamma": self.gamma, "names": list(self.names), "step": self.step, "epoch": self.epoch}
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("names") != self.names:
             raise ValueError("AWP state does not match this model's perturbed parameters")
         self.gamma = float(state["gamma"])
+        self.step, self.epoch = int(state.get("step", 0)), int(state.get("epoch", 0))

@@ -52,6 +52,11 @@ class EvalSpec:
 class AWPConfig:
     gamma: float = 0.0  # ||v_l|| = gamma ||w_l||; 0 = the plain method (paper: 0.01 AT, 0.005 TRADES)
     warmup: int = 0  # AWP is active from this epoch on (0-based; paper: 0 for AT, 10 for TRADES)
+    # The fine-tuning AWP's options (docs/AWP_VARIANTS.md); the defaults are the paper's AWP.
+    params: str = ""  # "" = every weight of dim > 1; else a regular expression searched in parameter names (e.g. conv1|fc)
+    steps: int = 1  # ascent steps per training step (the snippet's adv_step)
+    eps_rel: float = 0.0  # > 0: also bound every element, |v_ij| <= eps_rel * |w_ij| (the snippet's adv_eps); 0 = no bound
+    start_step: int = 0  # AWP is active from this global step on (0-based), as well as from epoch `warmup`
 
 
 @dataclass
@@ -130,7 +135,8 @@ LOWER = {
     "data.eval_subset": (1, True), "data.train_subset": (0, True), "data.image_size": (0, True), "data.extra_fraction": (0, True),
     "attack.eps": (0, True), "attack.alpha": (0, True), "attack.steps": (1, True),
     "eval.steps": (1, True), "eval.alpha": (0, True), "eval.batch_size": (1, True),
-    "awp.gamma": (0, True), "awp.warmup": (0, True), "ema.decay": (0, True),
+    "awp.gamma": (0, True), "awp.warmup": (0, True), "awp.steps": (1, True), "awp.eps_rel": (0, True),
+    "awp.start_step": (0, True), "ema.decay": (0, True),
     "optim.lr": (0, False), "optim.momentum": (0, True), "optim.weight_decay": (0, True),
     "log.interval": (1, True),
 }

@@ -22,7 +22,7 @@ from torch import nn
 
 from . import models, rundir
 from .attacks import pgd, whole_box_warning
-from .awp import AWP
+from .awp import AWP, perturbed_parameters
 from .checkpoint import WriteError, load_checkpoint, load_weights, save_checkpoint
 from .collapse import ChanceLevel, collapse_warning, top_class_share
 from .config import RunConfig
@@ -270,7 +270,14 @@ def build(cfg: RunConfig, dist: Dist | None = None, *, progress: bool = False) -
     wrapped = local
     if dist.world > 1:  # AWP's ascent runs on wrapped.module (no reducer involved) and all-reduces its gradient
         wrapped = nn.parallel.DistributedDataParallel(local, device_ids=[device.index] if device.type == "cuda" else None)
-    awp = AWP(wrapped, gamma=cfg.awp.gamma) if cfg.awp.gamma > 0 else None
+    awp = None
+    if cfg.awp.gamma > 0:
+        try:  # chosen by the names of `model` (those of its checkpoints), whatever wraps it
+            chosen = [p for _, p in perturbed_parameters(model, cfg.awp.params or None)]
+        except ValueError as e:
+            raise UserError(f"awp.params: {e}") from None
+        awp = AWP(wrapped, gamma=cfg.awp.gamma, params=chosen, ascent_steps=cfg.awp.steps, eps_rel=cfg.awp.eps_rel or None,
+                  start_step=cfg.awp.start_step)
     forward = torch.compile(wrapped) if cfg.speed.compile else wrapped
     # Evaluation runs in every process on its own share, with no collective inside the forward.
     eval_forward = forward if dist.world == 1 else (torch.compile(local) if cfg.speed.compile else local)
@@ -583,6 +590,9 @@ def _loop(run: Run, run_dir: Path, state: dict | None, *, progress: bool, stop_a
     eval_attack = AttackConfig(eps=cfg.attack.eps, alpha=cfg.eval.alpha or cfg.attack.alpha, steps=cfg.eval.steps, norm=cfg.attack.norm)
     chance = ChanceLevel.of(run.eval_test.y)  # for the collapse check at epoch ends
     best, steps_done, t_run = at.best, 0, time.time()
+    late = awp_warmup_warning(cfg, plan.total_steps) if cfg.awp.warmup < cfg.epochs else None  # (fit said the warm-up one)
+    if late and dist.main:
+        print(f"flatrobust: warning: {late}", file=sys.stderr)
     for epoch in range(at.epoch, cfg.epochs):
         order, noise = plan.generators(epoch, run.device)
         index_batches = plan.index_batches(order, run.train.x.device)
@@ -590,7 +600,9 @@ def _loop(run: Run, run_dir: Path, state: dict | None, *, progress: bool, stop_a
         if epoch == at.epoch and at.batch > 0:  # continue inside the epoch where the checkpoint was taken
             first, sums = at.batch, dict(at.epoch_sums)
             noise.set_state(at.noise_state)
-        awp = run.awp if run.awp is not None and epoch >= cfg.awp.warmup else None
+        # on for at least one step of the epoch (awp.start_step may fall inside it: AWP itself waits for it)
+        awp_on = run.awp is not None and epoch >= cfg.awp.warmup and (epoch + 1) * plan.steps_per_epoch > cfg.awp.start_step
+        awp = run.awp if awp_on else None
         bar = Progress(range(first, len(index_batches)), total=len(index_batches), initial=first, enabled=progress,
                        desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch")
         reader.start(first)
@@ -600,6 +612,8 @@ def _loop(run: Run, run_dir: Path, state: dict | None, *, progress: bool, stop_a
                 group["lr"] = plan.lr(step)
             x, y = _fetch(run.train, index_batches[b], run.device)
             x = augment(x, generator=noise, **plan.augment)
+            if awp is not None:
+                awp.step = step  # the global step, also after a resume: start_step compares with it
             result = train_step(run.forward, run.objective, run.optimizer, x, y, awp=awp, generator=noise, rollback=rollback)
             reader.add(result, len(y), awp)
             if run.ema is not None:
@@ -665,11 +679,15 @@ def _finished(run_dir: Path, state: dict[str, Any], cfg: RunConfig) -> bool:
     return done == cfg.epochs
 
 
-def awp_warmup_warning(cfg: RunConfig) -> str | None:
-    """One line when AWP is asked for (gamma > 0) but its warm-up leaves it off for every epoch of the run."""
+def awp_warmup_warning(cfg: RunConfig, total_steps: int | None = None) -> str | None:
+    """One line when AWP is asked for (gamma > 0) but its warm-up (or awp.start_step, against the run's
+    `total_steps` when known) leaves it off for every step of the run."""
     if cfg.awp.gamma > 0 and cfg.awp.warmup >= cfg.epochs:
         return (f"awp.warmup={cfg.awp.warmup} >= epochs={cfg.epochs}: AWP (gamma {cfg.awp.gamma:g}) is never active, "
                 f"so this run trains plain {cfg.method.upper()}; lower awp.warmup (e.g. awp.warmup=0) or raise epochs")
+    if cfg.awp.gamma > 0 and total_steps is not None and cfg.awp.start_step >= total_steps:
+        return (f"awp.start_step={cfg.awp.start_step} >= the run's {total_steps} steps: AWP (gamma {cfg.awp.gamma:g}) is never "
+                f"active, so this run trains plain {cfg.method.upper()}; lower awp.start_step or raise epochs")
     return None
 
 
