@@ -8,7 +8,7 @@ from flatrobust.config import load_config, read_yaml
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = sorted(REPO.joinpath("recipes").glob("*.yaml"))
-STUDY = sorted(REPO.joinpath("recipes", "study").glob("*.yaml"))  # docs/RESULTS.md's rows (bench/study.py)
+STUDY = sorted(REPO.joinpath("recipes", "study").glob("*.yaml"))  # docs/RESULTS.md's rows (study/study.py)
 
 
 def test_there_is_a_recipe_per_paper_row():
@@ -36,7 +36,7 @@ def test_recipe_validates(path):
 
 
 def test_study_rows_are_the_recipes():
-    """bench/study.py runs exactly the study recipes; every AWP row has its baseline (same recipe without AWP)."""
+    """study/study.py runs exactly the study recipes; every AWP row has its baseline (same recipe without AWP)."""
     study = load("study")
     assert {row.recipe for row in study.ROWS} == {p.stem for p in STUDY}
     for path in STUDY:

@@ -1,4 +1,4 @@
-"""bench/study_report.py (docs/RESULTS.md) reads run directories and judges the paper's claims from them alone."""
+"""study/study_report.py (docs/RESULTS.md) reads run directories and judges the paper's claims from them alone."""
 import json
 from pathlib import Path
 
@@ -198,14 +198,14 @@ def test_no_overfitting_and_unfinished_runs(tmp_path):
 
 
 def test_readme_results_block_is_generated_from_the_committed_runs():
-    """README's results block is what `python bench/study.py report` writes from results/ (so its
+    """README's results block is what `python study/study.py report` writes from results/ (so its
     numbers cannot be typed by hand), and every claim line in it is also in docs/RESULTS.md."""
     runs = report.load(study.RESULTS, study.ROWS)
     cfgs = report.setting_cfgs(study.SETTINGS, study.RECIPES)
     block = report.readme_block(runs, report.row_keys(study.ROWS), study.SETTINGS, study.MAIN, cfgs,
                                 {(p.setting, p.base, p.other): p for p in study.PLANS})
     readme = (REPO / "README.md").read_text()
-    assert report.replace_block(readme, block) == readme, "run `python bench/study.py report`"
+    assert report.replace_block(readme, block) == readme, "run `python study/study.py report`"
 
 
 def test_study_run_refuses_an_unknown_row_or_stage(capsys):
@@ -225,7 +225,7 @@ def test_study_trains_the_main_setting_seed_by_seed_and_evaluates_each_run_after
     i = trains.index
     assert i("c10jpeg3_trades_awp_s1") < i("c10jpeg3_at_s2") < i("c10jpeg3_at_awp_g0.0025_s0") < i("fmnist3_at_awp_s0") < i("c10jpeg3_at_s3")
     assert i("c10jpeg3_at_awp_s3") < i("fmnist3_at_s1") < i("c10jpeg3_at_s4") < i("c10jpeg3_at_awp_s4") < i("c10jpeg3_trades_s2")
-    assert "fmnist3_at_s2" not in trains  # the second dataset is a 2-seed study (bench/study.py says why)
+    assert "fmnist3_at_s2" not in trains  # the second dataset is a 2-seed study (study/study.py says why)
     assert trains[-2:] == ["c10jpeg3_trades_s2", "c10jpeg3_trades_awp_s2"]  # the third TRADES seed: where the budget allows
     late = [study.Row("x", "X", "c10jpeg3_at", (0, 1), late_seeds=(0,)), study.Row("y", "Y", "fmnist3_at", (5,), setting="f3")]
     assert [t.run for t in study.tasks(late) if t.stage == "train"] == ["c10jpeg3_at_s1", "fmnist3_at_s5", "c10jpeg3_at_s0"]
@@ -451,7 +451,7 @@ def test_a_retraining_that_parts_from_the_committed_run_is_stopped_and_says_why(
     assert err == (f"c10jpeg3_at_s0: cannot restore its checkpoints here: the retraining parts from the committed metrics.jsonl at "
                    f"{where} (committed run: torch ?, CPU capability not recorded; here: torch 2.x, CPU capability AVX2). To "
                    f"evaluate it on this machine, train and evaluate it again as a whole: move {d} aside and run "
-                   "`python bench/study.py run`\n")
+                   "`python study/study.py run`\n")
     assert not (d / "best.pt").exists()
 
 

@@ -41,7 +41,7 @@ def test_cli_train_writes_a_complete_run_directory(tmp_path, capsys):
     assert all(abs(r["gap"] - (r["train_robust_acc"] - r["test_robust_acc"])) < 1e-12 for r in rows)
     env = json.loads((run / "env.json").read_text())
     assert env["torch"] == torch.__version__ and env["seed"] == 0
-    # what tells a rerun on another processor apart (its float results differ: bench/study.py's restore says so)
+    # what tells a rerun on another processor apart (its float results differ: study/study.py's restore says so)
     assert env["cpu_capability"] == torch.backends.cpu.get_cpu_capability() and env["cpu"] and env["device_name"] == env["cpu"]
     ckpt = torch.load(run / "last.pt", weights_only=True)
     assert ckpt["format"] == "flatrobust" and ckpt["epoch"] == 2

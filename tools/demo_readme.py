@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         print(render(summary))
         print(f"\nwrote {out}; `make readme-demo` copies it to {SUMMARY.relative_to(ROOT)} and rewrites README.md's demo block")
         print("\nOne seed on digits, where plain AT barely overfits, shows little of what AWP is for. Whether AWP helps "
-              "on real data, over seeds, in a setting where AT overfits: docs/RESULTS.md (python bench/study.py report).")
+              "on real data, over seeds, in a setting where AT overfits: docs/RESULTS.md (python study/study.py report).")
         return 0
     if args.cmd == "update":
         if args.summary is not None:

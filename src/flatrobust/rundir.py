@@ -13,7 +13,7 @@
 
 and what the other commands add beside the checkpoints (eval.json, landscape.json, flatness.json). A run has
 finished when metrics.jsonl covers every epoch of config.yaml: the checkpoints need not be there (a study
-commits run directories without them). Every reader (`report`, the CLI, bench/study*.py) goes through here.
+commits run directories without them). Every reader (`report`, the CLI, study/study*.py) goes through here.
 """
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
 """The AWP study behind docs/RESULTS.md: every row and seed, run, resumed, evaluated and reported.
 
-    python bench/study.py run [--jobs 2] [--rows at,at_awp] [--stages train,pgd] [--dry-run]
-    python bench/study.py status
-    python bench/study.py report            # rebuilds docs/RESULTS.md, docs/results/*.png, README.md's results block
+    python study/study.py run [--jobs 2] [--rows at,at_awp] [--stages train,pgd] [--dry-run]
+    python study/study.py status
+    python study/study.py report            # rebuilds docs/RESULTS.md, docs/results/*.png, README.md's results block
 
 `run` works through a fixed list of tasks (run by run: training, then PGD-20 on the full test set, flatness,
 landscapes and AutoAttack of its best and last checkpoints), `--jobs` at a time, each a `flatrobust` command on one thread
@@ -170,7 +170,7 @@ PLANS = [
     Plan(MAIN, "at", "rst", RST_SEEDS, why="extra pseudo-labeled data as a remedy (Figure 1): planned before any RST run"),
 ]
 
-# Runs trained again and replaced (their earlier files are in git history: `python bench/study.py replaced` copies
+# Runs trained again and replaced (their earlier files are in git history: `python study/study.py replaced` copies
 # them to results/replaced/<run>/ so docs/RESULTS.md can name them and give their earlier numbers).
 REPLACED = [
     ("c10jpeg/c10jpeg3_trades_s2", "a0469ea46151092ef3a20eaedee990680f629fae",
@@ -337,7 +337,7 @@ def _restore_checkpoints(t: Task, train_argv: list[str], env: dict, log) -> int:
                 proc.wait()
             print(f"{t.run}: cannot restore its checkpoints here: the retraining parts from the committed metrics.jsonl at "
                   f"{where} (committed run: {_machine(d)}; here: {_machine(new)}). To evaluate it on this machine, "
-                  f"train and evaluate it again as a whole: move {d} aside and run `python bench/study.py run`", file=sys.stderr)
+                  f"train and evaluate it again as a whole: move {d} aside and run `python study/study.py run`", file=sys.stderr)
             return 1
         if rc is not None:
             break
