@@ -118,14 +118,15 @@ def model_from_checkpoint(path: str | os.PathLike, device: str | torch.device = 
     `weights`: "raw" (the trained weights) or "ema" (their exponential moving average, in checkpoints of runs
     with ema.decay > 0; CheckpointError otherwise).
 
-    The model is built from the checkpoint's config: `config["model"]` names the architecture (built in or
-    timm) with `config["model_args"]`, and `data_info` (else `config["data"]["name"]`) gives the classes,
-    channels and normalization it uses. A checkpoint is data: its config never chooses code to import. A
-    `package.module:callable` model is imported (its module looked for in `config["model_dir"]` first) only
-    with `trust_code=True` (`--trust-model-code`), else UntrustedCodeError; or pass `model` (and optionally
-    `model_args`), a name of your own, to build that model instead: its module is looked for in the working
-    directory, then the Python path, never in the checkpoint's `model_dir`. A timm model is built without
-    pretrained weights (the checkpoint's replace them: nothing is downloaded).
+    The model is built from the checkpoint's config: `config["model"]` names the architecture (built in,
+    timm or RobustBench's zoo) with `config["model_args"]`, and `data_info` (else `config["data"]["name"]`)
+    gives the classes, channels and normalization it uses. A checkpoint is data: its config never chooses code
+    to import. A `package.module:callable` model is imported (its module looked for in `config["model_dir"]`
+    first) only with `trust_code=True` (`--trust-model-code`), else UntrustedCodeError; or pass `model` (and
+    optionally `model_args`), a name of your own, to build that model instead: its module is looked for in the
+    working directory, then the Python path, never in the checkpoint's `model_dir`. The architecture alone is
+    built (`models.architecture_args`: a timm model without pretrained weights, a RobustBench model without
+    reading its weights file): the checkpoint's weights replace them, so nothing is downloaded or read.
     """
     from . import models
     from .data import info_from_checkpoint
@@ -154,9 +155,8 @@ def model_from_checkpoint(path: str | os.PathLike, device: str | torch.device = 
                 "--trust-model-code (trust_code=True)")
         search = [where] if isinstance(where, str) and where else []
     else:
-        search = []  # a built-in or timm architecture: nothing is imported, model_dir is not read
-    if models.source_of(name).name == "timm":  # the checkpoint's weights replace timm's own: never download them
-        args = {k: v for k, v in args.items() if k != "checkpoint_path"} | {"pretrained": False}
+        search = []  # a built-in, timm or RobustBench architecture: nothing chosen by the name is imported, model_dir is not read
+    args = models.architecture_args(name, args)  # the checkpoint's weights replace pretrained ones: never fetch them
     info = info_from_checkpoint(state)  # the training data's classes, channels and normalization
     try:
         net = models.create(name, num_classes=info.num_classes, in_channels=info.in_channels, mean=info.mean,
@@ -207,6 +207,11 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> None:
             raise CheckpointError(f"{p} holds no state_dict of tensors: pass a flatrobust checkpoint or a file saved with torch.save(model.state_dict())")
         weights = {k.removeprefix("module."): v for k, v in weights.items()}
     missing, unexpected = sorted(set(model.state_dict()) - set(weights)), sorted(set(weights) - set(model.state_dict()))
+    net = getattr(model, "net", None)
+    if (missing or unexpected) and weights and isinstance(net, nn.Module) and set(net.state_dict()) >= {k.removeprefix("model.") for k in weights}:
+        raise CheckpointError(f"{p} holds the weights of the network alone, without flatrobust's normalization layer (as "
+                              "RobustBench's files do): for robustbench:<Name> give it as model_args.weights (or import it with "
+                              "`flatrobust import`), for your own network load it into model.net")
     if missing or unexpected:
         raise CheckpointError(f"{p} does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]} "
                               "(same architecture and dataset needed)")

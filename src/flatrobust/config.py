@@ -94,7 +94,7 @@ class RunConfig:
     device: str = "auto"  # auto (cuda if available) | cpu | cuda | cuda:N
     method: str = "at"  # at | trades | mart
     beta: float = 6.0  # TRADES / MART trade-off
-    model: str = "smallcnn"  # built in (models.REGISTRY) | timm:<name> | package.module:callable (your own)
+    model: str = "smallcnn"  # built in (models.REGISTRY) | timm:<name> | robustbench:<Name> | package.module:callable (your own)
     model_args: dict = field(default_factory=dict)  # keyword arguments of the model's builder, e.g. {width: 16}
     model_dir: str = ""  # package.module:callable: folder searched first for the module (set to the recipe's folder)
     epochs: int = 10
@@ -316,12 +316,15 @@ def _merge(base: dict, extra: dict) -> dict:
 def validate(cfg: RunConfig) -> RunConfig:
     for key, value in _flatten(cfg).items():
         _check_range(key, value)
-    from .models import check_name
+    from .models import check_name, run_args
 
     try:
         check_name(cfg.model)  # the syntax only: the model itself is built (and imported) by train.build
     except ValueError as e:
         raise UserError(str(e)) from None
+    # what the model's source takes from the run (robustbench:<Name>: data.name and attack.norm pick the zoo
+    # entry), written into the resolved config so that every later rebuild picks the same one
+    cfg.model_args = run_args(cfg.model, cfg.model_args, cfg.data.name, cfg.attack.norm)
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", cfg.device):
         raise UserError(f"device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
     if not re.fullmatch(r"[A-Za-z0-9._-]+", cfg.name):

@@ -20,6 +20,8 @@ COMMANDS = {
     "flatness": ("flatness", "average- and worst-case flatness of a checkpoint (Stutz et al.)"),
     "report": ("report", "Markdown report with figures comparing run directories"),
     "pseudolabel": ("pseudolabel", "pseudo-label extra images with a checkpoint, for robust self-training (RST)"),
+    "import": ("importer", "a RobustBench model (robustbench:<Name>, local weights file) as a flatrobust checkpoint"),
+    "export": ("export", "a checkpoint in RobustBench's format (weights, model info, zoo entry) or as a plain state_dict"),
 }
 
 

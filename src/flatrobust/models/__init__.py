@@ -1,10 +1,11 @@
-"""Model zoo of the AWP paper, a small CPU-friendly CNN, timm models and your own.
+"""Model zoo of the AWP paper, a small CPU-friendly CNN, timm models, RobustBench's and your own.
 
 Every model takes inputs in [0, 1] of shape (B, C, H, W) and returns logits (B, num_classes); C must be the
 `in_channels` it was built with (default 3): other input raises ValueError.
 Per-channel normalization is the first layer inside the model (RobustBench convention), so attacks
-and their eps always live in pixel space. A model name is a built-in one (`REGISTRY`), `timm:<name>` or
-`package.module:callable` (`sources.SOURCES`: one mechanism for the three).
+and their eps always live in pixel space. A model name is a built-in one (`REGISTRY`), `timm:<name>`,
+`robustbench:<Name>` or `package.module:callable` (`sources.SOURCES`: one mechanism for the four).
+RobustBench's networks normalize inside themselves already, so theirs gets the identity: never twice.
 
     >>> from flatrobust import models
     >>> net = models.create("preactresnet18", num_classes=10, mean=(0.49, 0.48, 0.45), std=(0.25, 0.24, 0.26))
@@ -20,7 +21,7 @@ from torch import nn
 from .normalize import Normalize
 from .preactresnet import PreActResNet18
 from .smallcnn import SmallCNN
-from .sources import REGISTRY, SOURCES, ModelError, Source, check_name, imports_code, resolve, source_of
+from .sources import REGISTRY, SOURCES, ModelError, Source, architecture_args, check_name, imports_code, resolve, run_args, source_of
 from .vgg import VGG19
 from .wideresnet import WideResNet
 
@@ -49,10 +50,12 @@ def create(
     search_path: Sequence[str] = (),
     **model_args,
 ) -> nn.Module:
-    """Build model `name` (built in, `timm:<name>` or `package.module:callable`) with normalization by
-    (mean, std) inside.
+    """Build model `name` (built in, `timm:<name>`, `robustbench:<Name>` or `package.module:callable`) with
+    normalization by (mean, std) inside.
 
-    mean/std default to 0 and 1 per channel (identity normalization). `model_args` go to the builder
+    mean/std default to 0 and 1 per channel (identity normalization). A source whose networks normalize
+    themselves (`robustbench:<Name>`: the zoo's own constants, or none) gets the identity whatever mean/std
+    say, so an input is never normalized twice. `model_args` go to the builder
     (e.g. `width=16, stem_stride=2` for preactresnet18). With `input_size`, one forward pass in eval mode on
     a zero batch (2, in_channels, input_size, input_size) checks that the output is (2, num_classes) logits.
     `search_path`: folders searched first for the module of a `package.module:callable` model.
@@ -67,6 +70,8 @@ def create(
     if len(mean) != in_channels or len(std) != in_channels:
         raise ModelError(f"mean and std need {in_channels} values each (one per channel), got {mean} and {std}")
     builder = resolve(name, search_path)
+    if source_of(name).normalizes_inside:
+        mean, std = (0.0,) * in_channels, (1.0,) * in_channels
     try:
         net = builder(num_classes, in_channels, **model_args)
     except TypeError as e:
@@ -108,5 +113,6 @@ def check_output(model: nn.Module, name: str, input_shape: Sequence[int], num_cl
                          f"(2, {num_classes}), one per class of the dataset")
 
 
-__all__ = ["REGISTRY", "SOURCES", "ModelError", "Source", "check_name", "check_output", "create", "imports_code", "resolve", "source_of", "Normalize",
+__all__ = ["REGISTRY", "SOURCES", "ModelError", "Source", "architecture_args", "check_name", "check_output", "create", "imports_code",
+           "resolve", "run_args", "source_of", "Normalize",
            "NormalizedModel", "PreActResNet18", "WideResNet", "VGG19", "SmallCNN"]

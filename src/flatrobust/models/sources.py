@@ -1,6 +1,6 @@
-"""Where a model name comes from: the built-in registry, timm, or a callable of the user's.
+"""Where a model name comes from: the built-in registry, timm, RobustBench's zoo, or a callable of the user's.
 
-One mechanism for the three: a `Source` says which names it takes, checks a name's syntax without
+One mechanism for the four: a `Source` says which names it takes, checks a name's syntax without
 importing anything (config validation), and resolves a name to a builder
 `builder(num_classes, in_channels, **model_args) -> nn.Module` (the network without normalization).
 `SOURCES` is the ordered tuple the tests enumerate; the first source whose `matches` is true owns a name.
@@ -8,8 +8,14 @@ importing anything (config validation), and resolves a name to a builder
     smallcnn, preactresnet18, ...   REGISTRY below (built in)
     timm:<name>                     timm.create_model(name, num_classes=, in_chans=, pretrained=False) unless
                                     model_args has pretrained: true (timm is the optional extra `[timm]`)
+    robustbench:<Name>              the network of RobustBench's model zoo (`robustbench_zoo`; the optional extra
+                                    `[robustbench]`), its weights from a local file with pretrained: true
     package.module:callable         callable(num_classes=, in_channels=, **model_args); the module is imported
                                     with `search_path` (the recipe's folder) in front of the Python path
+
+A source may also fill model_args from the run (`defaults`: RobustBench's dataset and threat model), say
+which model_args rebuild the architecture without fetching weights (`architecture_args`: a checkpoint
+brings its own), and that its networks normalize their input themselves (`normalizes_inside`).
 
 Every failure is a `ModelError` (a ValueError) with one line that names the model and says how to fix it.
 """
@@ -25,6 +31,7 @@ from typing import Callable, Sequence
 
 from torch import nn
 
+from . import robustbench_zoo
 from .preactresnet import PreActResNet18
 from .smallcnn import SmallCNN
 from .vgg import VGG19
@@ -47,7 +54,7 @@ REGISTRY: dict[str, Builder] = {
     "smallcnn": lambda num_classes, in_channels: SmallCNN(num_classes, in_channels),
 }
 
-_CHOICES = "timm:<name> for a timm model, or package.module:callable for your own"
+_CHOICES = "timm:<name> for a timm model, robustbench:<Name> for RobustBench's, or package.module:callable for your own"
 _IMPORT_PATH = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
 
 
@@ -58,10 +65,14 @@ class Source:
     matches: Callable[[str], bool]
     check: Callable[[str], None]  # syntax only, imports nothing; ValueError
     resolve: Callable[[str, Sequence[str]], Builder]  # (model name, search path) -> builder; ValueError
-    # Whether resolving a name imports code that the name chooses. A built-in name picks an entry of REGISTRY
-    # and timm:<name> one of timm's own architectures (timm.is_model is checked first); package.module:callable
-    # imports whatever module it names: a name read from a checkpoint (data) must not do that unasked.
+    # Whether resolving a name imports code that the name chooses. A built-in name picks an entry of REGISTRY,
+    # timm:<name> one of timm's own architectures (timm.is_model is checked first) and robustbench:<Name> an entry
+    # of the installed robustbench's zoo (looked up by name in its model_dicts); package.module:callable imports
+    # whatever module it names: a name read from a checkpoint (data) must not do that unasked.
     imports_code: bool = False
+    defaults: Callable[[str, str], dict] = lambda data_name, norm: {}  # model_args a run fills in (data.name, attack.norm)
+    architecture_args: Callable[[dict], dict] = dict  # model_args that build the architecture without reading weights
+    normalizes_inside: bool = False  # the network normalizes its input itself: models.create adds the identity
 
 
 # ------------------------------------------------------------------------------------------- built in
@@ -115,6 +126,35 @@ def _resolve_timm(name: str, search_path: Sequence[str]) -> Builder:
     return build
 
 
+def _timm_architecture(model_args: dict) -> dict:
+    """timm's architecture without its pretrained weights (nor a checkpoint_path to read them from)."""
+    return {k: v for k, v in model_args.items() if k != "checkpoint_path"} | {"pretrained": False}
+
+
+# ------------------------------------------------------------------------------------------- RobustBench
+
+def _check_robustbench(name: str) -> None:
+    try:
+        robustbench_zoo.check(name)
+    except robustbench_zoo.ZooError as e:
+        raise ModelError(str(e)) from None
+
+
+def _resolve_robustbench(name: str, search_path: Sequence[str]) -> Builder:
+    try:
+        zoo_builder = robustbench_zoo.resolve(name)
+    except robustbench_zoo.ZooError as e:
+        raise ModelError(str(e)) from None
+
+    def build(num_classes: int, in_channels: int, **kw) -> nn.Module:
+        try:
+            return zoo_builder(num_classes, in_channels, **kw)
+        except robustbench_zoo.ZooError as e:
+            raise ModelError(str(e)) from None
+
+    return build
+
+
 # ------------------------------------------------------------------------------------- package.module:callable
 
 def _check_import(name: str) -> None:
@@ -155,7 +195,11 @@ def _resolve_import(name: str, search_path: Sequence[str]) -> Builder:
 
 
 SOURCES: tuple[Source, ...] = (
-    Source("timm", "timm:<name>", lambda n: n.startswith("timm:"), _check_timm, _resolve_timm),
+    Source("timm", "timm:<name>", lambda n: n.startswith("timm:"), _check_timm, _resolve_timm,
+           architecture_args=_timm_architecture),
+    Source("robustbench", "robustbench:<Name>", lambda n: n.startswith(robustbench_zoo.PREFIX), _check_robustbench,
+           _resolve_robustbench, defaults=robustbench_zoo.defaults, architecture_args=robustbench_zoo.architecture_args,
+           normalizes_inside=True),
     Source("import", "package.module:callable", lambda n: ":" in n, _check_import, _resolve_import, imports_code=True),
     Source("builtin", " | ".join(sorted(REGISTRY)), lambda n: True, _check_builtin, _resolve_builtin),
 )
@@ -179,3 +223,15 @@ def check_name(name: str) -> None:
 def resolve(name: str, search_path: Sequence[str] = ()) -> Builder:
     """builder(num_classes, in_channels, **model_args) for model `name`; ValueError (one line) if it cannot be had."""
     return source_of(name).resolve(name, search_path)
+
+
+def run_args(name: str, model_args: dict, data_name: str, norm: str) -> dict:
+    """`model_args` completed with what the source of `name` takes from the run (data.name, attack.norm):
+    for robustbench:<Name> its dataset and threat model; model_args given explicitly win."""
+    return {**source_of(name).defaults(data_name, norm), **model_args}
+
+
+def architecture_args(name: str, model_args: dict) -> dict:
+    """`model_args` that rebuild `name`'s architecture without reading or downloading pretrained weights
+    (pretrained: false), for a checkpoint that brings its own."""
+    return source_of(name).architecture_args(dict(model_args))
