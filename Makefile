@@ -16,10 +16,14 @@ THREADS ?= 1
 
 .PHONY: setup test test-slow demo demo-full readme-demo clean bench
 
+# The [robustbench] extra is installed without robustbench's timm==1.0.9 pin (it would replace the newer timm whose
+# test models the timm tests use; robustbench works with it): robustbench itself, then its dependencies (constraints.txt).
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[test,autoattack,timm,tensorboard,lightning,huggingface]'
+	$(PY) -m pip install --quiet -c constraints.txt --no-deps robustbench
+	$(PY) -m pip install --quiet -c constraints.txt torchdiffeq geotorch gdown pandas requests safetensors
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -66,32 +66,50 @@ def _module(folder: Path, name: str, text: str = USER_MODULE) -> str:
     return name
 
 
-# An example of every source, so that a new source cannot be added without being tested here.
-def _example(source: str, tmp_path: Path) -> tuple[str, list[str]]:
+# An example of every source, so that a new source cannot be added without being tested here:
+# (name, search path, (classes, channels, size) of data it fits).
+def _example(source: str, tmp_path: Path, monkeypatch) -> tuple[str, list[str], tuple[int, int, int]]:
     if source == "builtin":
-        return "smallcnn", []
+        return "smallcnn", [], (7, 1, 8)
     if source == "timm":
         pytest.importorskip("timm")
-        return "timm:test_resnet", []
+        return "timm:test_resnet", [], (7, 1, 8)
+    if source == "robustbench":  # a small instance of a zoo architecture, registered in the installed zoo
+        from flatrobust.models.robustbench_compat import RobustBenchMissing, import_robustbench
+
+        try:
+            rb = import_robustbench()
+        except RobustBenchMissing as e:
+            pytest.skip(str(e))
+        from robustbench.model_zoo.architectures.wide_resnet import WideResNet
+        from robustbench.model_zoo.enums import BenchmarkDataset, ThreatModel
+
+        zoo = rb.model_zoo.model_dicts[BenchmarkDataset("cifar10")][ThreatModel("Linf")]
+        monkeypatch.setitem(zoo, "EverySourceWRN", {"model": lambda: WideResNet(depth=10, widen_factor=1), "gdrive_id": "none"})
+        return "robustbench:EverySourceWRN", [], (10, 3, 32)
     if source == "import":
-        return f"{_module(tmp_path, 'own_every_source')}:build", [str(tmp_path)]
+        return f"{_module(tmp_path, 'own_every_source')}:build", [str(tmp_path)], (7, 1, 8)
     raise AssertionError(f"no example for model source {source!r}: add one")
 
 
 @pytest.mark.parametrize("source", [s.name for s in models.SOURCES])
-def test_every_source_builds_a_normalized_model_that_trains(source, tmp_path):
-    name, path = _example(source, tmp_path)
+def test_every_source_builds_a_normalized_model_that_trains(source, tmp_path, monkeypatch):
+    name, path, (classes, channels, size) = _example(source, tmp_path, monkeypatch)
     assert models.source_of(name).name == source
     models.check_name(name)
     torch.manual_seed(0)
-    model = models.create(name, num_classes=7, in_channels=1, mean=(0.3,), std=(0.4,), input_size=8, search_path=path)
+    model = models.create(name, num_classes=classes, in_channels=channels, mean=(0.3,) * channels, std=(0.4,) * channels,
+                          input_size=size, search_path=path)
     assert isinstance(model, models.NormalizedModel)
-    assert model.normalize.mean.flatten().tolist() == pytest.approx([0.3]) and model.normalize.std.flatten().tolist() == pytest.approx([0.4])
-    x = torch.rand(4, 1, 8, 8)
+    # a source whose networks normalize themselves (RobustBench's) gets the identity: never twice
+    mean, std = (0.0, 1.0) if models.source_of(name).normalizes_inside else (0.3, 0.4)
+    assert model.normalize.mean.flatten().tolist() == pytest.approx([mean] * channels)
+    assert model.normalize.std.flatten().tolist() == pytest.approx([std] * channels)
+    x = torch.rand(4, channels, size, size)
     with torch.no_grad():
-        assert torch.equal(model(x), model.net((x - 0.3) / 0.4))  # the normalization is the first layer
+        assert torch.equal(model(x), model.net((x - mean) / std))  # the normalization is the first layer
     out = model.train()(x)
-    assert out.shape == (4, 7)
+    assert out.shape == (4, classes)
     out.logsumexp(1).sum().backward()
     assert all(p.grad is not None for p in model.parameters())
 

@@ -64,6 +64,10 @@ def import_model(name: str, data: Mapping[str, Any], *, out: str | os.PathLike, 
     if dataset not in models.robustbench_zoo.DATASETS:
         raise UserError(f"RobustBench has models for {', '.join(models.robustbench_zoo.DATASETS)}, and the data is "
                         f"{data.get('name')!r}: give the dataset the model was trained on (--dataset)")
+    try:  # the name, the dataset/threat pair and the refusals first, in RobustBench's words
+        models.robustbench_zoo.entry(name, dataset, threat)
+    except ValueError as e:
+        raise UserError(str(e)) from None
     if eps is None:
         if (dataset, threat) not in LEADERBOARD_EPS:
             raise UserError(f"RobustBench has no {dataset} {threat} leaderboard radius: give eps (--eps)")
