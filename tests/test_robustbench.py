@@ -92,13 +92,15 @@ def _random_weights(net: torch.nn.Module, seed: int = 0) -> dict[str, torch.Tens
     return out
 
 
-def _write_cache(model_dir: Path, zoo: dict, name: str, dataset: str = "cifar10", threat: str = "Linf", wrap: bool = True) -> dict:
+def _write_cache(model_dir: Path, zoo: dict, name: str, dataset: str = "cifar10", threat: str = "Linf", wrap: bool | str = True) -> dict:
     """Random weights for zoo entry `name` in RobustBench's cache layout, as published files often are: under
-    'state_dict', with DataParallel's 'module.' prefix. Returns the (un-prefixed) state_dict."""
+    'state_dict', with DataParallel's 'module.' prefix (wrap="last": also under 'last', as Andriushchenko2020Understanding's).
+    Returns the (un-prefixed) state_dict."""
     state = _random_weights(zoo[dataset][name]["model"]())
     path = model_dir / dataset / threat / f"{name}.pt"
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"state_dict": {f"module.{k}": v for k, v in state.items()}} if wrap else state, path)
+    content = {"state_dict": {f"module.{k}": v for k, v in state.items()}} if wrap else state
+    torch.save({"last": content, "best": {}} if wrap == "last" else content, path)
     return state
 
 
@@ -132,9 +134,13 @@ def test_missing_robustbench_or_autoattack_is_one_line(rb, monkeypatch):
 
 # ------------------------------------------------------------------------------------ robustbench:<Name>
 
-@pytest.mark.parametrize("name,dataset", [("TestTinyWRN", "cifar10"), ("TestTinyNormWRN", "cifar10"), ("TestTinyPreAct", "cifar100")])
-def test_same_logits_as_robustbench_load_model(zoo, rb, tmp_path, name, dataset):
-    _write_cache(tmp_path, zoo, name, dataset)
+@pytest.mark.parametrize("name,dataset,wrap", [
+    ("TestTinyWRN", "cifar10", True), ("TestTinyNormWRN", "cifar10", True), ("TestTinyPreAct", "cifar100", True),
+    # two real entries (PreActResNet-18s): one normalizing inside with the zoo's constants, one stored under 'last'
+    ("Wong2020Fast", "cifar10", True), ("Andriushchenko2020Understanding", "cifar10", "last"),
+])
+def test_same_logits_as_robustbench_load_model(zoo, rb, tmp_path, name, dataset, wrap):
+    _write_cache(tmp_path, zoo, name, dataset, wrap=wrap)
     theirs = rb.load_model(name, model_dir=tmp_path, dataset=dataset, threat_model="Linf")  # its local-file path
     mean, std = (0.5, 0.4, 0.3), (0.2, 0.2, 0.2)  # the dataset's statistics, as train and eval pass them: not applied
     ours = models.create(f"robustbench:{name}", num_classes=robustbench_zoo.DATASETS[dataset], mean=mean, std=std, input_size=32,

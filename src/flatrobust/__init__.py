@@ -10,7 +10,9 @@ The public API, small enough to remember:
   - `train_step`: one AT/TRADES/MART step with optional AWP;
   - `EMA`: an exponential moving average of the weights for any training loop (update after each step);
   - `landscape_1d`, `landscape_2d`, `average_flatness`, `worst_flatness`: the analysis of the weight loss
-    landscape (`flatrobust.report` and `flatrobust.evaluate` are imported on use).
+    landscape (`flatrobust.report` and `flatrobust.evaluate` are imported on use);
+  - RobustBench: `models.create("robustbench:<Name>", ...)`, and `flatrobust.robustbench_import` /
+    `flatrobust.robustbench_export` (imported on use) for its models as checkpoints and yours in its format.
 """
 from . import data, models
 from .attacks import L2Ball, LinfBall, fgsm, pgd

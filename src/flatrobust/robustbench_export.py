@@ -248,8 +248,8 @@ def model_info(report: Mapping[str, Any], cfg: Mapping[str, Any], *, dataset: st
         "number_forward_passes": 1,  # one deterministic network: ensembles and randomized models are never exported
         "dataset": dataset, "architecture": architecture, "eps": format_eps(eps),
         "clean_acc": _percent(attacks["clean"]["correct"], n), "autoattack_acc": _percent(attacks["autoattack"]["correct"], n),
-        "footnote": f"{trained} in flatrobust {__version__}; AutoAttack standard ({(report.get('environment') or {}).get('pyautoattack') or 'pyautoattack'}) "
-                    f"on the {n} test images, trust checks passed.",
+        "footnote": f"{trained} in flatrobust {__version__}; standard AutoAttack (pyautoattack "
+                    f"{(report.get('environment') or {}).get('pyautoattack') or '?'}) on the {n} test images, every trust check passed.",
     })
     info["flatrobust"] = {"eval": report.get("command"), "checkpoint": report.get("checkpoint"), "epoch": report.get("epoch"),
                           "weights": (report.get("config") or {}).get("weights", "raw"), "n_examples": n,
