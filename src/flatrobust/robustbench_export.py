@@ -107,12 +107,13 @@ def _wideresnet(net: nn.Module, num_classes: int) -> tuple[dict, str, str, str, 
     n = len(net.blocks) // 3
     depth, widen = 6 * n + 4, net.blocks[0].conv1.out_channels // 16
 
-    def key(k: str) -> str:
+    def key(k: str) -> str:  # blocks.{i} -> block{1,2,3}.layer.{j}, shortcut -> convShortcut, bn -> bn1
         if k.startswith("blocks."):
-            i, rest = k[len("blocks."):].split(".", 1)
+            i, rest = k.removeprefix("blocks.").split(".", 1)
             group, j = divmod(int(i), n)
-            return f"block{group + 1}.layer.{j}.{'convShortcut.' + rest[len('shortcut.'):] if rest.startswith('shortcut.') else rest}"
-        return "bn1." + k[len("bn."):] if k.startswith("bn.") else k  # conv1, fc as they are
+            rest = "convShortcut." + rest.removeprefix("shortcut.") if rest.startswith("shortcut.") else rest
+            return f"block{group + 1}.layer.{j}.{rest}"
+        return "bn1." + k.removeprefix("bn.") if k.startswith("bn.") else k  # conv1, fc as they are
 
     state = {key(k): v.detach().cpu().clone() for k, v in net.state_dict().items()}
     imports = "from robustbench.model_zoo.architectures.wide_resnet import WideResNet"
@@ -121,11 +122,12 @@ def _wideresnet(net: nn.Module, num_classes: int) -> tuple[dict, str, str, str, 
 
 def _preactresnet(net: nn.Module, num_classes: int) -> tuple[dict, str, str, str, str]:
     """flatrobust's PreActResNet-18 -> RobustBench's PreActResNet (the projection shortcut sees the pre-activation)."""
-    def key(k: str) -> str:
+    def key(k: str) -> str:  # layers.{i} -> layer{1..4}.{j}, shortcut (a conv) -> shortcut.0 (a Sequential of it)
         if k.startswith("layers."):
-            i, rest = k[len("layers."):].split(".", 1)
+            i, rest = k.removeprefix("layers.").split(".", 1)
             stage, j = divmod(int(i), 2)
-            return f"layer{stage + 1}.{j}.{'shortcut.0.' + rest[len('shortcut.'):] if rest.startswith('shortcut.') else rest}"
+            rest = "shortcut.0." + rest.removeprefix("shortcut.") if rest.startswith("shortcut.") else rest
+            return f"layer{stage + 1}.{j}.{rest}"
         return k  # conv1, bn, linear as they are
 
     state = {key(k): v.detach().cpu().clone() for k, v in net.state_dict().items()}
@@ -138,6 +140,9 @@ def zoo_form(model: nn.Module, cfg: Mapping[str, Any], name: str, dataset: str, 
     """`model` (a models.create model) as RobustBench's zoo loads it; UserError for an architecture it has not."""
     from .models import PreActResNet18, WideResNet, robustbench_zoo
 
+    if not _NAME.fullmatch(name):  # it becomes a string and a class name in the entry's code
+        raise UserError(f"--name {name!r}: a RobustBench name starts with a letter and has letters, digits, '_' and '-' only "
+                        "(e.g. Me2026Flatter_WRN-34-10)")
     net, mean, std = model.net, model.normalize.mean.detach().cpu(), model.normalize.std.detach().cpu()
     normalize = None if _is_identity(mean, std) else (mean, std)
     model_name = str(cfg.get("model"))
@@ -306,9 +311,6 @@ def export_robustbench(checkpoint: str | os.PathLike, out_dir: str | os.PathLike
                         "cifar10 Linf, cifar10 L2, cifar100 Linf runs): --format state_dict writes plain weights")
     eps = LEADERBOARD_EPS[(dataset, threat)]
     name = name or str(cfg.get("name") or "")
-    if not _NAME.fullmatch(name):
-        raise UserError(f"--name {name!r}: a RobustBench name starts with a letter and has letters, digits, '_' and '-' only "
-                        "(e.g. Me2026Flatter_WRN-34-10)")
     form = zoo_form(model, cfg, name, dataset, threat, info.num_classes)
     mangled = [k for k in form.state_dict if "module." in k or "model." in k]
     if mangled:  # load_model cuts these substrings from any key that contains them
