@@ -338,8 +338,7 @@ def test_rebuilding_from_a_checkpoint_reads_no_pretrained_weights(monkeypatch):
     """model_args pretrained: true (a fine-tuning recipe) is what the run started from; a checkpoint brings its weights."""
     assert models.architecture_args("robustbench:X", {"pretrained": True, "weights": "w.pt", "dataset": "cifar10"}) == \
         {"pretrained": False, "dataset": "cifar10"}
-    assert models.architecture_args("timm:resnet18", {"pretrained": True}) == {"pretrained": False}
-    assert models.architecture_args("timm:resnet18", {}) == {}
+    assert models.architecture_args("timm:resnet18", {"pretrained": True, "checkpoint_path": "w.pt"}) == {"pretrained": False}
     assert models.architecture_args("smallcnn", {"a": 1}) == {"a": 1}
 
 
