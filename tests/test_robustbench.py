@@ -124,11 +124,11 @@ def test_robustbench_imports_here_without_the_names_it_needs(rb):
 def test_missing_robustbench_or_autoattack_is_one_line(rb, monkeypatch):
     monkeypatch.delitem(sys.modules, "robustbench.model_zoo")  # as in a fresh process: import_robustbench imports it again
     monkeypatch.setattr(robustbench_compat, "_found", lambda name: name != "robustbench")
-    with pytest.raises(models.ModelError, match=r"needs robustbench is not installed: pip install 'flatrobust\[robustbench\]'"):
+    with pytest.raises(models.ModelError, match=r"'robustbench:Wu2020Adversarial': robustbench is not installed: pip install 'flatrobust\[robustbench\]'"):
         models.create("robustbench:Wu2020Adversarial")
     monkeypatch.setattr(robustbench_compat, "_found", lambda name: name == "robustbench")
     monkeypatch.setitem(sys.modules, "pyautoattack", None)
-    with pytest.raises(models.ModelError, match="needs robustbench needs AutoAttack \\(the pyautoattack package\\)"):
+    with pytest.raises(models.ModelError, match="'robustbench:Wu2020Adversarial': robustbench needs AutoAttack \\(the pyautoattack package\\)"):
         models.create("robustbench:Wu2020Adversarial")
 
 
@@ -370,6 +370,20 @@ def test_import_errors_are_one_line_exit_2_nothing_written(zoo, tmp_path, monkey
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1, err
     assert not (tmp_path / "runs").exists()
+
+
+def test_train_reads_robustbench_weights_with_pretrained_true(zoo, tmp_path, capsys):
+    """recipes/finetune_robustbench_awp.yaml's way: model_args pretrained: true reads the cache layout at build."""
+    state = _write_cache(tmp_path / "models", zoo, "TestTinyWRN")
+    write_npz(tmp_path / "c10.npz", n_train=16, n_test=8, size=32, num_classes=10)
+    rc = main(["train", "model=robustbench:TestTinyWRN", f"model_args={{pretrained: true, model_dir: {tmp_path / 'models'}, dataset: cifar10}}",
+               "data.name=npz", f"data.root={tmp_path / 'c10.npz'}", "epochs=1", "batch_size=16", "data.eval_subset=4", "attack.steps=1",
+               "eval.steps=1", "awp.gamma=0.005", "optim.lr=1e-12", f"out_dir={tmp_path / 'runs'}", "name=ft", "--quiet"])
+    assert rc == 0, capsys.readouterr().err
+    (tmp_path / "models" / "cifar10" / "Linf" / "TestTinyWRN.pt").unlink()  # the checkpoint alone rebuilds it
+    tuned, _ = model_from_checkpoint(tmp_path / "runs" / "ft" / "last.pt")
+    weights = {k: v for k, v in tuned.net.state_dict().items() if "running" not in k and "num_batches" not in k}
+    assert all(torch.allclose(v, state[k], atol=1e-6) for k, v in weights.items())  # lr 1e-12: the published weights, as read
 
 
 def test_train_with_missing_robustbench_weights_is_one_line_before_any_file(zoo, tmp_path, capsys):

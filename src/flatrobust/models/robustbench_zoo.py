@@ -222,14 +222,14 @@ def _missing_file(label: str, path: Path, explicit: bool, dataset: str, threat: 
                     f"models/{dataset}/{threat}/{name}.pt: copy it to {path} (or set model_args.model_dir, or model_args.weights=FILE)")
 
 
-def resolve(name: str, search_path=()):
+def resolve(name: str):
     """builder(num_classes, in_channels, dataset=, threat_model=, pretrained=, model_dir=, weights=) for `name`."""
     check(name)
     zoo_name = name[len(PREFIX):]
     try:
         import_robustbench()
     except RobustBenchMissing as e:
-        raise ZooError(f"model {name!r} needs {e}") from None
+        raise ZooError(f"model {name!r}: {e}") from None
 
     def builder(num_classes: int, in_channels: int, dataset: str | None = None, threat_model: str = "Linf",
                 pretrained: bool = False, model_dir: str = "models", weights: str | None = None) -> nn.Module:
