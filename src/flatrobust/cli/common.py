@@ -1,10 +1,14 @@
 """What the subcommands share, so that none imports another: the --trust-model-code consent (eval, landscape,
-flatness, pseudolabel), and for `landscape` and `flatness` their common arguments, the checkpoint with its evaluation
-examples and threat model, where results go, and what a result file records about its origin.
+flatness, pseudolabel), `--eps`-style pixel values and `--data NAME[:ROOT]` specs (eval, import), and for `landscape`
+and `flatness` their common arguments, the checkpoint with its evaluation examples and threat model, where results
+go, and what a result file records about its origin.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import math
+import re
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -12,6 +16,45 @@ from typing import Any
 import torch
 
 from ..errors import UserError
+
+
+_NUMBER = r"\s*[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?\s*"
+
+
+def parse_pixels(text: str, what: str) -> float:
+    """'8/255', '0.031', '128/255' -> float; UserError (one line) for anything else or a negative value."""
+    m = re.fullmatch(f"({_NUMBER})(/({_NUMBER}))?", text)
+    if not m:
+        raise UserError(f"{what} must be a number or a fraction such as 8/255, got {text!r}")
+    value = float(m.group(1))
+    if m.group(6) is not None:
+        den = float(m.group(6))
+        if den == 0:
+            raise UserError(f"{what} {text!r} divides by zero")
+        value /= den
+    if not math.isfinite(value) or value < 0:
+        raise UserError(f"{what} must be >= 0, got {text!r}")
+    return value
+
+
+def data_from_arg(text: str) -> dict:
+    """`--data`: NAME[:ROOT] or a recipe YAML (its data: section) -> the validated data section as a dict."""
+    from ..config import config_from_dict, read_yaml
+
+    if Path(text).suffix in (".yaml", ".yml"):
+        tree = read_yaml(text)  # one-line UserError when missing or not YAML
+        if not isinstance(tree.get("data"), dict):
+            raise UserError(f"--data {text}: the recipe has no data: section (write e.g. data: {{name: imagefolder, root: DIR}})")
+        tree = tree["data"]
+    else:
+        name, sep, root = text.partition(":")
+        if not name or (sep and not root):
+            raise UserError(f"--data {text!r}: write NAME[:ROOT], e.g. imagefolder:data/pets or cifar10:./data, or a recipe .yaml")
+        tree = {"name": name, **({"root": root} if sep else {})}
+    try:
+        return dataclasses.asdict(config_from_dict({"data": tree}).data)
+    except UserError as e:
+        raise UserError(f"--data {text}: {e}") from None
 
 
 def number(text: str) -> float:

@@ -21,10 +21,7 @@ layer over `flatrobust.evaluate.evaluate`.
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import math
 import platform
-import re
 import shlex
 import shutil
 import sys
@@ -38,27 +35,8 @@ from ..errors import UserError
 from ..atomic import write_json
 from ..evaluate import PROTOCOL, default_alpha, evaluate, format_table, require_autoattack, resolve_attacks
 from ..machine import describe, resolve_device
-from .common import add_trust_argument
+from .common import add_trust_argument, data_from_arg, parse_pixels  # noqa: F401 - parse_pixels: the tests import it from here
 from ..rundir import checkpoint_file
-
-_NUMBER = r"\s*[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?\s*"
-
-
-def parse_pixels(text: str, what: str) -> float:
-    """'8/255', '0.031', '128/255' -> float; UserError (one line) for anything else or a negative value."""
-    m = re.fullmatch(f"({_NUMBER})(/({_NUMBER}))?", text)
-    if not m:
-        raise UserError(f"{what} must be a number or a fraction such as 8/255, got {text!r}")
-    value = float(m.group(1))
-    if m.group(6) is not None:
-        den = float(m.group(6))
-        if den == 0:
-            raise UserError(f"{what} {text!r} divides by zero")
-        value /= den
-    if not math.isfinite(value) or value < 0:
-        raise UserError(f"{what} must be >= 0, got {text!r}")
-    return value
-
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="a .pt file written by `flatrobust train`, or its run directory (best.pt, else last.pt); "
@@ -119,26 +97,6 @@ def _environment(device: torch.device) -> dict:
         aa = None
     return {"flatrobust": __version__, "torch": torch.__version__, "pyautoattack": aa,
             "python": platform.python_version(), **describe(device)}
-
-
-def data_from_arg(text: str) -> dict:
-    """`--data`: NAME[:ROOT] or a recipe YAML (its data: section) -> the validated data section as a dict."""
-    from ..config import config_from_dict, read_yaml
-
-    if Path(text).suffix in (".yaml", ".yml"):
-        tree = read_yaml(text)  # one-line UserError when missing or not YAML
-        if not isinstance(tree.get("data"), dict):
-            raise UserError(f"--data {text}: the recipe has no data: section (write e.g. data: {{name: imagefolder, root: DIR}})")
-        tree = tree["data"]
-    else:
-        name, sep, root = text.partition(":")
-        if not name or (sep and not root):
-            raise UserError(f"--data {text!r}: write NAME[:ROOT], e.g. imagefolder:data/pets or cifar10:./data, or a recipe .yaml")
-        tree = {"name": name, **({"root": root} if sep else {})}
-    try:
-        return dataclasses.asdict(config_from_dict({"data": tree}).data)
-    except UserError as e:
-        raise UserError(f"--data {text}: {e}") from None
 
 
 def _model_args(args: argparse.Namespace) -> dict | None:

@@ -32,7 +32,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..models import robustbench_zoo
     from ..robustbench_import import import_model
-    from .evaluate import data_from_arg, parse_pixels
+    from .common import data_from_arg, parse_pixels
 
     if not args.model.startswith(robustbench_zoo.PREFIX):
         raise UserError(f"flatrobust import takes robustbench:<Name>, got {args.model!r} (e.g. robustbench:Wu2020Adversarial)")
