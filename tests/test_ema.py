@@ -147,9 +147,9 @@ def test_cli_reports_and_evaluates_the_ema(tmp_path, capsys):
     assert any(not torch.equal(v, ckpt["ema"]["model"][k]) for k, v in raw_model.state_dict().items())
 
     assert main(["eval", str(run / "last.pt"), "--attacks", "clean", "--no-checks", "--weights", "ema"]) == 0
-    result = json.loads((run / "eval_ema.json").read_text())
+    result = json.loads((run / "eval_last_ema.json").read_text())
     assert result["config"]["weights"] == "ema" and "--weights ema" in result["command"]
-    assert not (run / "eval.json").exists()
+    assert not (run / "eval_last.json").exists()
     # the per-epoch EMA clean accuracy on the 64-image subset is the full evaluation's on those images
     from flatrobust.data import load_dataset
     test = load_dataset("digits", "test").subset(64, seed=0)

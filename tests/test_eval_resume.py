@@ -184,9 +184,9 @@ def checkpoint(tmp_path, trained_cnn):
 
 def test_cli_continues_and_refuses_other_arguments(checkpoint, capsys, monkeypatch):
     base = ["eval", str(checkpoint), "--attacks", "clean,pgd20", "--n", "40", "--batch-size", "8", "--chunk-size", "16", "--no-checks"]
-    parts = checkpoint.parent / "eval.parts"
+    parts = checkpoint.parent / "eval_best.parts"
     assert main(base) == 0
-    first = json.loads((checkpoint.parent / "eval.json").read_text())
+    first = json.loads((checkpoint.parent / "eval_best.json").read_text())
     assert "--chunk-size 16" in first["command"] and first["config"]["chunk_size"] == 16
     assert not parts.exists()  # finished: the partial results are gone, a new evaluation starts afresh
 
@@ -211,6 +211,6 @@ def test_cli_continues_and_refuses_other_arguments(checkpoint, capsys, monkeypat
     assert main(base) == 130
     monkeypatch.undo()
     assert main(base + ["--eps", "0.1", "--restart"]) == 0  # --restart: the other partial results are deleted first
-    assert json.loads((checkpoint.parent / "eval.json").read_text())["config"]["eps"] == 0.1
+    assert json.loads((checkpoint.parent / "eval_best.json").read_text())["config"]["eps"] == 0.1
     assert main(base[:-3] + ["--chunk-size", "12", "--no-checks"]) == 2
     assert "--chunk-size must be a positive multiple" in capsys.readouterr().err

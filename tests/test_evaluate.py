@@ -118,7 +118,7 @@ def test_cli_writes_eval_json_and_prints_the_table(checkpoint, capsys):
                "--checks-n", "16", "--device", "cpu"])
     out = capsys.readouterr().out
     assert rc == 0
-    report = json.loads((checkpoint.parent / "eval.json").read_text())
+    report = json.loads((checkpoint.parent / "eval_best.json").read_text())
     assert {"format", "version", "created", "command", "checkpoint", "epoch", "config", "train_config",
             "environment", "n", "attacks", "worst_case", "checks", "seconds"} <= set(report)
     assert report["format"] == "flatrobust-eval" and report["epoch"] == 7 and report["n"] == 48
@@ -132,8 +132,23 @@ def test_cli_writes_eval_json_and_prints_the_table(checkpoint, capsys):
     assert report["environment"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability() and report["environment"]["cpu"]
     assert "--eps" in report["command"] and "--n 48" in report["command"]
     assert len(report["checks"]) == 9 and report["config"]["checks_n"] == 16
-    for name in ("clean", "fgsm", "pgd20", "worst case", "trust checks on 16 examples", "huge_eps", "eval.json"):
+    for name in ("clean", "fgsm", "pgd20", "worst case", "trust checks on 16 examples", "huge_eps", "eval_best.json"):
         assert name in out
+
+
+def test_one_result_file_per_checkpoint(checkpoint, capsys):
+    """Evaluating last.pt after best.pt keeps best.pt's numbers (issue 29, item 2); --out still chooses the file."""
+    import shutil
+
+    shutil.copy(checkpoint, checkpoint.parent / "last.pt")
+    common = ["--attacks", "clean", "--n", "8", "--no-checks"]
+    assert main(["eval", str(checkpoint.parent), *common]) == 0  # the folder: best.pt
+    assert main(["eval", str(checkpoint.parent / "last.pt"), *common]) == 0
+    assert main(["eval", str(checkpoint), *common, "--out", str(checkpoint.parent / "mine.json")]) == 0
+    best, last = (json.loads((checkpoint.parent / f"eval_{s}.json").read_text()) for s in ("best", "last"))
+    assert best["checkpoint"].endswith("best.pt") and last["checkpoint"].endswith("last.pt")
+    assert (checkpoint.parent / "mine.json").is_file() and not (checkpoint.parent / "eval.json").exists()
+    assert "wrote " + str(checkpoint.parent / "eval_last.json") in capsys.readouterr().out
 
 
 def test_eval_json_command_and_config_agree_on_the_checks(checkpoint, tmp_path):
@@ -141,7 +156,7 @@ def test_eval_json_command_and_config_agree_on_the_checks(checkpoint, tmp_path):
     import shlex
 
     assert main(["eval", str(checkpoint), "--attacks", "clean,pgd20", "--n", "12", "--checks-n", "200"]) == 0
-    first = json.loads((checkpoint.parent / "eval.json").read_text())
+    first = json.loads((checkpoint.parent / "eval_best.json").read_text())
     assert first["config"]["checks_n"] == 12 and "--checks-n 12" in first["command"]
     again = tmp_path / "again.json"
     assert main(shlex.split(first["command"])[1:] + ["--out", str(again)]) == 0  # the recorded command repeats it

@@ -558,7 +558,7 @@ def test_run_keeps_the_data_it_was_trained_on(folder_run):
 def test_eval_landscape_flatness_report_on_a_folder_run(folder_run, capsys):
     run = folder_run / "runs" / "pets"
     assert main(["eval", str(run), "--attacks", "clean,pgd20", "--no-checks"]) == 0
-    ev = json.loads((run / "eval.json").read_text())
+    ev = json.loads((run / "eval_best.json").read_text())
     assert ev["n"] == 12 and ev["config"]["data"]["classes"] == list(CLASSES)
     assert main(["landscape", str(run), "--n", "6", "--alphas=-0.5,0,0.5", "--directions", "1", "--steps", "1"]) == 0
     assert main(["flatness", str(run), "--n", "6", "--draws", "1", "--worst-steps", "1", "--steps", "1",
@@ -594,7 +594,8 @@ def test_npz_run_and_eval(tmp_path, capsys):
                  f"out_dir={tmp_path}", "name=arr", *TINY]) == 0
     assert json.loads((tmp_path / "arr" / "data.json").read_text())["classes"] == ["x", "y", "z"]
     assert main(["eval", str(tmp_path / "arr"), "--attacks", "clean,pgd20", "--no-checks"]) == 0
-    assert json.loads((tmp_path / "arr" / "eval.json").read_text())["n"] == 8
+    from flatrobust.rundir import eval_files
+    assert json.loads(eval_files(tmp_path / "arr")[0].read_text())["n"] == 8
 
 
 # ----------------------------------------------------------------------------- eval of a plain state_dict
@@ -627,7 +628,7 @@ def test_eval_plain_state_dict_builtin_data_and_model_args(tmp_path):
     torch.save(model.state_dict(), tmp_path / "w.pt")
     assert main(["eval", str(tmp_path / "w.pt"), "--model", "preactresnet18", "--model-args", "{width: 4}", "--data", "digits",
                  "--eps", "0.1", "--attacks", "clean", "--no-checks", "--n", "16"]) == 0
-    out = json.loads((tmp_path / "eval.json").read_text())
+    out = json.loads((tmp_path / "eval_w.json").read_text())
     assert out["config"]["model_args"] == {"width": 4} and out["n"] == 16
 
 
@@ -651,7 +652,7 @@ def test_eval_plain_state_dict_errors_one_line(tmp_path, capsys, args, message):
     assert main(["eval", str(tmp_path / "w.pt"), "--attacks", "clean", "--no-checks", *args]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and "\n" not in err, err
-    assert not (tmp_path / "eval.json").exists()
+    assert not (tmp_path / "eval_w.json").exists()
 
 
 # ----------------------------------------------------------------------------- the benchmark and the docs' numbers

@@ -76,8 +76,31 @@ def test_report_compares_two_runs(tmp_path, capsys):
     assert "| at | 2 | 42.00 | 4 | 33.00 | 9.00 | 70.00 | 37.00 | 80.00 |" in md
     assert "| at_awp | 3 | 45.00 | 4 | 44.00 | 1.00 | 52.00 | 8.00 | 80.00 |" in md
     # the final evaluation: eval.json where present (with its trust checks), metrics.jsonl otherwise
-    assert "| at_awp | 100 | 81.00 | 47.00 | 44.00 | 1/2 passed: failed huge_eps |" in md  # n: eval.json's
-    assert "Runs without `eval.json`" in md and "## Flatness" in md and "## Weight loss landscape" in md
+    # (an eval.json of a run evaluated before one file per checkpoint: still read, named by its file)
+    assert "| at_awp | `eval.json` | 100 | 81.00 | 47.00 | 44.00 | 1/2 passed: failed huge_eps |" in md  # n: eval.json's
+    assert "Runs without an evaluation file" in md and "## Flatness" in md and "## Weight loss landscape" in md
+
+
+def test_report_names_the_checkpoint_of_every_evaluation(tmp_path):
+    """One result file per checkpoint (issue 29, item 2): best.pt's and last.pt's numbers side by side, each
+    row naming its checkpoint and epoch; AutoAttack's note on a reduced cascade is repeated."""
+    run = _fake_run(tmp_path / "r", "r", [0.2, 0.3], [0.25, 0.4])
+    for stem, epoch, acc, weights in (("best", 2, 0.3, "raw"), ("last", 2, 0.25, "raw"), ("best_ema", 2, 0.35, "ema")):
+        (run / f"eval_{stem}.json").write_text(json.dumps({
+            "checkpoint": str(run / f"{stem.split('_')[0]}.pt"), "epoch": epoch, "n": 50, "config": {"weights": weights},
+            "attacks": {"clean": {"accuracy": 0.9}, "autoattack": {"accuracy": acc, "note": "with 3 classes this ran APGD-CE"}},
+            "checks": []}))
+    out = tmp_path / "rep"
+    assert main(["report", str(run), "--out", str(out)]) == 0
+    md = (out / "report.md").read_text()
+    assert "| r | best.pt, epoch 2 | 50 | 90.00 | 30.00 | - |" in md
+    assert "| r | best.pt, epoch 2, EMA weights | 50 | 90.00 | 35.00 | - |" in md
+    assert "| r | last.pt, epoch 2 | 50 | 90.00 | 25.00 | - |" in md
+    assert md.index("best.pt, epoch 2 |") < md.index("EMA weights |") < md.index("last.pt, epoch 2 |")
+    assert "- r (last.pt, epoch 2), autoattack: with 3 classes this ran APGD-CE" in md
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["runs"][0]["final"]["checkpoint"] == "best.pt, epoch 2"
+    assert summary["runs"][0]["final"]["attacks"]["autoattack"] == pytest.approx(30.0)
 
 
 def test_report_without_optional_files(tmp_path):

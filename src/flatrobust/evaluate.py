@@ -33,7 +33,7 @@ from .modes import train_mode
 from .progress import Progress
 
 __all__ = [
-    "ATTACKS", "AUTOATTACK_STAGES", "PROTOCOL", "Attack", "AttackContext", "default_alpha", "evaluate",
+    "ATTACKS", "AUTOATTACK_STAGES", "PROTOCOL", "Attack", "AttackContext", "autoattack_stages", "default_alpha", "evaluate",
     "format_table", "require_autoattack", "resolve_attacks",
 ]
 
@@ -49,6 +49,7 @@ class AttackContext:
     generator: torch.Generator  # on `device`, seeded with `seed`, consumed batch after batch
     device: torch.device
     note: Callable[[str], None] | None = None  # where a long attack says which stage it is in (progress display)
+    num_classes: int | None = None  # the model's number of outputs (AutoAttack's stages depend on it)
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,24 @@ def _pgd_attack(name: str, steps: int, loss: str, summary: str) -> Attack:
 
 # AutoAttack "standard", in the order it cascades them (each runs on the points the previous ones left robust).
 AUTOATTACK_STAGES = ("apgd-ce", "apgd-t", "fab-t", "square")
+
+
+def autoattack_stages(num_classes: int) -> tuple[tuple[str, ...], str | None]:
+    """(the AutoAttack stages valid for a `num_classes`-way model, a note saying what changed or None).
+
+    APGD-T's targeted DLR loss divides by z_pi1 - (z_pi3 + z_pi4)/2 and so needs >= 4 classes; the
+    untargeted DLR loss, (z_pi1 - z_pi3) in its denominator, needs 3 (Croce & Hein 2020, Section 4). With 3
+    classes APGD-T is replaced by untargeted APGD-DLR (the stage AutoAttack's "plus" version also runs), with
+    2 it is dropped; FAB-T (against the K - 1 other classes) and Square work for any K >= 2.
+    """
+    if num_classes < 2:
+        raise UserError(f"AutoAttack needs a model with at least 2 classes, this one has {num_classes} output(s)")
+    if num_classes >= 4:
+        return AUTOATTACK_STAGES, None
+    stages = ("apgd-ce", "apgd-dlr", "fab-t", "square") if num_classes == 3 else ("apgd-ce", "fab-t", "square")
+    return stages, (f"AutoAttack standard needs >= 4 classes for APGD-T's targeted DLR loss; with {num_classes} classes "
+                    f"this ran {', '.join(s.upper() for s in stages)} (FAB-T against the {num_classes - 1} other "
+                    f"class{'es' if num_classes > 2 else ''}): a weaker cascade than the standard one")
 _AA_NORMS = {"linf": "Linf", "l2": "L2"}
 
 
@@ -118,6 +137,7 @@ def _autoattack(model, x, y, ctx):
     with torch.no_grad():
         logits = model(x)  # (B, K)
     robust = logits.argmax(1) == y
+    stage_names, _ = autoattack_stages(logits.shape[1])
     n_targets = min(9, logits.shape[1] - 1)  # the standard 9 target classes; fewer only with < 10 classes
     aa.apgd_targeted.n_target_classes = aa.fab.n_target_classes = n_targets
     x_adv, stages = x.clone(), {}
@@ -128,7 +148,7 @@ def _autoattack(model, x, y, ctx):
     devices = [x.device.index or 0] if x.device.type == "cuda" else []
     try:
         with torch.random.fork_rng(devices=devices):
-            for stage in AUTOATTACK_STAGES:
+            for stage in stage_names:
                 if ctx.note is not None:
                     ctx.note(stage)
                 idx = robust.nonzero().squeeze(1)
@@ -145,12 +165,18 @@ def _autoattack(model, x, y, ctx):
                 stages[stage] = (robust.clone(), time.perf_counter() - t0)
     finally:
         aa_logger.removeHandler(collect)
-    return x_adv, {"stages": stages, "warnings": collect.messages}
+    # pyautoattack's class-count warning ("not possible to use the targeted DLR loss") is about a stage
+    # autoattack_stages already left out; the note of the result says what ran instead
+    warnings = [m for m in collect.messages if "classes it is not possible to use" not in m]
+    return x_adv, {"stages": stages, "warnings": warnings}
 
 
 def _autoattack_params(ctx):
-    return {"version": "standard", "stages": list(AUTOATTACK_STAGES), "seed": ctx.seed,
-            "package": "pyautoattack", "apgd_iterations": 100, "target_classes": 9, "square_queries": 5000}
+    k = ctx.num_classes or 10
+    stages, note = autoattack_stages(k)
+    return {"version": "standard" if note is None else f"standard, reduced for {k} classes", "stages": list(stages),
+            "seed": ctx.seed, "package": "pyautoattack", "apgd_iterations": 100, "target_classes": min(9, k - 1),
+            "square_queries": 5000, **({"note": note} if note else {})}
 
 
 ATTACKS: dict[str, Attack] = {
@@ -279,6 +305,11 @@ def evaluate(
     device = torch.device(device)
     model.to(device)
     ball = threat_model(norm, eps)
+    num_classes = None
+    if "autoattack" in names:  # its stages depend on the number of classes: refused or chosen before anything runs
+        with torch.no_grad(), train_mode(model, False):
+            num_classes = int(model(x[:1].to(device)).shape[1])
+        autoattack_stages(num_classes)
     start_all = time.perf_counter()
     result: dict[str, Any] = {"n": n, "norm": norm, "eps": float(eps), "alpha": float(alpha), "seed": seed,
                               "batch_size": batch_size, "device": str(device), "attacks": {}}
@@ -305,7 +336,7 @@ def evaluate(
             attack = ATTACKS[name]
             s = _attack_seed(seed, name)
             ctx = AttackContext(norm, float(eps), float(alpha), s, torch.Generator(device).manual_seed(s), device,
-                                note=bar.set_postfix_str)
+                                note=bar.set_postfix_str, num_classes=num_classes)
             bar.set_description(f"eval {name}")
             bar.set_postfix_str("")
             whole, reused = _run_attack(attack, model, x, y, ctx, ball, batch_size, chunk_size, store, kept.get(name), bar)
@@ -319,6 +350,8 @@ def evaluate(
                 res["stages"] = {stage: {"accuracy": st["mask"].float().mean().item(), "correct": int(st["mask"].sum()),
                                          "seconds": round(st["seconds"], 3)} for stage, st in whole["stages"].items()}
                 res["warnings"] = whole["warnings"]
+            if res["params"].get("note"):
+                res["note"] = res["params"]["note"]
             result["attacks"][name] = res
         bar.close()
         if "clean" not in robust_all:  # the worst case also asks for a correct clean prediction
@@ -457,4 +490,5 @@ def format_table(result: dict) -> str:
     w = result["worst_case"]
     if len(result["attacks"]) > 1:
         rows.append(f"{'worst case':<12} {100 * w['accuracy']:>8.2f}% {w['correct']:>6}/{n:<5} {'':>9}")
+    rows += [f"note ({name}): {r['note']}" for name, r in result["attacks"].items() if r.get("note")]
     return "\n".join(rows)

@@ -1,7 +1,8 @@
 """A Markdown report with figures that compares run directories (e.g. AT against AT-AWP).
 
 A run directory is what `flatrobust train` writes: config.yaml, metrics.jsonl (one JSON object per
-epoch), and possibly eval.json (`flatrobust eval`), landscape.json (`flatrobust landscape`) and
+epoch), and possibly eval_best.json, eval_last.json, ... (`flatrobust eval`, one per checkpoint; eval.json in
+runs evaluated before), landscape.json (`flatrobust landscape`) and
 flatness.json (`flatrobust flatness`). `write_report` reads them and writes into one folder:
 
     report.md                 tables and figures, readable on GitHub or in any Markdown viewer
@@ -44,7 +45,8 @@ class Run:
     path: Path
     config: dict[str, Any]
     metrics: list[dict[str, Any]]  # one dict per epoch, sorted by epoch, accuracies in percent
-    eval: dict[str, Any] | None = None
+    eval: dict[str, Any] | None = None  # the first of `evals` (best.pt's when there is one): what comparisons use
+    evals: list[tuple[str, dict[str, Any]]] = field(default_factory=list)  # (checkpoint label, result) per eval file
     landscape: dict[str, Any] | None = None
     flatness: dict[str, Any] | None = None
     data: dict[str, Any] | None = None  # data.json: the training data's classes, shape and normalization
@@ -97,10 +99,24 @@ def load_run(path: str | os.PathLike) -> Run:
     config = rundir.read_config(path, required=False)
     name = config.get("name") if isinstance(config.get("name"), str) and config.get("name") else path.resolve().name
     run = Run(name=name, path=path, config=config, metrics=_read_metrics(path))
-    for attr in ("eval", "landscape", "flatness", "data"):
+    for attr in ("landscape", "flatness", "data"):
         if (path / f"{attr}.json").is_file():
             setattr(run, attr, _read_json(path / f"{attr}.json"))
+    for file in rundir.eval_files(path):
+        ev = _read_json(file)
+        run.evals.append((eval_label(ev, file), ev))
+    run.eval = run.evals[0][1] if run.evals else None
     return run
+
+
+def eval_label(ev: dict[str, Any], file: Path) -> str:
+    """Which checkpoint an evaluation's numbers are of: "best.pt, epoch 12", "last.pt, epoch 30, EMA weights";
+    the file's name for a result that does not record its checkpoint."""
+    ckpt = ev.get("checkpoint")
+    if not isinstance(ckpt, str) or not ckpt:
+        return f"`{file.name}`"
+    text = Path(ckpt).name + (f", epoch {ev['epoch']}" if isinstance(ev.get("epoch"), int) else "")
+    return text + (", EMA weights" if (ev.get("config") or {}).get("weights") == "ema" else "")
 
 
 # --------------------------------------------------------------------------------------------- figures
@@ -331,29 +347,37 @@ def _eval_accuracy(entry: Any) -> float | None:
 
 def _eval_section(runs: Sequence[Run]) -> list[str]:
     lines = ["## Final evaluation", ""]
-    with_eval = [r for r in runs if r.eval and isinstance(r.eval.get("attacks"), dict)]
+    evals = [(r, label, ev) for r in runs for label, ev in r.evals if isinstance(ev.get("attacks"), dict)]
+    with_eval = [r for r in runs if any(r is e for e, _, _ in evals)]
     if with_eval:
         attacks: list[str] = []
-        for r in with_eval:
-            attacks += [a for a in r.eval["attacks"] if a not in attacks]
-        rows = []
-        for r in with_eval:
-            accs = {a: _eval_accuracy(v) for a, v in r.eval["attacks"].items()}
+        for _, _, ev in evals:
+            attacks += [a for a in ev["attacks"] if a not in attacks]
+        rows, notes = [], []
+        for r, label, ev in evals:
+            accs = {a: _eval_accuracy(v) for a, v in ev["attacks"].items()}
             scale = 100.0 if all(v is None or v <= 1.0 for v in accs.values()) else 1.0
-            checks = r.eval.get("checks") or []
+            checks = ev.get("checks") or []
             failed = [c for c in checks if isinstance(c, dict) and any(c.get(k) is False for k in ("passed", "ok", "pass"))]
             check_text = f"{len(checks) - len(failed)}/{len(checks)} passed" if checks else "-"
             if failed:
                 check_text += ": failed " + ", ".join(str(c.get("name", c.get("check", "?"))) for c in failed)
-            n = r.eval.get("n")
-            rows.append([r.name, str(n) if isinstance(n, int) else "-"]
+            n = ev.get("n")
+            rows.append([r.name, label, str(n) if isinstance(n, int) else "-"]
                         + [_f(accs.get(a) * scale if accs.get(a) is not None else None) for a in attacks] + [check_text])
-        lines.append("Accuracy (%) on n test images from each run's `eval.json` (`flatrobust eval`), per attack:")
+            notes += [f"- {r.name} ({label}), {a}: {v['note']}" for a, v in ev["attacks"].items()
+                      if isinstance(v, dict) and isinstance(v.get("note"), str)]
+        lines.append("Accuracy (%) on n test images of each evaluated checkpoint (`flatrobust eval`: `eval_best.json`, "
+                     "`eval_last.json`, ...), per attack:")
         lines.append("")
-        lines += _table(["run", "n"] + attacks + ["trust checks"], rows)
-    without = [r for r in runs if r not in with_eval]
+        lines += _table(["run", "checkpoint", "n"] + attacks + ["trust checks"], rows)
+        if notes:
+            lines += ["Notes:", "", *notes, ""]
+        if any(len(r.evals) > 1 for r in with_eval):
+            lines += ["Comparisons between runs use each run's first row (best.pt's evaluation when there is one).", ""]
+    without = [r for r in runs if not any(r is w for w in with_eval)]
     if without:
-        lines.append("Runs without `eval.json` (run `flatrobust eval` for the full protocol); from `metrics.jsonl`, "
+        lines.append("Runs without an evaluation file (run `flatrobust eval` for the full protocol); from `metrics.jsonl`, "
                      "i.e. the per-epoch monitoring attack on the evaluation subset used during training:")
         lines.append("")
         rows = []
@@ -522,7 +546,7 @@ def _comparison_section(runs: Sequence[Run]) -> list[str]:
              "epochs and optimizer; AWP off vs on). A difference counts, as expected or as its opposite, only when it "
              f"exceeds {NOISE_SE:g} standard errors (SE); smaller ones are within noise. The SE of an accuracy is "
              "binomial, sqrt(p (1 - p) / n) with n the images it was measured on (the monitoring subsets for the "
-             "per-epoch figures, `eval.json`'s n for the final ones), the runs taken as independent; that of "
+             "per-epoch figures, the evaluation file's n for the final ones), the runs taken as independent; that of "
              "average-case flatness is the standard error over its draws; worst-case flatness has none and is not "
              "judged. See docs/ANALYSIS.md.", ""]
     for b, a in pairs:
@@ -571,7 +595,7 @@ def summary(runs: Sequence[Run]) -> dict[str, Any]:
             accs = {a: _eval_accuracy(v) for a, v in r.eval["attacks"].items()}
             scale = 100.0 if all(v is None or v <= 1.0 for v in accs.values()) else 1.0
             checks = [c for c in r.eval.get("checks") or [] if isinstance(c, dict)]
-            entry["final"] = {"n": r.eval.get("n"), "attacks": {a: v * scale if v is not None else None for a, v in accs.items()},
+            entry["final"] = {"checkpoint": r.evals[0][0].strip("`"), "n": r.eval.get("n"), "attacks": {a: v * scale if v is not None else None for a, v in accs.items()},
                               "checks_passed": sum(1 for c in checks if c.get("passed") is True), "checks": len(checks)}
         if r.flatness:
             avg, worst = r.flatness.get("average") or {}, r.flatness.get("worst") or {}

@@ -11,7 +11,8 @@
       best.pt         the epoch with the best monitored test robust accuracy (of the raw weights)
       tensorboard/    with log.tensorboard: a view of metrics.jsonl
 
-and what the other commands add beside the checkpoints (eval.json, landscape.json, flatness.json). A run has
+and what the other commands add beside the checkpoints: eval_best.json, eval_last.json (one per checkpoint,
+`eval_file`; runs evaluated before then have one eval.json), landscape.json, flatness.json. A run has
 finished when metrics.jsonl covers every epoch of config.yaml: the checkpoints need not be there (a study
 commits run directories without them). Every reader (`report`, the CLI, study/study*.py) goes through here.
 """
@@ -31,7 +32,8 @@ from .atomic import WriteError, write_atomic
 from .errors import UserError
 
 __all__ = [
-    "BEST", "CONFIG", "DATA", "ENV", "LAST", "METRICS", "TIMING_KEYS", "append_metrics", "checkpoint_file", "covers", "finished",
+    "BEST", "CONFIG", "DATA", "ENV", "LAST", "METRICS", "TIMING_KEYS", "append_metrics", "checkpoint_file", "covers", "eval_file",
+    "eval_files", "finished",
     "prepare", "read_config", "read_env", "read_metrics", "truncate_metrics", "without_timing", "write_start_files",
 ]
 
@@ -185,3 +187,22 @@ def checkpoint_file(path: str | os.PathLike) -> Path:
     if not path.is_dir():
         return path
     return path / (BEST if (path / BEST).exists() else LAST)
+
+
+def eval_file(checkpoint: str | os.PathLike, weights: str = "raw") -> Path:
+    """Where `flatrobust eval` writes the results of a checkpoint file by default: beside it, named after it
+    (best.pt -> eval_best.json, last.pt -> eval_last.json, my_weights.pt -> eval_my_weights.json; with the
+    moving average of the weights, eval_best_ema.json), so evaluating one checkpoint never overwrites another's."""
+    checkpoint = Path(checkpoint)
+    return checkpoint.parent / f"eval_{checkpoint.stem}{'_ema' if weights == 'ema' else ''}.json"
+
+
+def eval_files(run_dir: str | os.PathLike) -> list[Path]:
+    """The evaluation results in a run directory, best.pt's first: eval_best.json, eval_best_ema.json,
+    eval_last.json, ..., the other eval_*.json, then the eval.json that runs evaluated before there was one
+    file per checkpoint have."""
+    run_dir = Path(run_dir)
+    found = [p for p in run_dir.glob("eval*.json") if p.is_file() and (p.name == "eval.json" or p.name.startswith("eval_"))]
+    rank = {"eval_best.json": 0, "eval_best_ema.json": 1, "eval_last.json": 2, "eval_last_ema.json": 3,
+            "eval.json": 5, "eval_ema.json": 6}
+    return sorted(found, key=lambda p: (rank.get(p.name, 4), p.name))

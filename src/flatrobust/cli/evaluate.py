@@ -9,11 +9,12 @@ A plain state_dict file (`torch.save(model.state_dict())`, as `init_from` takes)
 (and `--model-args`) name the architecture, `--data` the data (`NAME[:ROOT]` or a recipe's data section),
 `--eps` the radius. On a flatrobust checkpoint `--model` alone builds that model instead of the one the
 config names; a config naming `package.module:callable` is imported only with `--trust-model-code`.
-Writes eval.json next to the checkpoint (or --out): the resolved evaluation config and the command that
-reproduces it, the training config, per-attack results, the trust checks, and the versions used.
-`--weights ema` evaluates the moving average of the weights (runs trained with ema.decay > 0) and writes
-eval_ema.json instead. While it runs, every finished batch of every attack is kept in eval.parts/
-(eval_ema.parts/) beside it (`flatrobust.evalstore`): the same command run again after an interruption says
+Writes one file per checkpoint next to it (or --out): eval_best.json for best.pt, eval_last.json for last.pt,
+eval_<name>.json for a weights file <name>.pt, with the resolved evaluation config and the command that
+reproduces it, the checkpoint and its epoch, the training config, per-attack results, the trust checks, and
+the versions used. `--weights ema` evaluates the moving average of the weights (runs trained with
+ema.decay > 0) and writes eval_best_ema.json (eval_<name>_ema.json). While it runs, every finished batch of
+every attack is kept in eval_best.parts/ (the result file's name with .parts) beside it (`flatrobust.evalstore`): the same command run again after an interruption says
 in one line what was kept, computes only the rest and gives the result it would have given uninterrupted;
 other arguments are refused until `--restart`. The folder is deleted once the JSON is written. A thin
 layer over `flatrobust.evaluate.evaluate`.
@@ -36,7 +37,7 @@ from ..atomic import write_json
 from ..evaluate import PROTOCOL, default_alpha, evaluate, format_table, require_autoattack, resolve_attacks
 from ..machine import describe, resolve_device
 from .common import add_trust_argument, data_from_arg, parse_pixels  # noqa: F401 - parse_pixels: the tests import it from here
-from ..rundir import checkpoint_file
+from ..rundir import checkpoint_file, eval_file
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="a .pt file written by `flatrobust train`, or its run directory (best.pt, else last.pt); "
@@ -55,13 +56,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--norm", choices=("linf", "l2"), default=None, help="threat model; default: the checkpoint's attack.norm")
     p.add_argument("--batch-size", type=int, default=256, help="examples per attack call (default 256)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: cuda when available (default)")
-    p.add_argument("--out", default=None, help="where to write the results (default: eval.json next to the checkpoint)")
+    p.add_argument("--out", default=None, help="where to write the results (default: eval_<checkpoint name>.json next to the checkpoint, "
+                                                      "e.g. eval_best.json for best.pt)")
     p.add_argument("--seed", type=int, default=0, help="seeds the subset and every attack's randomness (default 0)")
     p.add_argument("--data-root", default=None, help="dataset root; default: the checkpoint's data.root")
     p.add_argument("--checks-n", type=int, default=200, help="examples the trust checks run on (default 200)")
     p.add_argument("--no-checks", action="store_true", help="skip the trust checks")
     p.add_argument("--weights", choices=("raw", "ema"), default="raw",
-                   help="the trained weights (default) or their moving average (runs with ema.decay > 0); ema writes eval_ema.json")
+                   help="the trained weights (default) or their moving average (runs with ema.decay > 0); ema writes eval_<checkpoint name>_ema.json")
     p.add_argument("--chunk-size", type=int, default=None,
                    help="examples per file of finished batches kept on disk (a multiple of --batch-size; default the multiple "
                         "nearest to 1000); it changes no number, and an interruption loses at most one batch")
@@ -212,7 +214,7 @@ def run(args: argparse.Namespace) -> int:
     if args.n is not None:
         test = test.subset(args.n, seed=args.seed)
 
-    out = Path(args.out) if args.out else ckpt_file.parent / ("eval.json" if args.weights == "raw" else "eval_ema.json")
+    out = Path(args.out) if args.out else eval_file(ckpt_file, args.weights)
     parts = out.with_suffix(".parts")
     print(f"evaluating {ckpt_file}{' (EMA weights)' if args.weights == 'ema' else ''} ({cfg['model']}, {data_cfg['name']} test, {len(test)} examples) "
           f"under {norm} eps={format_eps(eps)} on {device}; finished batches kept in {parts}", flush=True)
