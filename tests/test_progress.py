@@ -64,7 +64,7 @@ def test_one_long_step_is_not_silent():
         time.sleep(0.3)
     lines = log.getvalue().splitlines()
     assert len(lines) >= 2
-    assert lines[0] == "[flatrobust] eval autoattack: 0/1 batch (0%), 0 s (apgd-t)"
+    assert lines[0].startswith("[flatrobust] eval autoattack: 0/1 batch (0%), 0.") and lines[0].endswith(" s (apgd-t)")
 
 
 def test_disabled_writes_nothing_anywhere():
@@ -96,7 +96,7 @@ def test_heartbeat_line_has_eta_and_durations():
     bar.set_description("eval autoattack")  # a new phase: the pace of the previous one predicts nothing
     assert bar.line() == "[flatrobust] eval autoattack: 1/4 batch (25%), 30 s"
     bar.close()
-    assert [format_duration(s) for s in (4.6, 65, 7260)] == ["5 s", "1 min 5 s", "2 h 1 min"]
+    assert [format_duration(s) for s in (0.04, 4.9, 9.96, 65, 7260)] == ["0.0 s", "4.9 s", "10 s", "1 min 5 s", "2 h 1 min"]
 
 
 def test_evaluate_default_matches_its_docstring(trained_cnn, digits, capsys, monkeypatch):
@@ -130,3 +130,22 @@ def test_cli_train_log_has_epoch_lines_and_heartbeats_only(tmp_path, capsys, mon
         assert sum(ln.startswith("epoch ") for ln in lines) == 2
         assert all(ln.startswith(("epoch ", "[flatrobust] epoch ")) for ln in lines), lines
         assert any(ln.startswith("[flatrobust] epoch 1/2: ") for ln in lines)  # the heartbeat inside an epoch
+
+
+def test_phase_counts_and_estimates_on_its_own():
+    """An evaluation's heartbeat (issue 29, item 6): the count is the current attack's batches, not attacks x
+    batches, and the time left is this attack's, from its own pace; batches read back from disk (skip) and
+    an earlier, faster attack do not enter it."""
+    bar = Progress(total=20, desc="eval clean", unit="batch", enabled=False)
+    bar.set_description("eval clean", phase_total=10, phase="attack 1 of 2")
+    bar.update(10)  # instantly
+    bar.set_description("eval autoattack", phase_total=10, phase="attack 2 of 2")
+    bar.set_postfix_str("stage 2/4: apgd-t")
+    line = bar.line()
+    assert "eval autoattack: 0/10 batch (attack 2 of 2)" in line and "no estimate until its first batch ends" in line
+    assert line.endswith("(stage 2/4: apgd-t)")
+    bar.skip(4)  # kept by an interrupted run
+    bar._phase_start -= 10.0  # noqa: SLF001 - two computed batches took 10 s
+    bar.update(2)
+    line = bar.line()
+    assert "6/10 batch" in line and "about 20 s left in eval autoattack" in line  # 4 batches at 5 s

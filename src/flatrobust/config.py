@@ -200,8 +200,9 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
     raise AssertionError(typ)
 
 
-def _check_range(key: str, value: Any) -> None:
-    """UserError (one line) when `value` of `key` is not one of its CHOICES or lies below its LOWER bound."""
+def _check_range(key: str, value: Any, typed: Any = None) -> None:
+    """UserError (one line) when `value` of `key` is not one of its CHOICES or lies below its LOWER bound;
+    the message echoes the value as the user typed it (`typed`, e.g. "-8/255", not -0.03137254901960784)."""
     if key in CHOICES and value not in CHOICES[key]:
         close = difflib.get_close_matches(str(value), CHOICES[key], n=1, cutoff=0.4)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
@@ -209,7 +210,7 @@ def _check_range(key: str, value: Any) -> None:
     if key in LOWER and value is not None:
         low, inclusive = LOWER[key]
         if value < low or (not inclusive and value == low):
-            raise UserError(f"{key} must be {'>=' if inclusive else '>'} {low}, got {value}")
+            raise UserError(f"{key} must be {'>=' if inclusive else '>'} {low}, got {typed if isinstance(typed, str) else value}")
 
 
 def _unknown(key: str, valid: list[str]) -> UserError:
@@ -251,7 +252,7 @@ def _build(cls, values: dict[str, Any], prefix: str = "", default: Any = None):
             kwargs[f.name] = _build(t, values[f.name], full + ".", default=f.default_factory())
         else:
             kwargs[f.name] = _coerce(full, values[f.name], t)
-            _check_range(full, kwargs[f.name])
+            _check_range(full, kwargs[f.name], typed=values[f.name])
     return cls(**kwargs)
 
 

@@ -148,9 +148,9 @@ def _autoattack(model, x, y, ctx):
     devices = [x.device.index or 0] if x.device.type == "cuda" else []
     try:
         with torch.random.fork_rng(devices=devices):
-            for stage in stage_names:
+            for i, stage in enumerate(stage_names, 1):
                 if ctx.note is not None:
-                    ctx.note(stage)
+                    ctx.note(f"stage {i}/{len(stage_names)}: {stage}")
                 idx = robust.nonzero().squeeze(1)
                 _sync(x.device)
                 t0 = time.perf_counter()
@@ -332,12 +332,12 @@ def evaluate(
     enabled = progress is not False  # None, the former "only on a terminal", is what True now means
     bar = Progress(total=len(names) * n_batches, desc="eval", unit="batch", enabled=enabled)
     with train_mode(model, False), bar:  # the bar is closed after the attacks, or on an exception
-        for name in names:
+        for i, name in enumerate(names, 1):
             attack = ATTACKS[name]
             s = _attack_seed(seed, name)
             ctx = AttackContext(norm, float(eps), float(alpha), s, torch.Generator(device).manual_seed(s), device,
                                 note=bar.set_postfix_str, num_classes=num_classes)
-            bar.set_description(f"eval {name}")
+            bar.set_description(f"eval {name}", phase_total=n_batches, phase=f"attack {i} of {len(names)}")
             bar.set_postfix_str("")
             whole, reused = _run_attack(attack, model, x, y, ctx, ball, batch_size, chunk_size, store, kept.get(name), bar)
             if store is not None:
@@ -390,10 +390,10 @@ def _run_attack(attack: Attack, model, x, y, ctx: AttackContext, ball, batch_siz
         record, batches = kept[c] if kept is not None else (None, [])
         if record is not None:  # a chunk an earlier run finished
             reused += 1
-            bar.update(math.ceil((hi - lo) / batch_size))
+            bar.skip(math.ceil((hi - lo) / batch_size))
             chunks.append(record)
             continue
-        bar.update(len(batches))
+        bar.skip(len(batches))
         previous = batches[-1] if batches else chunks[-1] if chunks else None
         if previous is not None:  # the generator as the uninterrupted run left it after that batch
             ctx.generator.set_state(previous["generator_state"])

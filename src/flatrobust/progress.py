@@ -4,7 +4,8 @@ landscape, flatness, pseudo-labeling):
 * stderr is a terminal: a tqdm bar (redrawn in place, removed when done);
 * stderr is not a terminal (a log file, a pipe, CI, a notebook): one heartbeat line every
   `HEARTBEAT_S` seconds (30) while the loop runs, e.g.
-  `[flatrobust] eval autoattack: 1/2 batch (50%), 2 min 5 s, about 2 min 3 s left (apgd-t)`,
+  `[flatrobust] eval autoattack: 1/2 batch (attack 6 of 6), 12 min 5 s, about 2 min 3 s left in eval autoattack
+  (stage 2/4: apgd-t)`: the count and the estimate are the current phase's (one attack, at its own pace),
   written from a timer thread so that one long step (an AutoAttack batch) is not silent either; a loop
   shorter than that writes nothing. Never a bar frame in a file.
 
@@ -37,7 +38,9 @@ def is_terminal(stream: TextIO) -> bool:
 
 
 def format_duration(seconds: float) -> str:
-    """'42 s', '3 min 5 s', '2 h 7 min'."""
+    """'4.9 s', '42 s', '3 min 5 s', '2 h 7 min' (tenths below 10 s, so a short run never reads '0 s')."""
+    if seconds < 9.95:
+        return f"{max(seconds, 0):.1f} s"
     s = int(round(seconds))
     if s < 60:
         return f"{s} s"
@@ -61,6 +64,7 @@ class Progress:
         self.interval = HEARTBEAT_S if interval is None else interval
         self._start, self._initial = time.monotonic(), initial
         self._phase_start, self._phase_n = self._start, initial  # the time left is estimated per description
+        self._phase_first, self._phase_total, self._phase = initial, None, None  # set_description(phase_total=...)
         self._bar = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -82,12 +86,23 @@ class Progress:
         if self._bar is not None:
             self._bar.update(n)
 
-    def set_description(self, desc: str) -> None:
-        if desc != self.desc:  # a new phase (e.g. the next attack): its items may cost quite differently
+    def set_description(self, desc: str, *, phase_total: int | None = None, phase: str | None = None) -> None:
+        """A new description starts a new phase (e.g. the next attack: its items may cost quite differently).
+        With `phase_total` (the phase's items) the heartbeat counts the phase's items, names `phase` ("attack 2
+        of 6") and estimates the time left in this phase from its own pace, never from another phase's."""
+        if desc != self.desc or phase_total is not None:
             self._phase_start, self._phase_n = time.monotonic(), self.n
+            self._phase_first, self._phase_total, self._phase = self.n, phase_total, phase
+            if self._bar is not None and phase_total is not None:
+                self._bar.reset(total=phase_total)  # the bar, its rate and its time left: this phase's
         self.desc = desc
         if self._bar is not None:
             self._bar.set_description(desc)
+
+    def skip(self, n: int) -> None:
+        """Count `n` items that cost nothing (results read back from disk): they do not enter the pace."""
+        self.update(n)
+        self._phase_start, self._phase_n = time.monotonic(), self.n
 
     def set_postfix_str(self, text: str) -> None:
         self.postfix = text
@@ -128,7 +143,14 @@ class Progress:
         now = time.monotonic()
         elapsed = now - self._start
         done = self.n - self._phase_n  # in the current phase, whose pace predicts the rest
-        if self.total:
+        if self._phase_total:  # count and estimate within the phase (one attack of an evaluation)
+            k, left = self.n - self._phase_first, self._phase_first + self._phase_total - self.n
+            text = f"{self.desc}: {k}/{self._phase_total} {self.unit}" + (f" ({self._phase})" if self._phase else "")
+            text += f", {format_duration(elapsed)}"
+            if left > 0:
+                text += (f", about {format_duration((now - self._phase_start) / done * left)} left in {self.desc}" if done > 0
+                         else f", no estimate until its first {self.unit} ends")
+        elif self.total:
             text = f"{self.desc}: {self.n}/{self.total} {self.unit} ({100 * self.n / self.total:.0f}%), {format_duration(elapsed)}"
             if done > 0 and self.n < self.total:
                 text += f", about {format_duration((now - self._phase_start) / done * (self.total - self.n))} left"

@@ -29,6 +29,7 @@ from matplotlib.figure import Figure
 
 from . import rundir
 from .attacks.threat import format_eps
+from .data.builtin import WITHOUT_FILES
 from .errors import UserError
 
 __all__ = ["NOISE_SE", "Run", "compare", "load_run", "plot_landscape_1d", "plot_landscape_2d", "summary", "write_report"]
@@ -251,7 +252,8 @@ def _data_section(runs: Sequence[Run]) -> list[str]:
         names = ", ".join(map(str, classes)) if classes else (f"{n} unnamed (0..{n - 1})" if isinstance(n, int) else "?")
         mean = ", ".join(f"{v:.4f}" for v in d.get("mean", []) if _finite(v))
         std = ", ".join(f"{v:.4f}" for v in d.get("std", []) if _finite(v))
-        rows.append([r.name, f"{d.get('name', '?')} `{d.get('root', '')}`", names,
+        where = "" if d.get("name") in WITHOUT_FILES or not d.get("root") else f" `{d['root']}`"  # digits reads no file
+        rows.append([r.name, f"{d.get('name', '?')}{where}", names,
                      f"{d.get('in_channels', '?')}x{d.get('image_size', '?')}x{d.get('image_size', '?')}",
                      f"{d.get('train_size', '?')} / {d.get('test_size', '?')}",
                      f"mean ({mean}), std ({std}), from the {d.get('stats_from', '?')}"])

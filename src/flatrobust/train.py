@@ -32,7 +32,7 @@ from .errors import UserError
 from .guard import Rollback, StepMonitor, kept_checkpoint, skip_failure, stop_message
 from .machine import describe, resolve_device
 from .objectives import AttackConfig, Objective, create_objective
-from .progress import Progress
+from .progress import Progress, format_duration
 from .speed import accelerate
 from .tblog import TensorBoardLog, require_tensorboard
 
@@ -579,7 +579,8 @@ def epoch_line(cfg: RunConfig, record: dict[str, Any], *, has_awp: bool, has_ema
             f"gap {record['gap']:+.2%}{awp}{ema}{'  (best)' if is_best else ''}")
 
 
-def _loop(run: Run, run_dir: Path, state: dict | None, *, progress: bool, stop_after_steps: int | None) -> Path:
+def _loop(run: Run, run_dir: Path, state: dict | None, *, progress: bool, stop_after_steps: int | None,
+          started: float | None = None) -> Path:
     cfg, dist, plan = run.cfg, run.dist, EpochPlan.of(run)
     at = restore(run, state) if state is not None else Position()
     history = rundir.truncate_metrics(run_dir, at.epoch) if dist.main else []
@@ -651,7 +652,7 @@ def _loop(run: Run, run_dir: Path, state: dict | None, *, progress: bool, stop_a
     if tb is not None:
         tb.close()
     if progress:
-        print_summary(run_dir, history, time.time() - t_run)
+        print_summary(run_dir, history, time.time() - (t_run if started is None else started))
     return run_dir
 
 
@@ -694,6 +695,7 @@ def awp_warmup_warning(cfg: RunConfig, total_steps: int | None = None) -> str | 
 def fit(cfg: RunConfig, *, resume_dir: str | Path | None = None, overwrite: bool = False, progress: bool = True,
         stop_after_steps: int | None = None) -> Path:
     """Train `cfg`; returns the run directory. `resume_dir` continues a stopped run from its last.pt."""
+    started = time.time()  # the summary's time: the whole command's, data and model set-up included
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -731,7 +733,7 @@ def fit(cfg: RunConfig, *, resume_dir: str | Path | None = None, overwrite: bool
                   + f": {run.info.describe()}", flush=True)
     dist.barrier()
     try:
-        return _loop(run, run_dir, state, progress=progress and dist.main, stop_after_steps=stop_after_steps)
+        return _loop(run, run_dir, state, progress=progress and dist.main, stop_after_steps=stop_after_steps, started=started)
     except WriteError as e:  # disk full: every checkpoint written so far is intact
         how = f"continue the run with flatrobust train --resume {run_dir}" if (run_dir / "last.pt").exists() else "start it again"
         raise WriteError(f"{e}: make room, then {how}") from None
@@ -750,7 +752,7 @@ def print_summary(run_dir: Path, history: list[dict], seconds: float) -> None:
             rows.append((label.strip(), str(r["epoch"]), f"{r[p + 'test_clean_acc']:.2%}", f"{r[p + 'test_robust_acc']:.2%}",
                          f"{r[p + 'train_robust_acc']:.2%}", f"{r[p + 'gap']:+.2%}"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    print(f"\nrun {run_dir} ({seconds:.0f} s)")
+    print(f"\nrun {run_dir} ({format_duration(seconds)})")
     for r in rows:
         print("  ".join(c.rjust(w) for c, w in zip(r, widths)))
     ema = " (each holds the raw and the EMA weights: --weights ema|raw)" if "ema_test_robust_acc" in history[-1] else ""

@@ -58,6 +58,9 @@ DATASETS: dict[str, DatasetInfo] = {
     "digits": DatasetInfo("digits", 10, 1, 8, (0.3058,), (0.3766,), "none", 1438, 359),
 }
 
+# The built-in sets that read no file (scikit-learn ships digits): their data.root means nothing.
+WITHOUT_FILES = ("digits",)
+
 TITLES = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "svhn": "SVHN", "fashion_mnist": "Fashion-MNIST", "digits": "digits"}
 
 
