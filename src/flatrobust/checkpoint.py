@@ -185,8 +185,9 @@ def checkpoint_split(state: dict[str, Any], split: str = "test", *, root: str | 
         data["download"] = download
     try:
         return load_split(data, split, like=info_from_checkpoint(state), progress=progress)
-    except DataError as e:
-        raise UserError(str(e)) from None
+    except DataError as e:  # the commands that read a run's data take --data-root, not a data.root= override
+        text = str(e).replace("set data.root to", "point --data-root at").replace("data.root=", "--data-root ")
+        raise UserError(text if "--data-root" in text else f"{text} (--data-root points the command at another copy)") from None
 
 
 def load_weights(model: nn.Module, path: str | os.PathLike) -> None:

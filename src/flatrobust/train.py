@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import time
+import dataclasses
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -26,6 +27,7 @@ from .awp import AWP, perturbed_parameters
 from .checkpoint import WriteError, load_checkpoint, load_weights, save_checkpoint
 from .collapse import ChanceLevel, collapse_warning, top_class_share
 from .config import RunConfig
+from .data.builtin import WITHOUT_FILES
 from .data import DATASETS, DataError, TensorData, augment, batches, load_extra, load_split, mixed_batch_sizes, mixed_batches
 from .ema import EMA
 from .errors import UserError
@@ -692,10 +694,21 @@ def awp_warmup_warning(cfg: RunConfig, total_steps: int | None = None) -> str | 
     return None
 
 
+def resolve_data_root(cfg: RunConfig) -> RunConfig:
+    """`cfg` with data.root as an absolute path (a set that reads no file, digits, keeps its root): the run's
+    config.yaml and checkpoints then find the data from any folder (eval, landscape, flatness, --resume), where a
+    relative root worked only from the folder training ran in. data.json keeps the root as typed beside it."""
+    if cfg.data.name in WITHOUT_FILES:
+        return cfg
+    root = os.path.abspath(os.path.expanduser(cfg.data.root))
+    return cfg if root == cfg.data.root else dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, root=root))
+
+
 def fit(cfg: RunConfig, *, resume_dir: str | Path | None = None, overwrite: bool = False, progress: bool = True,
         stop_after_steps: int | None = None) -> Path:
     """Train `cfg`; returns the run directory. `resume_dir` continues a stopped run from its last.pt."""
     started = time.time()  # the summary's time: the whole command's, data and model set-up included
+    typed_root, cfg = cfg.data.root, resolve_data_root(cfg)
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -726,7 +739,8 @@ def fit(cfg: RunConfig, *, resume_dir: str | Path | None = None, overwrite: bool
     if dist.main:  # one process writes files under torchrun
         env = environment(cfg, run.device) | {"world_size": dist.world}
         # What the model was built for (data.json): classes (names), channels, size, normalization.
-        rundir.write_start_files(run_dir, config=cfg.to_dict(), env=env, data={"root": cfg.data.root, **run.info.to_dict()},
+        rundir.write_start_files(run_dir, config=cfg.to_dict(), env=env, data={"root": cfg.data.root, "root_as_typed": typed_root,
+                                                                                 **run.info.to_dict()},
                                  fresh=state is None)
         if progress:  # on stdout with the summary; stderr carries the epoch lines and the progress
             print(f"data: {cfg.data.name} {cfg.data.root if cfg.data.name != 'digits' else ''}".rstrip()

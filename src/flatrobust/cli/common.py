@@ -80,7 +80,15 @@ def add_common_arguments(parser: argparse.ArgumentParser, n_default: int) -> Non
     parser.add_argument("--out", default=None, help="output folder (default: the checkpoint's folder)")
     parser.add_argument("--weights", choices=("raw", "ema"), default="raw",
                         help="the trained weights (default) or their moving average (runs with ema.decay > 0; files get an _ema suffix)")
+    add_data_root_argument(parser)
     add_trust_argument(parser)
+
+
+def add_data_root_argument(parser: argparse.ArgumentParser) -> None:
+    """--data-root: where the run's data is now, the same option in every command that reads a run's data."""
+    parser.add_argument("--data-root", default=None, metavar="PATH",
+                        help="the run's data at another place (a folder, or the .npz file); default: the checkpoint's data.root, "
+                             "stored as an absolute path by `flatrobust train`")
 
 
 def add_trust_argument(parser: argparse.ArgumentParser) -> None:
@@ -127,7 +135,7 @@ def load_for_analysis(args: argparse.Namespace):
     device = resolve_device(args.device, option="--device")
     model, ckpt = model_from_checkpoint(args.checkpoint, device, weights=args.weights, trust_code=args.trust_model_code)
     attack = resolve_attack(ckpt["config"], args)
-    data = checkpoint_split(ckpt, args.data, download=False, progress=True).subset(args.n, args.seed).to(device)
+    data = checkpoint_split(ckpt, args.data, root=args.data_root, download=False, progress=True).subset(args.n, args.seed).to(device)
     path = Path(args.checkpoint)
     out = Path(args.out) if args.out else (path if path.is_dir() else path.parent)
     try:
@@ -149,7 +157,7 @@ def header(args: argparse.Namespace, ckpt: dict[str, Any], n: int, device: torch
         "model": cfg.get("model"),
         "weights": args.weights,
         "epoch": ckpt.get("epoch"),
-        "data": {"name": cfg["data"]["name"], "split": args.data, "n": n, "subset_seed": args.seed},
+        "data": {"name": cfg["data"]["name"], "root": args.data_root or cfg["data"].get("root"), "split": args.data, "n": n, "subset_seed": args.seed},
         "device": str(device),
         "torch": torch.__version__,
         "flatrobust": __version__,

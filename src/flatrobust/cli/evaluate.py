@@ -36,7 +36,7 @@ from ..errors import UserError
 from ..atomic import write_json
 from ..evaluate import PROTOCOL, default_alpha, evaluate, format_table, require_autoattack, resolve_attacks
 from ..machine import describe, resolve_device
-from .common import add_trust_argument, data_from_arg, parse_pixels  # noqa: F401 - parse_pixels: the tests import it from here
+from .common import add_data_root_argument, add_trust_argument, data_from_arg, parse_pixels  # noqa: F401 - parse_pixels: the tests import it from here
 from ..rundir import checkpoint_file, eval_file
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -59,7 +59,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, help="where to write the results (default: eval_<checkpoint name>.json next to the checkpoint, "
                                                       "e.g. eval_best.json for best.pt)")
     p.add_argument("--seed", type=int, default=0, help="seeds the subset and every attack's randomness (default 0)")
-    p.add_argument("--data-root", default=None, help="dataset root; default: the checkpoint's data.root")
     p.add_argument("--checks-n", type=int, default=200, help="examples the trust checks run on (default 200)")
     p.add_argument("--no-checks", action="store_true", help="skip the trust checks")
     p.add_argument("--weights", choices=("raw", "ema"), default="raw",
@@ -68,6 +67,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="examples per file of finished batches kept on disk (a multiple of --batch-size; default the multiple "
                         "nearest to 1000); it changes no number, and an interruption loses at most one batch")
     p.add_argument("--restart", action="store_true", help="delete the partial results of an earlier run (OUT's .parts folder) and start over")
+    add_data_root_argument(p)
     add_trust_argument(p)
 
 

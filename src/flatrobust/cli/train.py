@@ -14,13 +14,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from RUN_DIR/last.pt (overrides allowed, e.g. epochs=30)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory of the same name")
     p.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
+    p.add_argument("--data-root", default=None, metavar="PATH",
+                   help="the data at this place (a folder, or the .npz file): the same as data.root=PATH, and with --resume "
+                        "the run's data moved elsewhere")
 
 
 def run(args: argparse.Namespace) -> int:
     from ..config import load_config, resume_config
     from ..train import NonFiniteError, fit
 
-    overrides = list(args.overrides)
+    overrides = list(args.overrides) + ([f"data.root={args.data_root}"] if args.data_root is not None else [])
     if args.resume:
         if args.recipe is not None:
             if "=" not in args.recipe:
