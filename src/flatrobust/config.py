@@ -7,6 +7,7 @@ with one line that names the key and says how to fix it (unknown keys get the cl
 from __future__ import annotations
 
 import dataclasses
+import json
 import difflib
 import math
 import re
@@ -27,12 +28,12 @@ from .rundir import CONFIG, LAST, read_config
 @dataclass
 class DataConfig:
     name: str = "digits"  # cifar10 | cifar100 | svhn | fashion_mnist | digits | imagefolder | npz (flatrobust.data.REGISTRY)
-    root: str = "./data"  # built-in sets: the torchvision root; imagefolder: DIR with train/<class>/*, test/<class>/* (or val/); npz: FILE.npz
+    root: str = "./data"  # built-in sets: the torchvision root; imagefolder: DIR with train/<class>/*, test/<class>/* (or val/); npz: FILE.npz; `train` stores it resolved (absolute)
     image_size: int = 0  # imagefolder: resize every image to image_size x image_size (0: keep; all must agree)
     channels: int = 0  # imagefolder: 0 = as the images are (1 if all greyscale, else 3) | 1 (greyscale) | 3 (RGB)
     mean: list = field(default_factory=list)  # per-channel normalization, e.g. [0.5, 0.5, 0.5]; empty: the built-in set's, or computed from the training split
     std: list = field(default_factory=list)  # per-channel std, given together with mean
-    download: bool = False
+    download: bool = False  # built-in sets: fetch torchvision's files into root when missing (md5-checked)
     augment: str = "default"  # default (the dataset's usual: crop_flip for CIFAR) | crop_flip | none
     eval_subset: int = 1000  # fixed test subset AND train subset of this size, evaluated every epoch
     train_subset: int = 0  # > 0: train on a fixed subset of this many examples (quick experiments)
@@ -45,7 +46,7 @@ class DataConfig:
 class EvalSpec:
     steps: int = 20  # PGD-20 on the fixed subsets every epoch
     alpha: float = 0.0  # 0 = the training attack's step size
-    batch_size: int = 256
+    batch_size: int = 256  # examples per batch of the per-epoch monitoring attack
 
 
 @dataclass
@@ -61,10 +62,10 @@ class AWPConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    nesterov: bool = False
+    lr: float = 0.1  # peak learning rate of SGD (the schedule scales it)
+    momentum: float = 0.9  # SGD momentum
+    weight_decay: float = 5e-4  # L2 weight decay of SGD
+    nesterov: bool = False  # Nesterov momentum
     schedule: str = "piecewise"  # piecewise (lr/10 at 50%, lr/100 at 75%, per iteration) | cosine | constant
 
 
@@ -89,16 +90,16 @@ class EMAConfig:
 
 @dataclass
 class RunConfig:
-    name: str = "run"
-    seed: int = 0
+    name: str = "run"  # the run's name: its directory is out_dir/name
+    seed: int = 0  # seeds the model's initialization, the data order, augmentation and attack noise
     device: str = "auto"  # auto (cuda if available) | cpu | cuda | cuda:N
     method: str = "at"  # at | trades | mart
     beta: float = 6.0  # TRADES / MART trade-off
     model: str = "smallcnn"  # built in (models.REGISTRY) | timm:<name> | robustbench:<Name> | package.module:callable (your own)
     model_args: dict = field(default_factory=dict)  # keyword arguments of the model's builder, e.g. {width: 16}
     model_dir: str = ""  # package.module:callable: folder searched first for the module (set to the recipe's folder)
-    epochs: int = 10
-    batch_size: int = 128
+    epochs: int = 10  # passes over the training data
+    batch_size: int = 128  # training examples per step
     out_dir: str = "runs"  # the run directory is out_dir/name
     nonfinite: str = "stop"  # stop | skip: what a non-finite loss or AWP gradient does
     deterministic: bool = True  # torch.use_deterministic_algorithms (exact resume on CPU)
@@ -454,3 +455,52 @@ def resume_config(run_dir: str | Path, overrides: list[str] | None = None) -> Ru
 
 def config_from_dict(tree: dict[str, Any]) -> RunConfig:
     return validate(_build(RunConfig, tree))
+
+
+_FIELD_LINE = re.compile(r"^\s+(\w+):\s*[^=#]+?(?:=.*?)?(?:#\s*(.*))?$")
+
+
+def _field_comments(cls) -> dict[str, str]:
+    """Field name -> its end-of-line comment in the class's source (a comment line right below continues it)."""
+    import inspect
+
+    out: dict[str, str] = {}
+    last = None
+    for line in inspect.getsource(cls).splitlines():
+        stripped = line.strip()
+        if stripped.startswith("#") and last is not None and out.get(last):
+            out[last] += " " + stripped.lstrip("# ")
+            continue
+        m = _FIELD_LINE.match(line)
+        last = None
+        if m and not stripped.startswith(("def ", "class ", "@", '"""')) and "(" not in m.group(1):
+            last = m.group(1)
+            out[last] = (m.group(2) or "").strip()
+    return out
+
+
+def describe_keys() -> list[tuple[str, str, str]]:
+    """(dotted key, default as a recipe writes it, meaning) of every config key, generated from the dataclasses
+    above and their end-of-line comments (`flatrobust config` prints them)."""
+    from .attacks import format_eps
+
+    def show(key: str, value: Any) -> str:
+        if key == "attack.alpha":
+            return "follows eps"
+        if key == "attack.eps":
+            return format_eps(value)
+        return json.dumps(value) if isinstance(value, (dict, list, str, bool)) or value is None else repr(value)
+
+    rows = []
+
+    def walk(cls, instance, prefix):
+        comments = _field_comments(cls)
+        for f in dataclasses.fields(cls):
+            value = getattr(instance, f.name)
+            if dataclasses.is_dataclass(value):
+                walk(type(value), value, f"{prefix}{f.name}.")
+            else:
+                rows.append((prefix + f.name, show(prefix + f.name, value), comments.get(f.name, "")))
+
+    walk(RunConfig, RunConfig(), "")
+    return rows

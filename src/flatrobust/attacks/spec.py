@@ -25,10 +25,10 @@ class AttackConfig:
     ValueError, naming the field, for a value outside its range.
     """
 
-    eps: float
-    alpha: float | None = None
-    steps: int = 10
-    norm: str = "linf"
+    eps: float  # radius of the threat model in pixel units, e.g. 8/255 (CIFAR L-inf), 128/255 (L2), 0.2 (digits)
+    alpha: float | None = None  # PGD step size; unset (null): follows eps (eps/4 for L-inf, eps * 15/128 for L2)
+    steps: int = 10  # PGD steps of the training attack
+    norm: str = "linf"  # linf | l2
 
     def __post_init__(self) -> None:
         if self.norm not in THREAT_MODELS:

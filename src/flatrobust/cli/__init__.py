@@ -22,7 +22,16 @@ COMMANDS = {
     "pseudolabel": ("pseudolabel", "pseudo-label extra images with a checkpoint, for robust self-training (RST)"),
     "import": ("importer", "a RobustBench model (robustbench:<Name>, local weights file) as a flatrobust checkpoint"),
     "export": ("export", "a checkpoint in RobustBench's format (weights, model info, zoo entry) or as a plain state_dict"),
+    "config": ("config", "list every recipe key with its default and meaning (flatrobust config awp: one section)"),
 }
+
+
+EPILOG = """\
+`flatrobust COMMAND --help` shows a command's options; the same names mean the same everywhere (--split,
+--n, --seed, --eps, --norm, --steps, --step-size, --data-root, --device, --out, --weights, --quiet).
+`flatrobust config` lists every recipe key with its default and meaning.
+Docs: README.md, docs/DATA.md (data), docs/EVALUATION.md (eval), docs/ANALYSIS.md (landscape, flatness, report),
+docs/RELIABILITY.md (resume, errors, trust), docs/PERFORMANCE.md, in the source tree of flatrobust."""
 
 
 def _module(name: str):
@@ -57,15 +66,18 @@ def one_line(text: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(prog="flatrobust", description="Adversarial training with Adversarial Weight Perturbation (AWP).")
+    parser = argparse.ArgumentParser(prog="flatrobust", description="Adversarial training with Adversarial Weight Perturbation (AWP).",
+                                     epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     from .. import __version__
 
     parser.add_argument("--version", action="version", version=f"flatrobust {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     wanted = argv[0] if argv and argv[0] in COMMANDS else None
+    chosen = parser
     for name, (_, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         if name == wanted:  # only the chosen subcommand's module is imported
+            chosen = p  # a bad option is told with this subcommand's usage, not the top level's
             try:
                 _module(name).add_arguments(p)
             except ModuleNotFoundError as e:
@@ -77,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     # key=value overrides may come after options (`train r.yaml --quiet epochs=3`): argparse leaves them over
     overrides = [a for a in extra if "=" in a and not a.startswith("-")]
     if len(overrides) != len(extra) or (overrides and not hasattr(args, "overrides")):
-        parser.error(f"unrecognized arguments: {' '.join(a for a in extra if a not in overrides or not hasattr(args, 'overrides'))}")
+        chosen.error(f"unrecognized arguments: {' '.join(a for a in extra if a not in overrides or not hasattr(args, 'overrides'))}")
     if overrides:
         args.overrides = list(args.overrides) + overrides
     if args.command is None:

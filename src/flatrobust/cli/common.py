@@ -67,8 +67,9 @@ def number(text: str) -> float:
 
 def add_common_arguments(parser: argparse.ArgumentParser, n_default: int) -> None:
     parser.add_argument("checkpoint", help="a .pt file written by `flatrobust train`, or its run directory (best.pt, else last.pt)")
-    parser.add_argument("--data", choices=("train", "test"), default="test", help="split to evaluate on (default: test)")
-    parser.add_argument("--n", type=int, default=n_default, help=f"examples: a fixed subset drawn with --seed (default: {n_default})")
+    parser.add_argument("--split", choices=("train", "test"), default="test", help="the run's split to measure on (default: test)")
+    parser.add_argument("--data", dest="split", choices=("train", "test"), help=argparse.SUPPRESS)  # the former name of --split
+    parser.add_argument("--n", type=int, default=n_default, help=f"examples: a fixed subset of N drawn with --seed (default: {n_default})")
     parser.add_argument("--seed", type=int, default=0, help="subset, random directions / draws and PGD random starts (default: 0)")
     parser.add_argument("--eps", default=None, help="attack radius, overrides the checkpoint's attack.eps (e.g. 8/255)")
     parser.add_argument("--norm", choices=("linf", "l2"), default=None, help="attack norm, overrides attack.norm (needs --eps)")
@@ -82,6 +83,12 @@ def add_common_arguments(parser: argparse.ArgumentParser, n_default: int) -> Non
                         help="the trained weights (default) or their moving average (runs with ema.decay > 0; files get an _ema suffix)")
     add_data_root_argument(parser)
     add_trust_argument(parser)
+    add_quiet_argument(parser)
+
+
+def add_quiet_argument(parser: argparse.ArgumentParser) -> None:
+    """--quiet: no progress bar or heartbeat lines (results and errors are still printed), in every command."""
+    parser.add_argument("--quiet", action="store_true", help="no progress bar or heartbeat lines")
 
 
 def add_data_root_argument(parser: argparse.ArgumentParser) -> None:
@@ -135,7 +142,7 @@ def load_for_analysis(args: argparse.Namespace):
     device = resolve_device(args.device, option="--device")
     model, ckpt = model_from_checkpoint(args.checkpoint, device, weights=args.weights, trust_code=args.trust_model_code)
     attack = resolve_attack(ckpt["config"], args)
-    data = checkpoint_split(ckpt, args.data, root=args.data_root, download=False, progress=True).subset(args.n, args.seed).to(device)
+    data = checkpoint_split(ckpt, args.split, root=args.data_root, download=False, progress=not args.quiet).subset(args.n, args.seed).to(device)
     path = Path(args.checkpoint)
     out = Path(args.out) if args.out else (path if path.is_dir() else path.parent)
     try:
@@ -148,6 +155,7 @@ def load_for_analysis(args: argparse.Namespace):
 def header(args: argparse.Namespace, ckpt: dict[str, Any], n: int, device: torch.device) -> dict[str, Any]:
     """What a result file records about where its numbers come from."""
     from .. import __version__
+    from ..data.builtin import WITHOUT_FILES
 
     cfg = ckpt["config"]
     path = Path(args.checkpoint).resolve()
@@ -157,7 +165,8 @@ def header(args: argparse.Namespace, ckpt: dict[str, Any], n: int, device: torch
         "model": cfg.get("model"),
         "weights": args.weights,
         "epoch": ckpt.get("epoch"),
-        "data": {"name": cfg["data"]["name"], "root": args.data_root or cfg["data"].get("root"), "split": args.data, "n": n, "subset_seed": args.seed},
+        "data": {"name": cfg["data"]["name"], "split": args.split, "n": n, "subset_seed": args.seed,
+                 **({} if cfg["data"]["name"] in WITHOUT_FILES else {"root": args.data_root or cfg["data"].get("root")})},
         "device": str(device),
         "torch": torch.__version__,
         "flatrobust": __version__,

@@ -36,23 +36,28 @@ from ..errors import UserError
 from ..atomic import write_json
 from ..evaluate import PROTOCOL, default_alpha, evaluate, format_table, require_autoattack, resolve_attacks
 from ..machine import describe, resolve_device
-from .common import add_data_root_argument, add_trust_argument, data_from_arg, parse_pixels  # noqa: F401 - parse_pixels: the tests import it from here
+from .common import add_data_root_argument, add_quiet_argument, add_trust_argument, data_from_arg, parse_pixels  # noqa: F401 - parse_pixels: the tests import it from here
 from ..rundir import checkpoint_file, eval_file
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="a .pt file written by `flatrobust train`, or its run directory (best.pt, else last.pt); "
                                       "with --model, a plain state_dict file")
-    p.add_argument("--model", default=None, help="build this model (a models.create name) instead of the one the checkpoint's config names; "
-                                                 "for a plain state_dict file, with --data and --eps")
+    p.add_argument("--model", default=None, metavar="NAME",
+                   help="build this model instead of the one the checkpoint's config names: a built-in name (smallcnn, "
+                        "preactresnet18, wrn34_10, ...), timm:<name>, or package.module:callable (your own builder); for a plain "
+                        "state_dict file, with --data and --eps")
     p.add_argument("--model-args", default=None, help="with --model: the builder's keyword arguments as a YAML mapping, e.g. '{width: 16}'")
     p.add_argument("--data", default=None, metavar="SPEC",
-                   help="with --model: the data, as NAME[:ROOT] (e.g. cifar10:./data, imagefolder:DIR, npz:FILE.npz) "
+                   help="with --model: the dataset (not a split: eval always uses the test split), as NAME[:ROOT] (e.g. cifar10:./data, imagefolder:DIR, npz:FILE.npz) "
                         "or a recipe YAML whose data: section is used")
     p.add_argument("--attacks", default=",".join(PROTOCOL),
                    help=f"comma-separated attacks, default the paper's protocol: {','.join(PROTOCOL)}")
-    p.add_argument("--n", type=int, default=None, help="evaluate a fixed subset of N test examples (seeded by --seed); default: the full test set")
+    p.add_argument("--n", type=int, default=None, help="examples: a fixed subset of N drawn with --seed (default: the whole test "
+                                                        "set, as the protocol asks; landscape and flatness default to 1000)")
     p.add_argument("--eps", default=None, help="radius in pixel units, e.g. 8/255 or 0.5; default: the checkpoint's attack.eps")
-    p.add_argument("--alpha", default=None, help="PGD step size (same syntax); default: eps/4 for linf, eps*15/128 for l2")
+    p.add_argument("--step-size", dest="alpha", default=None,
+                   help="PGD step size (same syntax); default: eps/4 for linf, eps*15/128 for l2")
+    p.add_argument("--alpha", dest="alpha", help=argparse.SUPPRESS)  # the former name of --step-size
     p.add_argument("--norm", choices=("linf", "l2"), default=None, help="threat model; default: the checkpoint's attack.norm")
     p.add_argument("--batch-size", type=int, default=256, help="examples per attack call (default 256)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: cuda when available (default)")
@@ -69,6 +74,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--restart", action="store_true", help="delete the partial results of an earlier run (OUT's .parts folder) and start over")
     add_data_root_argument(p)
     add_trust_argument(p)
+    add_quiet_argument(p)
 
 
 def _threat_model(args, cfg: dict) -> tuple[str, float, float | None]:
@@ -84,7 +90,7 @@ def _threat_model(args, cfg: dict) -> tuple[str, float, float | None]:
         raise UserError("the checkpoint's config has no attack.eps: pass --eps, e.g. --eps 8/255")
     # The evaluation step is the protocol's (default_alpha), not training's: a training recipe may use
     # a step that makes a weak evaluation attack (FGSM-RS trains with 1.25 * eps).
-    alpha = parse_pixels(args.alpha, "--alpha") if args.alpha is not None else None
+    alpha = parse_pixels(args.alpha, "--step-size") if args.alpha is not None else None
     return norm, eps, alpha
 
 
@@ -134,7 +140,7 @@ def _state_dict_model(args: argparse.Namespace, device: torch.device):
     if args.data_root is not None:
         data_cfg["root"] = args.data_root
     try:
-        info = dataset_info(data_cfg, progress=True)
+        info = dataset_info(data_cfg, progress=not args.quiet)
     except DataError as e:
         raise UserError(str(e)) from None
     search = [str(Path(args.data).parent)] if Path(args.data).suffix in (".yaml", ".yml") else []  # a recipe's own models
@@ -145,7 +151,7 @@ def _state_dict_model(args: argparse.Namespace, device: torch.device):
         raise UserError(f"--model: {e}") from None
     load_weights(model, path)  # weights_only; one-line CheckpointError when the file does not fit the model
     try:
-        test = load_split(data_cfg, "test", like=info, progress=True)
+        test = load_split(data_cfg, "test", like=info, progress=not args.quiet)
     except DataError as e:
         raise UserError(str(e)) from None
     return model.to(device).eval(), data_cfg, info, model_args, test
@@ -208,7 +214,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"flatrobust: warning: {warning}", file=sys.stderr)
     ckpt_file = checkpoint_file(path)
     if ckpt:
-        test = checkpoint_split(ckpt, "test", root=args.data_root, progress=True)
+        test = checkpoint_split(ckpt, "test", root=args.data_root, progress=not args.quiet)
 
     root = data_cfg.get("root")
     if args.n is not None:
@@ -219,7 +225,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"evaluating {ckpt_file}{' (EMA weights)' if args.weights == 'ema' else ''} ({cfg['model']}, {data_cfg['name']} test, {len(test)} examples) "
           f"under {norm} eps={format_eps(eps)} on {device}; finished batches kept in {parts}", flush=True)
     result = evaluate(model, test.x, test.y, attacks=names, norm=norm, eps=eps, alpha=alpha, batch_size=args.batch_size,
-                      seed=args.seed, device=device, progress=True, checks=not args.no_checks, checks_n=args.checks_n,
+                      seed=args.seed, device=device, progress=not args.quiet, checks=not args.no_checks, checks_n=args.checks_n,
                       resume_dir=parts, chunk_size=args.chunk_size, restart=args.restart)
 
     print(format_table(result))
@@ -232,7 +238,7 @@ def run(args: argparse.Namespace) -> int:
         print(format_checks(result["checks"]))
 
     command = ["flatrobust", "eval", str(ckpt_file), "--attacks", ",".join(names), "--norm", norm, "--eps", repr(eps),
-               "--alpha", repr(result["alpha"]), "--seed", str(args.seed), "--batch-size", str(args.batch_size)]
+               "--step-size", repr(result["alpha"]), "--seed", str(args.seed), "--batch-size", str(args.batch_size)]
     command += ["--n", str(args.n)] if args.n is not None else []
     command += ["--chunk-size", str(result["chunks"]["size"])]
     # the number of examples the checks ran on: --checks-n, or all n when that is fewer (so the command and

@@ -37,15 +37,15 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     if args.measure in ("both", "average"):
         result["average"] = average_flatness(model, x, y, attack=attack, xi=xi_avg, draws=args.draws,
-                                             batch_size=args.batch_size, seed=args.seed, progress=True)
+                                             batch_size=args.batch_size, seed=args.seed, progress=not args.quiet)
     if args.measure in ("both", "worst"):
         result["worst"] = worst_flatness(model, x, y, attack=attack, xi=xi_worst, steps=args.worst_steps,
-                                         batch_size=args.batch_size, seed=args.seed, progress=True)
+                                         batch_size=args.batch_size, seed=args.seed, progress=not args.quiet)
     result["seconds"] = round(time.perf_counter() - t0, 3)
     write_json(out / output_name(args, "flatness", ".json"), result, indent=1)
 
     base = result.get("average") or result["worst"]
-    print(f"flatness of {args.checkpoint}{' (EMA weights)' if args.weights == 'ema' else ''} on {result['data']['name']} {args.data} (n={x.shape[0]}, "
+    print(f"flatness of {args.checkpoint}{' (EMA weights)' if args.weights == 'ema' else ''} on {result['data']['name']} {args.split} (n={x.shape[0]}, "
           f"PGD-{attack['steps']} {attack['norm']} eps={format_eps(attack['eps'])}):")
     print(f"  robust loss rho(w)      {base['robust_loss']:.4f} nats   robust accuracy {100 * base['robust_accuracy']:.2f}%")
     if "average" in result:

@@ -61,13 +61,13 @@ def run(args: argparse.Namespace) -> int:
     result = header(args, ckpt, x.shape[0], device)
     t0 = time.perf_counter()
     result["1d"] = landscape_1d(model, x, y, attack=attack, alphas=alphas, directions=args.directions,
-                                batch_size=args.batch_size, seed=args.seed, progress=True)
+                                batch_size=args.batch_size, seed=args.seed, progress=not args.quiet)
     if args.two_d:
         result["2d"] = landscape_2d(model, x, y, attack=attack, alphas=alphas, batch_size=args.batch_size,
-                                    seed=args.seed, progress=True)
+                                    seed=args.seed, progress=not args.quiet)
     result["seconds"] = round(time.perf_counter() - t0, 3)
     write_json(out / output_name(args, "landscape", ".json"), result, indent=1)
-    title = f"{result['run']}{' (EMA)' if args.weights == 'ema' else ''}: {result['data']['name']} {args.data}, n={x.shape[0]}, PGD-{attack['steps']} {attack['norm']} eps={format_eps(attack['eps'])}"
+    title = f"{result['run']}{' (EMA)' if args.weights == 'ema' else ''}: {result['data']['name']} {args.split}, n={x.shape[0]}, PGD-{attack['steps']} {attack['norm']} eps={format_eps(attack['eps'])}"
     written = [output_name(args, "landscape", ".json"), output_name(args, "landscape", ".png")]
     plot_landscape_1d([(result["run"], result["1d"])], out / written[1], title=title)
     if args.two_d:

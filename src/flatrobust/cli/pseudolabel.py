@@ -12,7 +12,7 @@ import argparse
 from pathlib import Path
 
 from ..errors import UserError
-from .common import add_trust_argument
+from .common import add_quiet_argument, add_trust_argument
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -22,6 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=512, help="images per forward pass (default: 512)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: cuda when available")
     add_trust_argument(parser)
+    add_quiet_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -53,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(str(e)) from None
     labels, confidence = [], []
     with torch.no_grad():  # converted batch by batch: 500K CIFAR images as float32 would take 6 GiB
-        for i in Progress(range(0, len(x_np), args.batch_size), desc="pseudo-labeling", unit="batch"):
+        for i in Progress(range(0, len(x_np), args.batch_size), desc="pseudo-labeling", unit="batch", enabled=not args.quiet):
             try:
                 xb = images_to_tensor(x_np[i:i + args.batch_size], info, str(args.images))
             except DataError as e:  # a float image outside [0, 1] further down the file

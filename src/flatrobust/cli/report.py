@@ -11,6 +11,7 @@ import shlex
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories written by `flatrobust train`")
     parser.add_argument("--out", default="report", help="output folder for report.md and its figures (default: ./report)")
+    parser.add_argument("--quiet", action="store_true", help="print nothing but errors")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -18,5 +19,6 @@ def run(args: argparse.Namespace) -> int:
 
     command = shlex.join(["flatrobust", "report", *map(str, args.runs), "--out", str(args.out)])
     path = write_report(args.runs, args.out, command=command)
-    print(f"wrote {path}")
+    if not args.quiet:
+        print(f"wrote {path}")
     return 0
