@@ -71,5 +71,6 @@ def test_config_lists_every_key_with_default_and_meaning(capsys):
     for key in _all_keys(RunConfig):
         assert any(line.split()[0] == key for line in out.splitlines()), key
     assert main(["config", "awp"]) == 0
-    assert [line.split()[0] for line in capsys.readouterr().out.splitlines()] == ["awp.gamma", "awp.warmup"]
+    assert [line.split()[0] for line in capsys.readouterr().out.splitlines()] == [k for k in _all_keys(RunConfig) if k.startswith("awp")]
+    assert rows["awp.warmup"][1].endswith("10 for TRADES)") and rows["log.interval"][1].endswith("since the last point")
     assert main(["config", "nokey"]) == 2

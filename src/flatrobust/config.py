@@ -461,14 +461,15 @@ _FIELD_LINE = re.compile(r"^\s+(\w+):\s*[^=#]+?(?:=.*?)?(?:#\s*(.*))?$")
 
 
 def _field_comments(cls) -> dict[str, str]:
-    """Field name -> its end-of-line comment in the class's source (a comment line right below continues it)."""
+    """Field name -> its end-of-line comment in the class's source (a comment line right below that starts in
+    lower case continues it; one that starts a sentence introduces the next fields)."""
     import inspect
 
     out: dict[str, str] = {}
     last = None
     for line in inspect.getsource(cls).splitlines():
         stripped = line.strip()
-        if stripped.startswith("#") and last is not None and out.get(last):
+        if stripped.startswith("#") and last is not None and out.get(last) and stripped.lstrip("# ")[:1].islower():
             out[last] += " " + stripped.lstrip("# ")
             continue
         m = _FIELD_LINE.match(line)
