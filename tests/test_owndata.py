@@ -518,7 +518,7 @@ def test_bad_npz_exit_2_one_line_naming_the_file(tmp_path, capsys, make, message
     (["data.mean=[0.5]", "data.std=[0]"], "data.std must be > 0"),
     (["data.mean=[0.5, 0.5]", "data.std=[0.2, 0.2]"], "need 1 value(s) each"),
     (["data.channels=2"], "data.channels must be one of 0 (as the images are), 1 (greyscale), 3 (RGB)"),
-    (["data.name=npz", "data.root=."], "data.root . is a folder: data.name npz reads one file"),
+    (["data.name=npz", "data.root=."], "is a folder: data.name npz reads one file"),
 ])
 def test_bad_data_keys_exit_2_one_line(tmp_path, capsys, over, message):
     assert _train_cli(tmp_path, *over) == 2
