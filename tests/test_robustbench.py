@@ -16,6 +16,7 @@ import torch
 
 from fixtures_owndata import write_npz
 from flatrobust import models
+from flatrobust.rundir import eval_file
 from flatrobust.checkpoint import CheckpointError, model_from_checkpoint
 from flatrobust.cli import main
 from flatrobust.config import load_config
@@ -280,7 +281,7 @@ def test_import_writes_a_checkpoint_of_the_zoo_network(imported):
 def test_imported_model_evaluates_with_the_trust_checks(imported):
     ckpt, _ = imported
     assert main(["eval", str(ckpt), "--attacks", "clean,pgd20", "--n", "8", "--checks-n", "4", "--batch-size", "8"]) == 0
-    report = json.loads((ckpt.parent / "eval.json").read_text())
+    report = json.loads(eval_file(ckpt).read_text())
     assert report["config"]["model"] == "robustbench:TestTinyWRN" and report["n"] == 8 and report["checks"]
 
 
@@ -415,7 +416,7 @@ def real_aa_eval(zoo, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("aa")
     ckpt, _ = _imported(tmp, zoo)
     assert main(["eval", str(ckpt), "--attacks", "clean,autoattack", "--checks-n", "4", "--batch-size", "4", "--n", "4"]) == 0
-    return json.loads((ckpt.parent / "eval.json").read_text())
+    return json.loads(eval_file(ckpt).read_text())
 
 
 def _cifar_checkpoint(tmp_path: Path, zoo, name: str = "TestTinyNormWRN") -> Path:
@@ -527,7 +528,7 @@ def _break(report: dict, what: str) -> dict:
     ("no_checks", "ran without the trust checks"),
     ("eps", "is at linf eps 4/255, not linf 8/255"),
     ("other_checkpoint", "evaluates last.pt"),
-    ("missing", "eval.json does not exist"),
+    ("missing", ".json does not exist"),
 ])
 def test_export_without_a_full_trusted_autoattack_is_refused(zoo, tmp_path, real_aa_eval, capsys, what, message):
     ckpt = _cifar_checkpoint(tmp_path, zoo)

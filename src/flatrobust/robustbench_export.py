@@ -315,7 +315,12 @@ def export_robustbench(checkpoint: str | os.PathLike, out_dir: str | os.PathLike
     mangled = [k for k in form.state_dict if "module." in k or "model." in k]
     if mangled:  # load_model cuts these substrings from any key that contains them
         raise UserError(f"key {mangled[0]!r} contains 'module.' or 'model.', which robustbench's load_model would cut: not exportable")
-    report_path = Path(eval_path) if eval_path else path.parent / ("eval.json" if weights == "raw" else "eval_ema.json")
+    from .rundir import eval_file
+
+    legacy = path.parent / ("eval.json" if weights == "raw" else "eval_ema.json")  # written before one file per checkpoint
+    report_path = Path(eval_path) if eval_path else eval_file(path, weights)
+    if not eval_path and not report_path.is_file() and legacy.is_file():
+        report_path = legacy
     if not report_path.is_file():
         raise UserError(f"{report_path} does not exist: the model-info JSON needs the evaluation of {path.name}; run "
                         f"flatrobust eval {path} --attacks clean,autoattack --eps {'8/255' if threat == 'Linf' else '0.5'}"

@@ -5,7 +5,7 @@
 
 --robustbench DIR writes DIR/<dataset>/<threat>/<Name>.pt (the state_dict RobustBench's zoo architecture
 loads strictly), a .safetensors copy beside it, DIR/model_info/<dataset>/<threat>/<Name>.json (filled from
-the checkpoint's eval.json, which must be standard AutoAttack on the whole test split with every trust
+the checkpoint's evaluation (eval_best.json for best.pt; an older eval.json is read too), which must be standard AutoAttack on the whole test split with every trust
 check passed) and DIR/model_zoo/<dataset>/<threat>/<Name>.py (the zoo entry to add to robustbench).
 --format state_dict writes OUT.pt (model.state_dict(), normalization layer included) and OUT.safetensors.
 A thin layer over `flatrobust.robustbench_export`.
@@ -24,7 +24,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--robustbench", metavar="DIR", default=None, help="folder to write RobustBench's layout into (RobustBench's model_dir)")
     p.add_argument("--name", default=None, help="the model's RobustBench name, e.g. Me2026Flatter (default: the run's name)")
     p.add_argument("--eval", default=None, metavar="FILE",
-                   help="the eval.json to fill the model info from (default: eval.json, or eval_ema.json, beside the checkpoint)")
+                   help="the eval.json to fill the model info from (default: eval_<checkpoint name>.json, _ema with --weights ema, beside the checkpoint; else an older eval.json)")
     p.add_argument("--out", default=None, metavar="FILE.pt", help="with --format state_dict: where to write (a .safetensors copy goes beside it)")
     p.add_argument("--weights", choices=("raw", "ema"), default="raw", help="the trained weights (default) or their moving average")
     p.add_argument("--overwrite", action="store_true", help="replace files that exist")
