@@ -65,7 +65,12 @@ class OptimConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     nesterov: bool = False
-    schedule: str = "piecewise"  # piecewise (lr/10 at 50%, lr/100 at 75%, per iteration) | cosine | constant
+    # piecewise (lr/10 at 50%, lr/100 at 75%, per iteration) | cosine | constant: flatrobust's own rule; the official
+    # script's --lr-schedule names: superconverge | linear | onedrop | multipledecay | cyclic | official_piecewise |
+    # official_cosine (flatrobust.schedules; docs/OFFICIAL_FLAGS.md)
+    schedule: str = "piecewise"
+    lr_one_drop: float = 0.01  # onedrop: the rate after lr_drop_epoch (official --lr-one-drop)
+    lr_drop_epoch: int = 100  # onedrop: the epoch of the drop (official --lr-drop-epoch)
 
 
 @dataclass
@@ -123,7 +128,6 @@ CHOICES = {
     "method": ("at", "trades", "mart"),
     "data.augment": ("default", "crop_flip", "none"),
     "attack.norm": ("linf", "l2"),
-    "optim.schedule": ("piecewise", "cosine", "constant"),
     "nonfinite": ("stop", "skip"),
     "speed.amp": ("auto", "off", "bf16"),
     "speed.channels_last": ("auto", "on", "off"),
@@ -138,7 +142,7 @@ LOWER = {
     "awp.gamma": (0, True), "awp.warmup": (0, True), "awp.steps": (1, True), "awp.eps_rel": (0, True),
     "awp.start_step": (0, True), "ema.decay": (0, True),
     "optim.lr": (0, False), "optim.momentum": (0, True), "optim.weight_decay": (0, True),
-    "log.interval": (1, True),
+    "log.interval": (1, True), "optim.lr_one_drop": (0, True), "optim.lr_drop_epoch": (0, True),
 }
 
 _FRACTION = re.compile(r"^\s*([0-9.eE+-]+)\s*/\s*([0-9.eE+-]+)\s*$")
@@ -336,6 +340,11 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise UserError(f"ema.decay must be < 1 (e.g. 0.999; 0 turns the EMA off), got {cfg.ema.decay}")
     if cfg.optim.momentum >= 1:
         raise UserError(f"optim.momentum must be < 1, got {cfg.optim.momentum}")
+    from . import schedules
+
+    why = schedules.check(cfg.optim.schedule, cfg.epochs)
+    if why:
+        raise UserError(why)
     return cfg
 
 

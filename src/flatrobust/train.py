@@ -20,7 +20,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from . import models, rundir
+from . import models, rundir, schedules
 from .attacks import pgd, whole_box_warning
 from .awp import AWP, perturbed_parameters
 from .checkpoint import WriteError, load_checkpoint, load_weights, save_checkpoint
@@ -95,13 +95,13 @@ def train_step(
 
 
 def lr_at(step: int, total_steps: int, cfg: RunConfig) -> float:
-    """Learning rate at iteration `step` (0-based) of `total_steps`."""
-    base, progress = cfg.optim.lr, step / max(total_steps, 1)
-    if cfg.optim.schedule == "piecewise":  # the official schedule: /10 at 50%, /100 at 75% of training
-        return base if progress < 0.5 else base / 10 if progress < 0.75 else base / 100
-    if cfg.optim.schedule == "cosine":
-        return 0.5 * base * (1 + math.cos(math.pi * progress))
-    return base
+    """Learning rate at iteration `step` (0-based) of `total_steps` (`cfg.epochs` epochs of equal length):
+    `optim.schedule` as `schedules.Schedule` defines it."""
+    o = cfg.optim
+    per_epoch = max(total_steps // max(cfg.epochs, 1), 1)
+    if o.schedule in schedules.OWN:  # their rule reads total_steps itself (a run whose epochs do not divide it)
+        return schedules.Schedule(o.schedule, o.lr, 1, max(total_steps, 1))(step)
+    return schedules.Schedule(o.schedule, o.lr, cfg.epochs, per_epoch, o.lr_one_drop, o.lr_drop_epoch)(step)
 
 
 @dataclass
