@@ -20,6 +20,8 @@ from typing import Any
 import yaml
 
 from .attacks import AttackConfig
+from .attacks.spec import INITS, KINDS
+from .catastrophic import MODES as CATASTROPHIC_MODES
 from .errors import UserError
 from .rundir import CONFIG, LAST, read_config
 
@@ -36,6 +38,10 @@ class DataConfig:
     augment: str = "default"  # default (the dataset's usual: crop_flip for CIFAR) | crop_flip | none
     eval_subset: int = 1000  # fixed test subset AND train subset of this size, evaluated every epoch
     train_subset: int = 0  # > 0: train on a fixed subset of this many examples (quick experiments)
+    # > 0: hold this many training images out as a validation split (fixed by the seed, indices in RUN_DIR/val.json);
+    # best.pt is chosen on their PGD accuracy. With train_subset, they come from the images the subset leaves out
+    val_subset: int = 0
+    cutout: int = 0  # > 0: Cutout (DeVries and Taylor 2017) of this side after crop and flip (official --cutout-len); 0 = off
     extra: str = ""  # RST: .npz of extra images with pseudo-labels (x, y), e.g. from `flatrobust pseudolabel`
     extra_fraction: float = 0.5  # RST: share of every batch drawn from `extra` (Carmon et al.: half)
     on_device: str = "auto"  # auto (on the GPU if it fits in half its free memory) | on | off (pinned host memory)
@@ -71,6 +77,8 @@ class OptimConfig:
     schedule: str = "piecewise"
     lr_one_drop: float = 0.01  # onedrop: the rate after lr_drop_epoch (official --lr-one-drop)
     lr_drop_epoch: int = 100  # onedrop: the epoch of the drop (official --lr-drop-epoch)
+    l1: float = 0.0  # > 0: adds l1 * sum |w| over the weights with dim > 1 (no BatchNorm, no biases) to the loss (official --l1)
+    l2: float = 0.0  # > 0: weight decay l2 on those weights and none on the others, replacing weight_decay (official --l2)
 
 
 @dataclass
@@ -90,6 +98,13 @@ class LogConfig:
 @dataclass
 class EMAConfig:
     decay: float = 0.0  # > 0: also keep an EMA of the weights (e.g. 0.999), decay min(decay, (1+t)/(10+t)) at step t; 0 = off
+
+
+@dataclass
+class GuardConfig:
+    # catastrophic overfitting (flatrobust.catastrophic, Wong et al. 2020): warn (a line, recorded) | stop (the run
+    # ends after that epoch) | rollback (weights and optimizer go back to best.pt's epoch and training goes on)
+    catastrophic: str = "warn"
 
 
 @dataclass
@@ -119,6 +134,7 @@ class RunConfig:
     speed: SpeedConfig = field(default_factory=SpeedConfig)
     log: LogConfig = field(default_factory=LogConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
+    guard: GuardConfig = field(default_factory=GuardConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self) | {"attack": self.attack.as_dict()}  # attack keys in the recipe's order
@@ -128,6 +144,9 @@ CHOICES = {
     "method": ("at", "trades", "mart"),
     "data.augment": ("default", "crop_flip", "none"),
     "attack.norm": ("linf", "l2"),
+    "attack.kind": KINDS,
+    "attack.init": INITS,
+    "guard.catastrophic": CATASTROPHIC_MODES,
     "nonfinite": ("stop", "skip"),
     "speed.amp": ("auto", "off", "bf16"),
     "speed.channels_last": ("auto", "on", "off"),
@@ -142,7 +161,8 @@ LOWER = {
     "awp.gamma": (0, True), "awp.warmup": (0, True), "awp.steps": (1, True), "awp.eps_rel": (0, True),
     "awp.start_step": (0, True), "ema.decay": (0, True),
     "optim.lr": (0, False), "optim.momentum": (0, True), "optim.weight_decay": (0, True),
-    "log.interval": (1, True), "optim.lr_one_drop": (0, True), "optim.lr_drop_epoch": (0, True),
+    "log.interval": (1, True), "attack.restarts": (1, True), "data.val_subset": (0, True), "data.cutout": (0, True),
+    "optim.l1": (0, True), "optim.l2": (0, True), "optim.lr_one_drop": (0, True), "optim.lr_drop_epoch": (0, True),
 }
 
 _FRACTION = re.compile(r"^\s*([0-9.eE+-]+)\s*/\s*([0-9.eE+-]+)\s*$")
@@ -340,12 +360,25 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise UserError(f"ema.decay must be < 1 (e.g. 0.999; 0 turns the EMA off), got {cfg.ema.decay}")
     if cfg.optim.momentum >= 1:
         raise UserError(f"optim.momentum must be < 1, got {cfg.optim.momentum}")
+    _validate_attack(cfg)
     from . import schedules
 
     why = schedules.check(cfg.optim.schedule, cfg.epochs)
     if why:
         raise UserError(why)
     return cfg
+
+
+def _validate_attack(cfg: RunConfig) -> None:
+    """The training attack's kind fits the method (docs/OFFICIAL_FLAGS.md)."""
+    a = cfg.attack
+    if a.kind == "none" and cfg.method != "at":
+        raise UserError(f"attack.kind=none is standard training, which has no {cfg.method.upper()} term: use method=at with it")
+    if a.kind == "fgsm" and a.init == "zero" and cfg.method == "trades":
+        raise UserError("attack.init=zero with method=trades: the KL attack's gradient vanishes at x, so FGSM from zero "
+                        "does not move; use attack.init=random")
+    if a.restarts > 1 and a.kind != "pgd":
+        raise UserError(f"attack.restarts={a.restarts} applies to the PGD training attack, not attack.kind={a.kind}")
 
 
 def _validate_data(cfg: RunConfig) -> None:

@@ -24,9 +24,10 @@ from . import models, rundir, schedules
 from .attacks import pgd, whole_box_warning
 from .awp import AWP, perturbed_parameters
 from .checkpoint import WriteError, load_checkpoint, load_weights, save_checkpoint
+from .catastrophic import CatastrophicOverfitting
 from .collapse import ChanceLevel, collapse_warning, top_class_share
 from .config import RunConfig
-from .data import DATASETS, DataError, TensorData, augment, batches, load_extra, load_split, mixed_batch_sizes, mixed_batches
+from .data import DATASETS, DataError, TensorData, augment, cutout, batches, load_extra, load_split, mixed_batch_sizes, mixed_batches
 from .ema import EMA
 from .errors import UserError
 from .guard import Rollback, StepMonitor, kept_checkpoint, skip_failure, stop_message
@@ -58,6 +59,7 @@ def train_step(
     awp: AWP | None = None,
     generator: torch.Generator | None = None,
     rollback: Rollback | None = None,
+    l1: float = 0.0,
 ) -> StepResult:
     """One AWP step (Wu, Xia, Wang, NeurIPS 2020, Section 4, in the order of its official code): 1. x_adv at w,
     2.-3. w <- w + v, the optimizer step at w + v, 4. w <- w - v.
@@ -65,7 +67,8 @@ def train_step(
     No host synchronization: the result stays on the device, and so does the verdict on finiteness
     (`finite`). A non-finite step is applied like any other (its weights become non-finite; a loop stops
     at its next read of `finite`), unless `rollback` is given: then weights, buffers and optimizer state are
-    put back on the device as they were before the step (`nonfinite=skip`).
+    put back on the device as they were before the step (`nonfinite=skip`). `l1` > 0 adds l1 * sum |w| over the weights
+    with dim > 1 to the training loss (the official script's --l1; the logged loss includes it).
     """
     if rollback is not None:
         rollback.save()
@@ -75,6 +78,8 @@ def train_step(
     try:
         model.train()
         loss, logits_adv = objective.loss_and_logits(model, x, x_adv, y)  # the training loss at w + v
+        if l1 > 0:
+            loss = loss + l1 * sum(p.abs().sum() for _, p in perturbed_parameters(model))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()  # momentum and weight decay act at w + v, as in the official code
@@ -224,6 +229,8 @@ class Run:
     info: Any = None  # the training data's DatasetInfo: data.json and checkpoints (it rebuilds the model)
     ema: EMA | None = None  # ema.decay > 0: the moving average of `model`'s weights, updated after every step
     ema_forward: nn.Module | None = None  # what evaluates `ema.module` (under autocast / channels_last like `forward`)
+    eval_val: TensorData | None = None  # data.val_subset: the held-out training images best.pt is chosen on
+    val_indices: list[int] | None = None  # their indices in the training split as loaded (recorded in data.json)
 
 
 def build(cfg: RunConfig, dist: Dist | None = None, *, progress: bool = False) -> Run:
@@ -235,8 +242,7 @@ def build(cfg: RunConfig, dist: Dist | None = None, *, progress: bool = False) -
     except DataError as e:
         raise UserError(str(e)) from None
     info = train.info  # built-in sets: their registry entry; image folders / npz: classes, channels, size, statistics
-    if cfg.data.train_subset:
-        train = train.subset(cfg.data.train_subset, seed=cfg.seed)
+    train, val, val_indices = hold_out(train, cfg.data.train_subset, cfg.data.val_subset, cfg.seed)
     n_labeled = len(train)
     if cfg.data.extra:  # RST: pseudo-labeled extra data after the labeled data, mixed into every batch
         try:
@@ -264,7 +270,12 @@ def build(cfg: RunConfig, dist: Dist | None = None, *, progress: bool = False) -
             raise UserError(f"init_from: {e}") from None
     objective = create_objective(cfg.method, cfg.attack, beta=cfg.beta)
     o = cfg.optim
-    optimizer = torch.optim.SGD(model.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay,
+    params: Any = model.parameters()
+    if o.l2 > 0:  # the official --l2: decay l2 on the weights with dim > 1, none on BatchNorm and biases
+        decayed = {id(p) for _, p in perturbed_parameters(model)}
+        params = [{"params": [p for p in model.parameters() if id(p) in decayed], "weight_decay": o.l2},
+                  {"params": [p for p in model.parameters() if id(p) not in decayed], "weight_decay": 0.0}]
+    optimizer = torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay,
                                 nesterov=o.nesterov and o.momentum > 0)
     local = accelerate(model, device, amp=cfg.speed.amp, channels_last=cfg.speed.channels_last)
     wrapped = local
@@ -284,7 +295,37 @@ def build(cfg: RunConfig, dist: Dist | None = None, *, progress: bool = False) -
     ema = EMA(model, cfg.ema.decay) if cfg.ema.decay > 0 else None
     ema_forward = accelerate(ema.module, device, amp=cfg.speed.amp, channels_last=cfg.speed.channels_last) if ema else None
     return Run(cfg, device, _place_train_data(train_all, device, cfg.data.on_device), eval_train, eval_test, model, forward, objective,
-               optimizer, awp, dist, eval_forward, n_labeled, info, ema, ema_forward)
+               optimizer, awp, dist, eval_forward, n_labeled, info, ema, ema_forward,
+               val.to(device) if val is not None else None, val_indices)
+
+
+def hold_out(train: TensorData, train_subset: int, val_subset: int, seed: int) -> tuple[TensorData, TensorData | None, list[int] | None]:
+    """(training data, validation split or None, its indices in `train`): `data.train_subset` and `data.val_subset`.
+
+    The training subset is drawn as it always was (`TensorData.subset(train_subset, seed)`); the validation images
+    are `val_subset` of the images it leaves out (all of them when train_subset is 0, the rest then training),
+    drawn by a generator seeded from `seed`. UserError (one line) when too few images are left to hold out.
+    """
+    n = len(train)
+    g = torch.Generator().manual_seed(seed)
+    train_idx = torch.randperm(n, generator=g)[:train_subset].sort().values if train_subset else None
+    if not val_subset:
+        return (train.subset(train_subset, seed=seed) if train_subset else train), None, None
+    rest = torch.ones(n, dtype=torch.bool)
+    if train_idx is not None:
+        rest[train_idx] = False
+    pool = rest.nonzero().squeeze(1)
+    left = len(pool) - (0 if train_subset else 1)  # without a training subset, at least one image must train
+    if val_subset > left:
+        where = f"the {len(pool)} images data.train_subset={train_subset} leaves out" if train_subset else f"the {n}-image training set"
+        raise UserError(f"data.val_subset={val_subset} must be smaller than {where}: lower it")
+    pick = pool[torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed + 7919))[:val_subset]].sort().values
+    if train_idx is None:
+        keep = torch.ones(n, dtype=torch.bool)
+        keep[pick] = False
+        train_idx = keep.nonzero().squeeze(1)
+    return (TensorData(train.x[train_idx], train.y[train_idx], train.info), TensorData(train.x[pick], train.y[pick], train.info),
+            pick.tolist())
 
 
 def keep_on_device(nbytes: int, device: torch.device, on_device: str) -> bool:
@@ -403,10 +444,11 @@ class Position:
 
     epoch: int = 0  # epochs finished
     batch: int = 0  # steps of epoch `epoch` + 1 taken (> 0: a checkpoint inside an epoch, checkpoint_every)
-    best: float = -1.0  # the best monitored test robust accuracy so far (best.pt's epoch)
+    best: float = -1.0  # the best monitored robust accuracy so far, on the validation split or else the test subset (best.pt's epoch)
     skipped: int = 0  # steps undone by nonfinite=skip, over the whole run
     noise_state: torch.Tensor | None = None  # inside an epoch: the state of its noise generator
     epoch_sums: dict | None = None  # inside an epoch: the sums of its steps so far (`new_sums`)
+    catastrophic: dict | None = None  # the catastrophic overfitting check's state (`CatastrophicOverfitting.state_dict`)
 
 
 def new_sums() -> dict[str, Any]:
@@ -420,12 +462,13 @@ def restore(run: Run, state: dict[str, Any]) -> Position:
     run.optimizer.load_state_dict(state["optimizer"])
     if run.ema is not None and state.get("ema") is not None:  # (EMA turned on at resume: it starts from here)
         run.ema.load_state_dict(state["ema"])
+    run.objective.load_state_dict(state.get("objective"))  # FGSM's previous perturbation (attack.init=previous)
     own = _own_position(state, run.dist)
     torch.set_rng_state(own["torch_rng"])
     if run.device.type == "cuda" and own.get("cuda_rng") is not None:
         torch.cuda.set_rng_state(own["cuda_rng"], run.device)
     return Position(state["epoch"], state["batch"], state["best"], state.get("skipped", 0), own.get("noise_state"),
-                    own.get("epoch_sums"))
+                    own.get("epoch_sums"), state.get("catastrophic"))
 
 
 def _own_position(state: dict, dist: Dist) -> dict:
@@ -458,6 +501,7 @@ def write_checkpoint(run: Run, run_dir: Path, name: str, at: Position) -> None:
         "world_size": run.dist.world, "ranks": ranks,
         "awp": run.awp.state_dict() if run.awp is not None else None,
         "ema": run.ema.state_dict() if run.ema is not None else None,
+        "objective": run.objective.state_dict(), "catastrophic": at.catastrophic,
         "data_info": run.info.to_dict() if run.info is not None else None,
     }, run_dir / name)
 
@@ -534,6 +578,9 @@ def monitor_epoch(run: Run, attack: AttackConfig) -> Monitoring:
     """Clean and PGD accuracy on the fixed train and test subsets (raw weights, and EMA), and the collapse check."""
     t0 = time.time()
     accs = evaluate_weights(run.local_forward, run, attack)
+    if run.eval_val is not None:  # data.val_subset: what best.pt is chosen on
+        accs["val_clean_acc"], accs["val_robust_acc"] = robust_accuracy(run.local_forward, run.eval_val, attack,
+                                                                        batch_size=run.cfg.eval.batch_size, seed=run.cfg.seed + 2, dist=run.dist)
     if run.ema is not None:
         accs |= evaluate_weights(run.ema_forward, run, attack, prefix="ema_")
     top_share = top_class_share(run.local_forward, run.eval_test.x, batch_size=run.cfg.eval.batch_size)
@@ -549,6 +596,8 @@ def epoch_record(plan: EpochPlan, epoch: int, sums: dict[str, Any], awp_on: bool
         "train_batch_adv_acc": sums["correct"] / seen,  # on the training batches, at w + v
         **watch.accs,  # train/test clean and robust accuracy and the gap; with EMA the same again as ema_*
         "eval_n": eval_n,  # images in each of the fixed test and train monitoring subsets
+        # the number best.pt is chosen on: the validation split's PGD accuracy (data.val_subset) or the test subset's
+        "best_on": "val" if "val_robust_acc" in watch.accs else "test",
         "test_top_class_share": watch.top_class_share,
         "skipped_batches": sums["skipped"], "epoch_time_s": sums["time"], "eval_time_s": watch.seconds,
         "images_per_s": sums["seen"] / max(sums["time"], 1e-9),
@@ -587,7 +636,11 @@ def _loop(run: Run, run_dir: Path, state: dict | None, *, progress: bool, stop_a
           if cfg.log.tensorboard and dist.main else None)
     reader = StepReader(run, run_dir, plan, tb, skipped=at.skipped)
     rollback = Rollback(run.model, run.optimizer) if cfg.nonfinite == "skip" else None
-    eval_attack = AttackConfig(eps=cfg.attack.eps, alpha=cfg.eval.alpha or cfg.attack.alpha, steps=cfg.eval.steps, norm=cfg.attack.norm)
+    pgd_attack = cfg.attack.evaluation  # the training attack's threat model as PGD (its default step after FGSM)
+    eval_attack = AttackConfig(eps=pgd_attack.eps, alpha=cfg.eval.alpha or pgd_attack.alpha, steps=cfg.eval.steps, norm=pgd_attack.norm)
+    overfit = CatastrophicOverfitting(n=len(run.eval_test))
+    if at.catastrophic is not None:
+        overfit.load_state_dict(at.catastrophic)
     chance = ChanceLevel.of(run.eval_test.y)  # for the collapse check at epoch ends
     best, steps_done, t_run = at.best, 0, time.time()
     late = awp_warmup_warning(cfg, plan.total_steps) if cfg.awp.warmup < cfg.epochs else None  # (fit said the warm-up one)
@@ -612,9 +665,12 @@ def _loop(run: Run, run_dir: Path, state: dict | None, *, progress: bool, stop_a
                 group["lr"] = plan.lr(step)
             x, y = _fetch(run.train, index_batches[b], run.device)
             x = augment(x, generator=noise, **plan.augment)
+            if cfg.data.cutout:
+                x = cutout(x, cfg.data.cutout, generator=noise)
             if awp is not None:
                 awp.step = step  # the global step, also after a resume: start_step compares with it
-            result = train_step(run.forward, run.objective, run.optimizer, x, y, awp=awp, generator=noise, rollback=rollback)
+            result = train_step(run.forward, run.objective, run.optimizer, x, y, awp=awp, generator=noise, rollback=rollback,
+                                l1=cfg.optim.l1)
             reader.add(result, len(y), awp)
             if run.ema is not None:
                 run.ema.update(run.model)  # after train_step's awp.restore() (and rollback): the average never sees w + v
@@ -624,7 +680,8 @@ def _loop(run: Run, run_dir: Path, state: dict | None, *, progress: bool, stop_a
             if save or stop or (b + 1) % cfg.log.interval == 0:  # the only host syncs of the loop
                 reader.read(epoch, sums, step + 1, bar)
             if save:
-                write_checkpoint(run, run_dir, rundir.LAST, Position(epoch, b + 1, best, reader.skipped, noise.get_state(), sums))
+                write_checkpoint(run, run_dir, rundir.LAST, Position(epoch, b + 1, best, reader.skipped, noise.get_state(), sums,
+                                                                     overfit.state_dict()))
                 reader.restart_clock()
             if stop:
                 bar.close()
@@ -640,19 +697,53 @@ def _loop(run: Run, run_dir: Path, state: dict | None, *, progress: bool, stop_a
         warning = collapse_warning(history, chance=chance)  # AWP killed the model?
         if warning:
             record["warning"] = warning
-        is_best = record["test_robust_acc"] > best
+        chosen_on = record.get("val_robust_acc", record["test_robust_acc"])
+        is_best = chosen_on > best
         if is_best:
-            best = record["test_robust_acc"]
-        save_epoch(run, run_dir, record, Position(epoch + 1, 0, best, reader.skipped), is_best=is_best, tb=tb)
+            best = chosen_on
+        overfitting = overfit.check(epoch + 1, record["test_robust_acc"], record["train_batch_adv_acc"])
+        if overfitting:
+            rolled = cfg.guard.catastrophic == "rollback" and not is_best and (run_dir / rundir.BEST).exists()
+            then = {"warn": "training goes on", "stop": "the run stops here (resume continues it)",
+                    "rollback": "weights and optimizer rolled back to best.pt's epoch" if rolled else "no better epoch to roll back to"}
+            record["catastrophic"] = f"{overfitting}; guard.catastrophic={cfg.guard.catastrophic}: {then[cfg.guard.catastrophic]}"
+            if rolled:  # before last.pt is written, so that a resume continues from the rolled-back weights
+                roll_back(run, run_dir / rundir.BEST)
+        save_epoch(run, run_dir, record, Position(epoch + 1, 0, best, reader.skipped, catastrophic=overfit.state_dict()),
+                   is_best=is_best, tb=tb)
         if progress:
             print(epoch_line(cfg, record, has_awp=run.awp is not None, has_ema=run.ema is not None, is_best=is_best), file=sys.stderr)
         if warning and dist.main and not (len(history) > 1 and history[-2].get("warning")):  # once per collapse
             print(f"flatrobust: warning: {warning}", file=sys.stderr)
+        if overfitting:
+            if dist.main:
+                print(f"flatrobust: warning: {record['catastrophic']}", file=sys.stderr)
+            if cfg.guard.catastrophic == "stop":
+                break
     if tb is not None:
         tb.close()
     if progress:
         print_summary(run_dir, history, time.time() - t_run)
     return run_dir
+
+
+def val_record(run: Run) -> dict[str, Any]:
+    """data.json's record of the validation split (data.val_subset): its size, seed and indices in the training split."""
+    if run.val_indices is None:
+        return {}
+    return {"val_split": {"n": len(run.val_indices), "seed": run.cfg.seed, "train_subset": run.cfg.data.train_subset,
+                          "indices": run.val_indices}}
+
+
+def roll_back(run: Run, best: Path) -> None:
+    """guard.catastrophic=rollback: weights, optimizer and EMA back to `best` (best.pt: the last good epoch); the run goes on
+    from there with the next epoch's data order and noise. last.pt keeps the epoch as trained (its record says so)."""
+    state = load_checkpoint(best, map_location=run.device)
+    run.model.load_state_dict(state["model"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    if run.ema is not None and state.get("ema") is not None:
+        run.ema.load_state_dict(state["ema"])
+    run.objective.load_state_dict(state.get("objective"))
 
 
 def _check_state_fits(run: Run, state: dict[str, Any], path: Path) -> None:
@@ -724,7 +815,7 @@ def fit(cfg: RunConfig, *, resume_dir: str | Path | None = None, overwrite: bool
     if dist.main:  # one process writes files under torchrun
         env = environment(cfg, run.device) | {"world_size": dist.world}
         # What the model was built for (data.json): classes (names), channels, size, normalization.
-        rundir.write_start_files(run_dir, config=cfg.to_dict(), env=env, data={"root": cfg.data.root, **run.info.to_dict()},
+        rundir.write_start_files(run_dir, config=cfg.to_dict(), env=env, data={"root": cfg.data.root, **run.info.to_dict(), **val_record(run)},
                                  fresh=state is None)
         if progress:  # on stdout with the summary; stderr carries the epoch lines and the progress
             print(f"data: {cfg.data.name} {cfg.data.root if cfg.data.name != 'digits' else ''}".rstrip()
@@ -744,8 +835,10 @@ def print_summary(run_dir: Path, history: list[dict], seconds: float) -> None:
     if not history:
         return
     rows = [("", "epoch", "test clean", "test robust", "train robust", "gap")]
+    on = "val" if history[-1].get("best_on") == "val" else "test"  # as the loop chose best.pt
     for weights, p in [("", "")] + ([("EMA ", "ema_")] if "ema_test_robust_acc" in history[-1] else []):
-        best = max((r for r in history if f"{p}test_robust_acc" in r), key=lambda r: r[f"{p}test_robust_acc"])
+        key = f"{p}{on}_robust_acc" if f"{p}{on}_robust_acc" in history[-1] else f"{p}test_robust_acc"
+        best = max((r for r in history if key in r), key=lambda r: r[key])
         for label, r in ((f"best {weights}", best), (f"last {weights}", history[-1])):
             rows.append((label.strip(), str(r["epoch"]), f"{r[p + 'test_clean_acc']:.2%}", f"{r[p + 'test_robust_acc']:.2%}",
                          f"{r[p + 'train_robust_acc']:.2%}", f"{r[p + 'gap']:+.2%}"))
@@ -754,4 +847,4 @@ def print_summary(run_dir: Path, history: list[dict], seconds: float) -> None:
     for r in rows:
         print("  ".join(c.rjust(w) for c, w in zip(r, widths)))
     ema = " (each holds the raw and the EMA weights: --weights ema|raw)" if "ema_test_robust_acc" in history[-1] else ""
-    print(f"checkpoints: {run_dir / 'best.pt'} (best test robust accuracy of the raw weights), {run_dir / 'last.pt'}{ema}")
+    print(f"checkpoints: {run_dir / 'best.pt'} (best {'validation' if on == 'val' else 'test'} robust accuracy of the raw weights), {run_dir / 'last.pt'}{ema}")
