@@ -132,7 +132,9 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, overr
 def test_combinations_that_make_no_sense_are_refused():
     for overrides, why in [(["attack.kind=none", "method=trades"], "standard training"),
                            (["attack.kind=fgsm", "attack.init=zero", "method=trades"], "gradient vanishes"),
-                           (["attack.kind=fgsm", "attack.restarts=2"], "applies to the PGD")]:
+                           (["attack.kind=fgsm", "attack.restarts=2"], "applies to the PGD"),
+                           (["data.mixup_alpha=1", "method=trades"], "no soft-label form"),
+                           (["data.mixup_alpha=1", "method=mart"], "no soft-label form")]:
         with pytest.raises(UserError, match=why):
             load_config(None, overrides)
 
@@ -170,3 +172,19 @@ def test_catastrophic_guard_is_recorded_and_acts(tmp_path, monkeypatch, mode):
         assert rows[1]["test_robust_acc"] <= rows[0]["test_robust_acc"] and "rolled back to best.pt's epoch" in rows[1]["catastrophic"]
         best = torch.load(run / "best.pt", weights_only=True)
         assert best["epoch"] == 1 and rows[2]["epoch"] == 3
+
+
+def test_mixup_trains_at_with_awp_on_soft_labels_equal_to_the_mixed_loss(tmp_path):
+    from flatrobust.mixup import mixup
+
+    torch.manual_seed(0)
+    x, y, logits = torch.rand(6, 1, 4, 4), torch.tensor([0, 1, 2, 3, 4, 5]), torch.randn(6, 10)
+    mixed = mixup(x, y, 1.0)
+    assert 0 < mixed.lam < 1
+    assert torch.allclose(nn.functional.cross_entropy(logits, mixed.soft_targets(10)), mixed.loss(logits))
+    cfg = load_config("recipes/digits_at_awp.yaml", [*TINY, "epochs=1", "awp.warmup=0", "attack.steps=1", "data.mixup_alpha=1",
+                                                     f"out_dir={tmp_path}", "name=mix"])
+    mix = _metrics(fit(cfg, progress=False))[0]
+    plain = _metrics(fit(load_config("recipes/digits_at_awp.yaml", [*TINY, "epochs=1", "awp.warmup=0", "attack.steps=1",
+                                                                    f"out_dir={tmp_path}", "name=plain"]), progress=False))[0]
+    assert mix["awp_active"] and mix["train_loss"] != plain["train_loss"] and 0 <= mix["train_batch_adv_acc"] <= 1

@@ -41,6 +41,9 @@ class DataConfig:
     # > 0: hold this many training images out as a validation split (fixed by the seed, indices in RUN_DIR/val.json);
     # best.pt is chosen on their PGD accuracy. With train_subset, they come from the images the subset leaves out
     val_subset: int = 0
+    # > 0: mixup (Zhang et al. 2018) as the official --mixup --mixup-alpha: lam ~ Beta(a, a) per batch, inputs mixed before
+    # the attack, the attack and the loss on the mixed labels; AT only (soft labels); with AWP its ascent takes the mixed loss
+    mixup_alpha: float = 0.0
     cutout: int = 0  # > 0: Cutout (DeVries and Taylor 2017) of this side after crop and flip (official --cutout-len); 0 = off
     extra: str = ""  # RST: .npz of extra images with pseudo-labels (x, y), e.g. from `flatrobust pseudolabel`
     extra_fraction: float = 0.5  # RST: share of every batch drawn from `extra` (Carmon et al.: half)
@@ -161,7 +164,7 @@ LOWER = {
     "awp.gamma": (0, True), "awp.warmup": (0, True), "awp.steps": (1, True), "awp.eps_rel": (0, True),
     "awp.start_step": (0, True), "ema.decay": (0, True),
     "optim.lr": (0, False), "optim.momentum": (0, True), "optim.weight_decay": (0, True),
-    "log.interval": (1, True), "attack.restarts": (1, True), "data.val_subset": (0, True), "data.cutout": (0, True),
+    "log.interval": (1, True), "attack.restarts": (1, True), "data.val_subset": (0, True), "data.cutout": (0, True), "data.mixup_alpha": (0, True),
     "optim.l1": (0, True), "optim.l2": (0, True), "optim.lr_one_drop": (0, True), "optim.lr_drop_epoch": (0, True),
 }
 
@@ -377,6 +380,9 @@ def _validate_attack(cfg: RunConfig) -> None:
     if a.kind == "fgsm" and a.init == "zero" and cfg.method == "trades":
         raise UserError("attack.init=zero with method=trades: the KL attack's gradient vanishes at x, so FGSM from zero "
                         "does not move; use attack.init=random")
+    if cfg.data.mixup_alpha > 0 and cfg.method != "at":
+        raise UserError(f"data.mixup_alpha={cfg.data.mixup_alpha:g} with method={cfg.method}: mixup mixes labels, and "
+                        f"{cfg.method.upper()}'s loss compares the model's own distributions (no soft-label form); use method=at")
     if a.restarts > 1 and a.kind != "pgd":
         raise UserError(f"attack.restarts={a.restarts} applies to the PGD training attack, not attack.kind={a.kind}")
 

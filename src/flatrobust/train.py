@@ -29,6 +29,7 @@ from .collapse import ChanceLevel, collapse_warning, top_class_share
 from .config import RunConfig
 from .data import DATASETS, DataError, TensorData, augment, cutout, batches, load_extra, load_split, mixed_batch_sizes, mixed_batches
 from .ema import EMA
+from .mixup import Mixed, mixup
 from .errors import UserError
 from .guard import Rollback, StepMonitor, kept_checkpoint, skip_failure, stop_message
 from .machine import describe, resolve_device
@@ -96,7 +97,8 @@ def train_step(
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
             finite = flag.bool()
         rollback.apply(finite)
-    return StepResult(loss, (logits_adv.detach().argmax(1) == y).sum(), finite)
+    labels = y.argmax(1) if y.dim() == 2 else y  # mixup's soft labels: their larger share
+    return StepResult(loss, (logits_adv.detach().argmax(1) == labels).sum(), finite)
 
 
 def lr_at(step: int, total_steps: int, cfg: RunConfig) -> float:
@@ -423,6 +425,10 @@ class EpochPlan:
         return list(flat.split([len(i) for i in own]))
 
 
+def _mix(mixed: Mixed, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return mixed.x, mixed.soft_targets(num_classes)
+
+
 def _fetch(data: TensorData, idx: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Batch `idx` of `data` on `device`: an index into data on the device, or (data kept in host memory,
     `data.on_device`) a gather into pinned memory and a non-blocking copy."""
@@ -667,6 +673,8 @@ def _loop(run: Run, run_dir: Path, state: dict | None, *, progress: bool, stop_a
             x = augment(x, generator=noise, **plan.augment)
             if cfg.data.cutout:
                 x = cutout(x, cfg.data.cutout, generator=noise)
+            if cfg.data.mixup_alpha > 0:  # soft labels: the attack and the AT loss take them as they are (CE is linear in them)
+                x, y = _mix(mixup(x, y, cfg.data.mixup_alpha), run.info.num_classes)
             if awp is not None:
                 awp.step = step  # the global step, also after a resume: start_step compares with it
             result = train_step(run.forward, run.objective, run.optimizer, x, y, awp=awp, generator=noise, rollback=rollback,
