@@ -188,3 +188,20 @@ def test_mixup_trains_at_with_awp_on_soft_labels_equal_to_the_mixed_loss(tmp_pat
     plain = _metrics(fit(load_config("recipes/digits_at_awp.yaml", [*TINY, "epochs=1", "awp.warmup=0", "attack.steps=1",
                                                                     f"out_dir={tmp_path}", "name=plain"]), progress=False))[0]
     assert mix["awp_active"] and mix["train_loss"] != plain["train_loss"] and 0 <= mix["train_batch_adv_acc"] <= 1
+
+
+def test_fgsm_from_the_previous_perturbation_resumes_exactly(tmp_path):
+    """FGSM's carried perturbation (attack.init=previous) and the catastrophic check's state are in every checkpoint:
+    a run stopped inside an epoch and resumed ends as an uninterrupted one, metrics included."""
+    over = [*TINY, "epochs=2", "data.train_subset=256", "checkpoint_every=1", "attack.kind=fgsm", "attack.init=previous",
+            "attack.alpha=null", "awp.gamma=0.01", f"out_dir={tmp_path}"]
+    full = fit(load_config("recipes/digits_at.yaml", [*over, "name=full"]), progress=False)
+    cfg = load_config("recipes/digits_at.yaml", [*over, "name=cut"])
+    cut = fit(cfg, progress=False, stop_after_steps=6)  # inside epoch 2 (4 steps per epoch)
+    assert torch.load(cut / "last.pt", weights_only=True)["objective"]["previous"] is not None
+    fit(cfg, resume_dir=cut, progress=False)
+    a, b = torch.load(full / "last.pt", weights_only=True), torch.load(cut / "last.pt", weights_only=True)
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert torch.equal(a["objective"]["previous"], b["objective"]["previous"]) and a["catastrophic"] == b["catastrophic"]
+    strip = lambda rows: [{k: v for k, v in r.items() if not k.endswith(("_time_s", "_per_s"))} for r in rows]  # noqa: E731
+    assert strip(_metrics(full)) == strip(_metrics(cut))

@@ -2,7 +2,8 @@
 
 One description for every place that runs PGD: the training attack of the objectives, the recipe's `attack`
 section (`flatrobust.config`), the monitoring attack of the training loop, and the attack that estimates the
-robust loss in `landscape` and `flatness`. The step size has one default everywhere, `default_alpha(norm, eps)`:
+robust loss in `landscape` and `flatness`. As the training attack it also says which kind (`kind`: PGD, FGSM from
+`init`, or none) and PGD's `restarts` (docs/OFFICIAL_FLAGS.md); `evaluation` is the PGD attack monitoring uses then. The step size has one default everywhere, `default_alpha(norm, eps)`:
 the step of AWP's official code scaled with eps (2/255 at L-inf 8/255, 15/255 at L2 128/255).
 """
 from __future__ import annotations
