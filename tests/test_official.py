@@ -205,3 +205,16 @@ def test_fgsm_from_the_previous_perturbation_resumes_exactly(tmp_path):
     assert torch.equal(a["objective"]["previous"], b["objective"]["previous"]) and a["catastrophic"] == b["catastrophic"]
     strip = lambda rows: [{k: v for k, v in r.items() if not k.endswith(("_time_s", "_per_s"))} for r in rows]  # noqa: E731
     assert strip(_metrics(full)) == strip(_metrics(cut))
+
+
+@pytest.mark.slow
+def test_catastrophic_overfitting_really_happens_with_fgsm_from_zero_and_a_large_step(tmp_path):
+    """The known trigger (Wong et al. 2020): FGSM from x with step 2 eps, digits, SmallCNN, eps 0.3, a constant rate. At
+    epoch 3 the test PGD-10 accuracy falls from 10.0% to 3.5% while the FGSM accuracy on the training batches rises
+    (13.9% -> 17.5%); guard.catastrophic=stop ends the run there."""
+    cfg = load_config("recipes/digits_at.yaml", ["attack.kind=fgsm", "attack.init=zero", "attack.alpha=0.6", "attack.eps=0.3",
+                                                 "eval.steps=10", "epochs=6", "data.eval_subset=200", "optim.schedule=constant",
+                                                 "guard.catastrophic=stop", f"out_dir={tmp_path}"])
+    rows = _metrics(fit(cfg, progress=False))
+    assert len(rows) == 3 and rows[-1]["catastrophic"].startswith("catastrophic overfitting at epoch 3")
+    assert rows[-1]["test_robust_acc"] < rows[1]["test_robust_acc"] / 2 and rows[-1]["train_batch_adv_acc"] > rows[1]["train_batch_adv_acc"]
