@@ -9,6 +9,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -137,10 +138,39 @@ def test_a_new_run_that_fails_at_the_lock_leaves_no_folder(tmp_path, capsys):
     assert not (tmp_path / "r").exists()  # the lock made the folder and removed it again
 
 
+def _resume_line(run, sig) -> str:
+    return f"flatrobust: interrupted by {sig.name}: the run can be resumed (from its last checkpoint, exactly) with: flatrobust train --resume {run}"
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_sigterm_and_sigint_say_how_to_resume(tmp_path, sig):
+def test_sigterm_and_sigint_say_how_to_resume(tmp_path, capsys, sig):
+    """The signal is really delivered, to this process, while `flatrobust train` runs in it (once its first epoch is
+    recorded); the subprocess variant below does the same from outside."""
+    run, done = tmp_path / "r", threading.Event()
+
+    def interrupt_after_the_first_epoch():
+        while not done.is_set() and not ((run / "metrics.jsonl").exists() and (run / "last.pt").exists()):
+            time.sleep(0.01)
+        if not done.is_set():  # never signal this process once the training has ended (a failed test)
+            os.kill(os.getpid(), sig)
+
+    watcher = threading.Thread(target=interrupt_after_the_first_epoch, daemon=True)
+    watcher.start()
+    try:
+        assert _train(tmp_path, "epochs=1000") == 128 + sig  # far longer than the wait: the signal lands while it trains
+    finally:
+        done.set()
+    watcher.join()
+    assert capsys.readouterr().err.splitlines()[-1] == _resume_line(run, sig)
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handlers are put back
+    assert not (run / ".lock").exists() and not [p for p in run.iterdir() if p.name.endswith(".tmp")]
+    fit(resume_config(run), resume_dir=run, progress=False, stop_after_steps=1)  # the command it names continues the run
+
+
+@pytest.mark.slow
+def test_sigterm_from_outside_says_how_to_resume(tmp_path):
     run = tmp_path / "r"
-    cmd = [sys.executable, "-m", "flatrobust", "train", "recipes/digits_at.yaml", *TINY, "epochs=200", f"out_dir={tmp_path}",
+    cmd = [sys.executable, "-m", "flatrobust", "train", "recipes/digits_at.yaml", *TINY, "epochs=1000", f"out_dir={tmp_path}",
            "name=r", "--quiet"]
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     deadline = time.time() + 600  # generous: on a loaded 2-core machine starting Python and torch alone takes long
@@ -149,14 +179,12 @@ def test_sigterm_and_sigint_say_how_to_resume(tmp_path, sig):
             break
         time.sleep(0.01)
     assert proc.poll() is None, "the run ended before it could be interrupted"
-    os.kill(proc.pid, sig)
+    os.kill(proc.pid, signal.SIGTERM)
     _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 128 + sig, err
-    assert err.strip().splitlines()[-1] == (f"flatrobust: interrupted by {sig.name}: the run can be resumed (from its last "
-                                            f"checkpoint, exactly) with: flatrobust train --resume {run}"), err
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert err.strip().splitlines()[-1] == _resume_line(run, signal.SIGTERM), err
     assert not (run / ".lock").exists() and not [p for p in run.iterdir() if p.name.endswith(".tmp")]
-    cfg = resume_config(run)
-    fit(cfg, resume_dir=run, progress=False, stop_after_steps=1)  # the command it names continues the run
+    fit(resume_config(run), resume_dir=run, progress=False, stop_after_steps=1)
 
 
 def test_temporary_files_of_a_killed_write_are_removed_on_the_next_start(tmp_path, capsys):
