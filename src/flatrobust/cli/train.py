@@ -39,19 +39,22 @@ def run(args: argparse.Namespace) -> int:
         else:
             cfg = load_config(args.recipe, overrides)
     run_dir = Path(args.resume) if args.resume else Path(cfg.out_dir) / cfg.name
+    signals = _interruptible()
     try:
-        with _interruptible() as caught:
+        with signals:
             fit(cfg, resume_dir=args.resume, overwrite=args.overwrite, progress=not args.quiet)
     except NonFiniteError as e:  # not bad input: the run itself diverged (exit 3, checkpoints kept)
         print(f"flatrobust: error: {one_line(str(e))}", file=sys.stderr)
         return 3
     except KeyboardInterrupt:
-        name = caught[0] if caught else "SIGINT"
-        if (run_dir / "config.yaml").is_file():
-            print(f"flatrobust: interrupted by {name}: the run can be resumed (from its last checkpoint, exactly) with: "
-                  f"flatrobust train --resume {shlex.quote(str(run_dir))}", file=sys.stderr)
-        else:
+        name = signals.caught[0] if signals.caught else "SIGINT"
+        if not (run_dir / "config.yaml").is_file():
             print(f"flatrobust: interrupted by {name} before the run started: nothing was written", file=sys.stderr)
+        else:
+            where = ("from its last checkpoint, exactly" if (run_dir / "last.pt").is_file()
+                     else "no checkpoint was written yet: from epoch 0")
+            print(f"flatrobust: interrupted by {name}: the run can be resumed ({where}) with: "
+                  f"flatrobust train --resume {shlex.quote(str(run_dir))}", file=sys.stderr)
         return 128 + getattr(signal, name)
     return 0
 
@@ -61,10 +64,11 @@ class _interruptible:
     KeyboardInterrupt, which lets every write in flight finish or be undone (`atomic.write_atomic`) and the run's
     lock go; the signal's name is kept for the message. Handlers are installed in the main thread only."""
 
-    def __enter__(self) -> list[str]:
-        self.caught: list[str] = []
-        self.old = {}
+    def __init__(self) -> None:
+        self.caught: list[str] = []  # the names of the signals received
+        self.old: dict = {}
 
+    def __enter__(self) -> _interruptible:
         def handler(signum, frame):
             self.caught.append(signal.Signals(signum).name)
             raise KeyboardInterrupt
@@ -72,7 +76,7 @@ class _interruptible:
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self.old[sig] = signal.signal(sig, handler)
-        return self.caught
+        return self
 
     def __exit__(self, *exc) -> None:
         for sig, old in self.old.items():
