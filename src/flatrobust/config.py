@@ -501,3 +501,45 @@ def resume_config(run_dir: str | Path, overrides: list[str] | None = None) -> Ru
 
 def config_from_dict(tree: dict[str, Any]) -> RunConfig:
     return validate(_build(RunConfig, tree))
+
+
+# What a resume may change (`--resume RUN key=value`, or an edited config.yaml), and why that leaves the run the one
+# that was started. Any other key differing from the config last.pt was trained with is refused (`check_resume_config`):
+# config.yaml and the checkpoints would claim the new value for epochs trained with the old one.
+RESUME_SAFE = {
+    "epochs": "train longer (never shorter): the lr schedule is recomputed for the new length",
+    "device": "where it runs (on another device type the numbers go on equally valid, not bit-identical)",
+    "name": "where the run was first written: --resume names its folder",
+    "out_dir": "where the run was first written: --resume names its folder",
+    "data.on_device": "where the training data is kept, not its values",
+    "data.download": "whether a missing built-in dataset may be downloaded (md5-checked)",
+    "log.tensorboard": "a view of metrics.jsonl, written beside it",
+}
+
+
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out |= _flat(value, f"{prefix}{key}.")
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def check_resume_config(saved: dict[str, Any] | None, cfg: RunConfig, checkpoint: str | Path) -> None:
+    """UserError (one line naming the key and both values) if `cfg` changes a key of `saved` (the config `checkpoint`
+    was trained with) that `RESUME_SAFE` does not list. A config saved by an older version gets today's defaults for
+    the keys it lacks (what it was trained with); a key it has that no longer exists is not compared."""
+    if not isinstance(saved, dict):
+        return
+    try:
+        saved = config_from_dict(saved).to_dict()
+    except UserError:
+        pass  # a config this version no longer accepts: compare the keys it has
+    new = _flat(cfg.to_dict())
+    for key, old in _flat(saved).items():
+        if key in new and new[key] != old and key not in RESUME_SAFE:
+            raise UserError(f"--resume would change {key} from {old!r} to {new[key]!r}, but {str(checkpoint)!r} was trained with "
+                            f"{key}={old!r}: a resume continues the run that was started (only {', '.join(RESUME_SAFE)} may "
+                            f"change); resume without that change, or start a new run (init_from= to start from its weights)")

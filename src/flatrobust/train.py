@@ -7,6 +7,8 @@ PGD-20 accuracy on fixed train and test subsets (the robust generalization gap),
 """
 from __future__ import annotations
 
+import contextlib
+import json
 import math
 import os
 import subprocess
@@ -20,13 +22,13 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from . import models, rundir, schedules
+from . import models, rundir, runlock, schedules
 from .attacks import pgd, whole_box_warning
 from .awp import AWP, perturbed_parameters
 from .checkpoint import WriteError, load_checkpoint, load_weights, save_checkpoint
 from .catastrophic import CatastrophicOverfitting
 from .collapse import ChanceLevel, collapse_warning, top_class_share
-from .config import RunConfig
+from .config import RunConfig, check_resume_config
 from .data import DATASETS, DataError, TensorData, augment, cutout, batches, load_extra, load_split, mixed_batch_sizes, mixed_batches
 from .ema import EMA
 from .mixup import Mixed, mixup
@@ -637,7 +639,7 @@ def epoch_line(cfg: RunConfig, record: dict[str, Any], *, has_awp: bool, has_ema
 def _loop(run: Run, run_dir: Path, state: dict | None, *, progress: bool, stop_after_steps: int | None) -> Path:
     cfg, dist, plan = run.cfg, run.dist, EpochPlan.of(run)
     at = restore(run, state) if state is not None else Position()
-    history = rundir.truncate_metrics(run_dir, at.epoch) if dist.main else []
+    history = _kept_metrics(run_dir, at.epoch) if dist.main else []
     tb = (TensorBoardLog(run_dir / "tensorboard", resumed_at=plan.step(at.epoch, at.batch) if state else None)
           if cfg.log.tensorboard and dist.main else None)
     reader = StepReader(run, run_dir, plan, tb, skipped=at.skipped)
@@ -792,39 +794,60 @@ def awp_warmup_warning(cfg: RunConfig, total_steps: int | None = None) -> str | 
 
 def fit(cfg: RunConfig, *, resume_dir: str | Path | None = None, overwrite: bool = False, progress: bool = True,
         stop_after_steps: int | None = None) -> Path:
-    """Train `cfg`; returns the run directory. `resume_dir` continues a stopped run from its last.pt."""
+    """Train `cfg`; returns the run directory. `resume_dir` continues a stopped run from its last.pt.
+
+    The main process holds the run directory's lock (`runlock`) from before it reads or writes anything there to
+    the end: a second writer of the same run is refused in one line."""
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     dist = init_distributed(cfg)
     run = build(cfg, dist, progress=progress and dist.main)  # everything that can fail on bad input fails here, before any file is written
+    run_dir = Path(resume_dir) if resume_dir is not None else Path(cfg.out_dir) / cfg.name
+    made = not run_dir.exists()
+    try:
+        with runlock.hold(run_dir) if dist.main else contextlib.nullcontext():
+            return _start(run, run_dir, resume=resume_dir is not None, made=made, overwrite=overwrite, progress=progress,
+                          stop_after_steps=stop_after_steps)
+    finally:
+        if dist.world > 1 and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def _start(run: Run, run_dir: Path, *, resume: bool, made: bool, overwrite: bool, progress: bool,
+           stop_after_steps: int | None) -> Path:
+    """`fit` with the run directory locked: check what a resume would continue (nothing in the run directory changes
+    until the checkpoint is known to fit the config), write the start files, train."""
+    cfg, dist = run.cfg, run.dist
     state: dict[str, Any] | None = None
-    if resume_dir is not None:
-        run_dir = Path(resume_dir)
+    if resume:
         if (run_dir / rundir.LAST).exists():
             state = load_checkpoint(run_dir / rundir.LAST, map_location=run.device)
+            check_resume_config(state.get("config"), cfg, run_dir / rundir.LAST)
             _check_state_fits(run, state, run_dir / rundir.LAST)  # one line, before any file of the run is written
             if _finished(run_dir, state, cfg):
                 if dist.main:
                     print(f"flatrobust: {run_dir} has finished its {cfg.epochs} epochs: nothing to do. To train it longer, "
                           f"resume with more epochs, e.g. flatrobust train --resume {run_dir} epochs={2 * cfg.epochs} "
                           "(the lr schedule is recomputed for the new length)", file=sys.stderr)
-                if dist.world > 1 and torch.distributed.is_initialized():
-                    torch.distributed.destroy_process_group()
                 return run_dir
+        elif dist.main:
+            _refuse_lost_checkpoint(run_dir)
     elif dist.main:
-        run_dir = rundir.prepare(Path(cfg.out_dir) / cfg.name, overwrite=overwrite)
-    else:
-        run_dir = Path(cfg.out_dir) / cfg.name
+        rundir.prepare(run_dir, overwrite=overwrite)
     numel = run.info.in_channels * run.info.image_size ** 2
     for warning in (awp_warmup_warning(cfg), whole_box_warning(cfg.attack.norm, cfg.attack.eps, numel)):
         if warning and dist.main:
             print(f"flatrobust: warning: {'attack.' if warning.startswith('eps=') else ''}{warning}", file=sys.stderr)
     if dist.main:  # one process writes files under torchrun
+        removed = rundir.remove_temporary(run_dir)  # left by a process killed during a write
+        if removed:
+            print(f"flatrobust: removed {len(removed)} temporary file(s) an interrupted write left in {str(run_dir)!r}: "
+                  f"{', '.join(map(repr, removed))}", file=sys.stderr)
         env = environment(cfg, run.device) | {"world_size": dist.world}
         # What the model was built for (data.json): classes (names), channels, size, normalization.
         rundir.write_start_files(run_dir, config=cfg.to_dict(), env=env, data={"root": cfg.data.root, **run.info.to_dict(), **val_record(run)},
-                                 fresh=state is None)
+                                 fresh=state is None and not resume, made=made)
         if progress:  # on stdout with the summary; stderr carries the epoch lines and the progress
             print(f"data: {cfg.data.name} {cfg.data.root if cfg.data.name != 'digits' else ''}".rstrip()
                   + f": {run.info.describe()}", flush=True)
@@ -834,9 +857,47 @@ def fit(cfg: RunConfig, *, resume_dir: str | Path | None = None, overwrite: bool
     except WriteError as e:  # disk full: every checkpoint written so far is intact
         how = f"continue the run with flatrobust train --resume {run_dir}" if (run_dir / "last.pt").exists() else "start it again"
         raise WriteError(f"{e}: make room, then {how}") from None
-    finally:
-        if dist.world > 1 and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+
+
+def _refuse_lost_checkpoint(run_dir: Path) -> None:
+    """UserError (one line) when a run to resume has no last.pt but records of trained epochs beyond the first:
+    resuming would start again from epoch 0 and drop them. A record of epoch 1 alone is what a run stopped between
+    writing that record and its first last.pt leaves (the write order is metrics, best.pt, last.pt): it starts again,
+    with a warning. With no record at all it stopped before its first checkpoint and starts again."""
+    metrics = run_dir / rundir.METRICS
+    epochs = {r["epoch"] for r in _valid_records(metrics)}
+    if epochs - {1}:
+        raise UserError(f"{str(run_dir)!r} holds no last.pt to continue from, but its {rundir.METRICS} records {len(epochs)} "
+                        f"trained epochs: resuming would start again from epoch 0 and lose them; put last.pt back, or start "
+                        f"the run again with flatrobust train {run_dir / rundir.CONFIG} --overwrite (its records are then deleted)")
+    if epochs:
+        print(f"flatrobust: warning: {str(run_dir)!r} holds no last.pt: it stopped while writing epoch 1's checkpoints (or "
+              "last.pt was deleted); training starts again from epoch 0 and replaces epoch 1's record", file=sys.stderr)
+
+
+def _valid_records(path: Path) -> list[dict[str, Any]]:
+    """The lines of a metrics file that are records of an epoch (damaged lines left out)."""
+    rows = []
+    for line in path.read_text(errors="replace").splitlines() if path.is_file() else []:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("epoch"), int):
+            rows.append(row)
+    return rows
+
+
+def _kept_metrics(run_dir: Path, epochs: int) -> list[dict[str, Any]]:
+    """The records of metrics.jsonl the checkpoint covers (`rundir.truncate_metrics`), saying in one line what was
+    dropped as damaged and which covered epochs then have no record."""
+    kept = rundir.truncate_metrics(run_dir, epochs)
+    missing = sorted(set(range(1, epochs + 1)) - {r["epoch"] for r in kept.records})
+    if kept.dropped or missing:
+        lost = f"; epoch(s) {', '.join(map(str, missing))} of the checkpoint now have no record" if missing else ""
+        print(f"flatrobust: warning: {str(run_dir / rundir.METRICS)!r} was damaged: dropped {', '.join(kept.dropped) or 'nothing'}; "
+              f"kept the {len(kept.records)} valid record(s){lost}", file=sys.stderr)
+    return kept.records
 
 
 def print_summary(run_dir: Path, history: list[dict], seconds: float) -> None:
