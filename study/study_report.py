@@ -192,7 +192,8 @@ def _plt():
     return plt
 
 
-COLORS = {"at": "tab:blue", "at_awp": "tab:red", "trades": "tab:green", "trades_awp": "tab:purple", "rst": "tab:orange", "std": "tab:gray"}
+COLORS = {"at": "tab:blue", "at_awp": "tab:red", "trades": "tab:green", "trades_awp": "tab:purple", "rst": "tab:orange", "std": "tab:gray",
+          "fgsm": "tab:cyan", "fgsm_awp": "tab:pink"}
 
 
 def _smooth(y: list[float], k: int = 9) -> list[float]:
@@ -442,8 +443,8 @@ def replace_block(text: str, lines: list[str]) -> str:
 
 
 METHODS = {"at": "AT", "at_awp": "AT-AWP", "trades": "TRADES", "trades_awp": "TRADES-AWP", "rst": "RST (AT + pseudo-labeled extra data)",
-           "std": "standard training"}
-PAIRS = ("at", "trades")  # the methods compared without and with AWP (METHODS[m] vs METHODS[m + "_awp"])
+           "std": "standard training", "fgsm": "FGSM-RS AT", "fgsm_awp": "FGSM-RS AT-AWP"}
+PAIRS = ("at", "trades", "fgsm")  # the methods compared without and with AWP (METHODS[m] vs METHODS[m + "_awp"])
 AUGMENT = {"crop_flip": "crop + flip", "none": "no augmentation", "default": "crop + flip"}
 
 
