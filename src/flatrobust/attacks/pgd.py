@@ -41,6 +41,14 @@ def _per_example_loss(logits: torch.Tensor, y: torch.Tensor, loss: str, p_nat: t
     return nn.functional.kl_div(nn.functional.log_softmax(logits, 1), p_nat, reduction="none").sum(1)
 
 
+def _natural_probs(model: nn.Module, x: torch.Tensor, loss: str) -> torch.Tensor | None:
+    """TRADES' KL loss compares with the model's own prediction at x: computed once, before the attack; None otherwise."""
+    if loss != "kl":
+        return None
+    with torch.no_grad():
+        return torch.softmax(model(x), dim=1)
+
+
 def pgd(
     model: nn.Module,
     x: torch.Tensor,
@@ -90,10 +98,7 @@ def pgd(
         return x.clone()
     training = model.training if mode is None else mode == "train"
     with train_mode(model, training):
-        p_nat = None
-        if loss == "kl":
-            with torch.no_grad():
-                p_nat = torch.softmax(model(x), dim=1)
+        p_nat = _natural_probs(model, x, loss)
         best, best_loss = None, None
         for _ in range(restarts):
             x_adv = _pgd_once(model, x, y, ball, alpha, steps, loss, random_start, p_nat, generator)
@@ -159,10 +164,7 @@ def fgsm_train(
     x = x.detach()
     training = model.training if mode is None else mode == "train"
     with train_mode(model, training):
-        p_nat = None
-        if loss == "kl":
-            with torch.no_grad():
-                p_nat = torch.softmax(model(x), dim=1)
+        p_nat = _natural_probs(model, x, loss)
         if isinstance(start, torch.Tensor):
             x_adv = ball.project(x + start.to(x.dtype), x)
         elif start == "random":
