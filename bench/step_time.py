@@ -1,4 +1,5 @@
-"""Time per training step of AT, TRADES, MART with and without AWP, and of the official AT-AWP procedure.
+"""Time per training step of every training attack (PGD-10 AT, TRADES, MART; FGSM-RS AT; standard training) with and
+without AWP, and of the official AT-AWP procedure.
 
     python bench/step_time.py --model smallcnn --batch-size 128 --threads 1 --out bench/results/step_time_smallcnn_b128_cpu.json
 
@@ -35,24 +36,32 @@ from flatrobust.reference import OfficialAWP, official_at_awp_step  # noqa: E402
 from flatrobust.speed import accelerate  # noqa: E402
 from flatrobust.train import train_step  # noqa: E402
 
-# name -> (label, objective, AWP gamma or None); gammas as in the paper (0.01 AT, 0.005 TRADES/MART).
+# name -> (label, objective, AWP gamma or None, training attack kind); gammas as in the paper (0.01 AT, 0.005 TRADES/MART).
 METHODS = {
-    "at": ("AT", "at", None),
-    "at_awp": ("AT-AWP", "at", 0.01),
-    "trades": ("TRADES", "trades", None),
-    "trades_awp": ("TRADES-AWP", "trades", 0.005),
-    "mart": ("MART", "mart", None),
-    "mart_awp": ("MART-AWP", "mart", 0.005),
-    "official_at_awp": ("official AT-AWP (baseline)", "official", 0.01),
-    "official_at": ("official AT (no AWP)", "official", None),  # not in the default set: for breakdowns
+    "at": ("AT", "at", None, "pgd"),
+    "at_awp": ("AT-AWP", "at", 0.01, "pgd"),
+    "trades": ("TRADES", "trades", None, "pgd"),
+    "trades_awp": ("TRADES-AWP", "trades", 0.005, "pgd"),
+    "mart": ("MART", "mart", None, "pgd"),
+    "mart_awp": ("MART-AWP", "mart", 0.005, "pgd"),
+    "fgsm": ("FGSM-RS AT", "at", None, "fgsm"),  # Wong et al. 2020: random start, step 1.25 eps
+    "fgsm_awp": ("FGSM-RS AT-AWP", "at", 0.01, "fgsm"),
+    "std": ("standard training", "at", None, "none"),  # attack.kind none
+    "std_awp": ("standard training + AWP", "at", 0.01, "none"),
+    "official_at_awp": ("official AT-AWP (baseline)", "official", 0.01, "pgd"),
+    "official_at": ("official AT (no AWP)", "official", None, "pgd"),  # not in the default set: for breakdowns
 }
-DEFAULT_METHODS = "at,at_awp,trades,trades_awp,mart,mart_awp,official_at_awp"
+DEFAULT_METHODS = "at,at_awp,trades,trades_awp,mart,mart_awp,fgsm,fgsm_awp,std,std_awp,official_at_awp"
 # (numerator, denominator, target, expected from the pass count of docs/PERFORMANCE.md) of the per-round ratios.
 RATIOS = [
     ("at_awp", "at", ("<=", 1.15), 26 / 23),
     ("trades_awp", "trades", None, None),
     ("mart_awp", "mart", None, None),
     ("official_at_awp", "at_awp", (">=", 1.4), 38 / 26),
+    # FGSM-RS: one attack step (2F) + the step (3F) = 5F, + AWP's ascent (3F) = 8F; standard training 3F, + AWP 6F
+    ("fgsm_awp", "fgsm", None, 8 / 5),
+    ("fgsm_awp", "at_awp", None, 8 / 26),
+    ("std_awp", "std", None, 6 / 3),
 ]
 DEFAULT_SHAPES = {"smallcnn": (1, 8, 8)}  # digits; every other model: CIFAR (3, 32, 32)
 
@@ -62,12 +71,13 @@ class Method:
 
     def __init__(self, name: str, base: torch.nn.Module, args, x: torch.Tensor, y: torch.Tensor, device: torch.device):
         self.name = name
-        self.label, kind, self.gamma = METHODS[name]
+        self.label, kind, self.gamma, attack_kind = METHODS[name]
         self.kind = kind
         self.model = copy.deepcopy(base).to(device)
         self.forward = accelerate(self.model, device, amp=args.amp, channels_last=args.channels_last, compile=args.compile)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
-        self.attack = AttackConfig(eps=args.eps, alpha=args.alpha, steps=args.attack_steps, norm="linf")
+        alpha = None if attack_kind == "fgsm" else args.alpha  # FGSM: its own step, 1.25 eps
+        self.attack = AttackConfig(eps=args.eps, alpha=alpha, steps=args.attack_steps, norm="linf", kind=attack_kind)
         self.objective = None if kind == "official" else create_objective(kind, self.attack)
         self.x, self.y = x, y
         self.generator = torch.Generator(device=device).manual_seed(0)
@@ -205,7 +215,8 @@ def main(argv=None) -> dict:
             peak, how = common.peak_bytes(meth.step_with_fresh_helper, device)
             results["memory"][m] = {"peak_step_bytes": peak, "how": how, **meth.memory_facts()}
         for m, rec in results["memory"].items():
-            plain = {"at_awp": "at", "trades_awp": "trades", "mart_awp": "mart", "official_at_awp": "at"}.get(m)
+            plain = {"at_awp": "at", "trades_awp": "trades", "mart_awp": "mart", "official_at_awp": "at", "fgsm_awp": "fgsm",
+                     "std_awp": "std"}.get(m)
             if plain in results["memory"] and rec["peak_step_bytes"] is not None and results["memory"][plain]["peak_step_bytes"] is not None:
                 rec["extra_over"] = plain
                 rec["extra_bytes"] = rec["peak_step_bytes"] - results["memory"][plain]["peak_step_bytes"]
@@ -228,7 +239,7 @@ def report(res: dict) -> str:
     dev = e.get("gpu", f"{e['cpu']} ({e['cpu_capability']}), {e['torch_threads']} thread(s)")
     out = [f"## step time: {c['model']} ({c['parameters'] / 1e6:.2f}M params), batch {c['batch_size']}, input "
            f"{'x'.join(map(str, c['input_shape']))}, {e['device']}: {dev}, torch {e['torch']}, {e['date']}",
-           f"PGD-{c['attack']['steps']} L-inf eps {c['attack']['eps']:.4f} step {c['attack']['alpha']:.4f}; "
+           f"PGD-{c['attack']['steps']} L-inf eps {c['attack']['eps']:.4f} step {c['attack']['alpha']:.4f} (FGSM-RS: one step of 1.25 eps from a random start); "
            f"{c['repeats']} interleaved rounds x {c['steps_per_round']} step(s), {c['warmup']} warm-up step(s) per method; "
            f"amp={c['amp']} channels_last={c['channels_last']} compile={c['compile']}", f"command: `{e['command']}`", ""]
     rows = [[r["label"], f"{r['median_s_per_step'] * 1e3:.1f}", f"{r['q25'] * 1e3:.1f} - {r['q75'] * 1e3:.1f}",

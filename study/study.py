@@ -111,6 +111,9 @@ TRADES_LATE_SEEDS = TRADES_SEEDS[2:]
 # RST run, 3 seeds (the same labeled subsets as AT's seeds 0-2), judged at that number against AT's 5 seeds. Each seed
 # first trains its pseudo-labeler (standard training on the same 1,000 images: about a fifth of an AT run).
 RST_SEEDS = (0, 1, 2)
+# FGSM-RS AT vs FGSM-RS AT-AWP (issue 32: does AWP make single-step training more stable?), planned before any FGSM run:
+# 3 seeds a side, the PGD rows' training subsets; they run after the RST rows (wave 5+).
+FGSM_SEEDS = (0, 1, 2)
 DATA = ROOT / "data"  # git-ignored: the extracted image copy and the RST extra data
 
 
@@ -128,6 +131,7 @@ def _rows() -> list[Row]:
     rows += [Row("labeler", "standard training (RST's pseudo-labeler)", f"{main.prefix}_std", RST_SEEDS, method="std",
                  dataset=main.dataset, autoattack=False, stages=("train", "pseudo")),
              Row("rst", METHODS["rst"], f"{main.prefix}_rst", RST_SEEDS, method="rst", dataset=main.dataset, labeler="labeler")]
+    rows += [Row(m, METHODS[m], f"{main.prefix}_{m}", FGSM_SEEDS, method=m, dataset=main.dataset) for m in ("fgsm", "fgsm_awp")]
     rows += [Row(f"gamma_{g}", f"AT-AWP gamma {g}", f"{main.prefix}_at_awp", (0,), (f"awp.gamma={g}",), f"_g{g}", method="at_awp",
                  dataset=main.dataset, autoattack=False)
              for g in ("0.0025", "0.005", "0.02")]
@@ -168,6 +172,8 @@ PLANS = [
     # remedies against AT on the same seeds (the same 1,000 labeled images per seed).
     Plan(MAIN, "at", "trades", (0, 1, 2), why="TRADES as a remedy (Figure 1): the seeds both rows were planned with"),
     Plan(MAIN, "at", "rst", RST_SEEDS, why="extra pseudo-labeled data as a remedy (Figure 1): planned before any RST run"),
+    Plan(MAIN, "fgsm", "fgsm_awp", FGSM_SEEDS, why="FGSM-RS training without and with AWP (catastrophic overfitting, cost): "
+         "planned before any FGSM run; best.pt chosen on a 200-image validation split"),
 ]
 
 # Runs trained again and replaced (their earlier files are in git history: `python study/study.py replaced` copies
@@ -235,6 +241,8 @@ def tasks(rows: list[Row]) -> list[Task]:
         main setting's extra seeds beside the other settings' seeds 1 and 2; last, every row's late seeds."""
         if seed in row.late_seeds:
             return 1_000  # after every wave above
+        if row.method.startswith("fgsm"):
+            return 10 + seed  # planned after every earlier row (issue 32's rows)
         if row.setting == MAIN and not row.overrides:
             return seed if seed < 3 else seed + 1
         return 3 + seed

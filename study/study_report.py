@@ -192,7 +192,8 @@ def _plt():
     return plt
 
 
-COLORS = {"at": "tab:blue", "at_awp": "tab:red", "trades": "tab:green", "trades_awp": "tab:purple", "rst": "tab:orange", "std": "tab:gray"}
+COLORS = {"at": "tab:blue", "at_awp": "tab:red", "trades": "tab:green", "trades_awp": "tab:purple", "rst": "tab:orange", "std": "tab:gray",
+          "fgsm": "tab:cyan", "fgsm_awp": "tab:pink"}
 
 
 def _smooth(y: list[float], k: int = 9) -> list[float]:
@@ -442,8 +443,8 @@ def replace_block(text: str, lines: list[str]) -> str:
 
 
 METHODS = {"at": "AT", "at_awp": "AT-AWP", "trades": "TRADES", "trades_awp": "TRADES-AWP", "rst": "RST (AT + pseudo-labeled extra data)",
-           "std": "standard training"}
-PAIRS = ("at", "trades")  # the methods compared without and with AWP (METHODS[m] vs METHODS[m + "_awp"])
+           "std": "standard training", "fgsm": "FGSM-RS AT", "fgsm_awp": "FGSM-RS AT-AWP"}
+PAIRS = ("at", "trades", "fgsm")  # the methods compared without and with AWP (METHODS[m] vs METHODS[m + "_awp"])
 AUGMENT = {"crop_flip": "crop + flip", "none": "no augmentation", "default": "crop + flip"}
 
 
@@ -494,8 +495,8 @@ def _setting(runs, settings, main: str, cfgs: dict) -> list[str]:
             "tuning. best.pt is the epoch with the highest monitored test PGD-20, that is on the test monitoring images, "
             "which are also among the test images every checkpoint is evaluated on afterwards (full-test PGD-20, AutoAttack's "
             "1,000): best-epoch numbers are chosen on part of the data that measures them and are optimistic; last-epoch "
-            "numbers are not. The training loop has no validation split yet (it is planned: data.val_subset); rows "
-            "added once it lands choose best.pt on it.", "",
+            "numbers are not. The validation split (data.val_subset, held out of the training images) came after these "
+            "rows: the FGSM-RS rows choose best.pt on 200 such images instead.", "",
             "The settings, in the order they were tried (the main one carries the comparison over seeds):", "",
             *bullets, "",
             "Why such settings: robust overfitting (Rice et al. 2020) needs a model that can memorize the adversarial "

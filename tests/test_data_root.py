@@ -43,3 +43,26 @@ def test_a_relative_root_works_from_any_folder(tmp_path, monkeypatch, capsys):
     assert main(["eval", str(run), "--attacks", "clean", "--no-checks", "--data-root", moved]) == 0
     assert main(["train", "--resume", str(run), "epochs=3", "--quiet", "--data-root", moved]) == 0
     assert yaml.safe_load((run / "config.yaml").read_text())["data"]["root"] == moved
+
+
+def test_a_run_that_stored_its_root_as_typed_still_resumes(tmp_path, monkeypatch):
+    """Runs trained before the root was stored resolved keep a relative data.root in config.yaml and last.pt: a resume
+    resolves it (data.root is in RESUME_SAFE: where the data is read from, not what the run trained on)."""
+    import torch
+
+    from flatrobust.config import RESUME_SAFE
+
+    assert "data.root" in RESUME_SAFE
+    write_npz(tmp_path / "d.npz")
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", str(REPO / "recipes/digits_at.yaml"), "data.name=npz", "data.root=d.npz", "out_dir=runs",
+                 "name=r", *TINY]) == 0
+    run = tmp_path / "runs" / "r"
+    state = torch.load(run / "last.pt", weights_only=True)
+    state["config"]["data"]["root"] = "d.npz"  # as a run of the earlier version stored it
+    torch.save(state, run / "last.pt")
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["data"]["root"] = "d.npz"
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    assert main(["train", "--resume", str(run), "epochs=2", "--quiet"]) == 0
+    assert yaml.safe_load((run / "config.yaml").read_text())["data"]["root"] == str(tmp_path / "d.npz")

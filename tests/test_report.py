@@ -259,3 +259,17 @@ def test_a_training_warning_in_metrics_is_shown(tmp_path):
     _fake_run(tmp_path / "plain", "plain", [0.1, 0.2], [0.1, 0.2])
     assert main(["report", str(tmp_path / "plain"), "--out", str(tmp_path / "out2")]) == 0
     assert "**Warning," not in (tmp_path / "out2" / "report.md").read_text()
+
+
+def test_catastrophic_overfitting_and_the_validation_choice_are_shown(tmp_path):
+    run = tmp_path / "fgsm"
+    _fake_run(run, "fgsm", [0.3, 0.35, 0.01], [0.3, 0.4, 0.8])
+    rows = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    for r, val in zip(rows, [0.4, 0.3, 0.02]):
+        r.update(val_robust_acc=val, best_on="val")
+    rows[-1]["catastrophic"] = "catastrophic overfitting at epoch 3: test PGD accuracy fell; guard.catastrophic=warn: training goes on"
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["report", str(run), "--out", str(tmp_path / "out")]) == 0
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "**Catastrophic overfitting, fgsm** (epoch 3): catastrophic overfitting at epoch 3" in md
+    assert "**fgsm**: best.pt was chosen on the validation split (data.val_subset), not on the test images: epoch 1" in md

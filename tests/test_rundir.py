@@ -46,7 +46,7 @@ def test_metrics_one_record_per_epoch_last_wins_half_written_line_left_out(tmp_p
 
 def test_truncate_keeps_the_epochs_a_checkpoint_covers(tmp_path):
     run = _run_dir(tmp_path / "r", 3, [json.dumps({"epoch": e}) + "\n" for e in (1, 2, 3)])
-    assert rundir.truncate_metrics(run, 2) == [{"epoch": 1}, {"epoch": 2}]
+    assert rundir.truncate_metrics(run, 2) == ([{"epoch": 1}, {"epoch": 2}], [])
     assert (run / "metrics.jsonl").read_text() == '{"epoch": 1}\n{"epoch": 2}\n'
     rundir.append_metrics(run, {"epoch": 3, "x": 1})
     assert rundir.read_metrics(run)[-1] == {"epoch": 3, "x": 1} and rundir.finished(run)
@@ -68,3 +68,21 @@ def test_resume_of_a_folder_that_is_no_run_directory_is_one_line(tmp_path, capsy
     assert main(["train", "--resume", str(run)]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+
+
+def test_truncate_keeps_every_valid_record_and_names_each_damaged_line(tmp_path):
+    """A garbage line or a line cut in half drops that line only, never the valid records after it (issue 27)."""
+    lines = ['{"epoch": 1}\n', "garbage\n", '{"epoch": 2}\n', '{"epoch": 3, "lo\n', "[1, 2]\n", '{"epoch": 3}\n', '{"epoch": 4}\n']
+    run = _run_dir(tmp_path / "r", 4, lines)
+    kept = rundir.truncate_metrics(run, 3)
+    assert kept.records == [{"epoch": 1}, {"epoch": 2}, {"epoch": 3}]
+    assert kept.dropped == ["line 2 (not valid JSON: garbage)", "line 4 (not valid JSON: cut short)",
+                            "line 5 (not the record of an epoch)"]
+    assert (run / "metrics.jsonl").read_text() == '{"epoch": 1}\n{"epoch": 2}\n{"epoch": 3}\n'
+
+
+def test_remove_temporary_removes_only_what_an_atomic_write_leaves(tmp_path):
+    for name in (".last.pt.0a1b2c3d.tmp", ".config.yaml.ffffffff.tmp", "last.pt", ".last.pt.xyz.tmp", "a.0a1b2c3d.tmp"):
+        (tmp_path / name).write_text("x")
+    assert rundir.remove_temporary(tmp_path) == [".config.yaml.ffffffff.tmp", ".last.pt.0a1b2c3d.tmp"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".last.pt.xyz.tmp", "a.0a1b2c3d.tmp", "last.pt"]

@@ -57,3 +57,17 @@ def test_schedule_names_that_cannot_run_are_refused_in_one_line():
     assert "did you mean 'superconverge'?" in schedules.check("superconverg", 200)
     assert "did you mean" not in schedules.check("xyz", 200) and "choose from piecewise, cosine, constant" in schedules.check("xyz", 200)
     assert "needs epochs >= 10, got 5" in schedules.check("multipledecay", 5)
+
+
+def test_optim_schedule_takes_every_official_name_and_lr_at_follows_it():
+    from flatrobust.config import load_config
+    from flatrobust.errors import UserError
+
+    cfg = load_config(None, ["epochs=10", "optim.lr=0.2", "optim.schedule=onedrop", "optim.lr_drop_epoch=4", "optim.lr_one_drop=0.03"])
+    s = schedules.Schedule("onedrop", 0.2, 10, 5, lr_one_drop=0.03, lr_drop_epoch=4)
+    assert [lr_at(k, 50, cfg) for k in range(50)] == [s(k) for k in range(50)] and lr_at(19, 50, cfg) == 0.03
+    for name in schedules.NAMES:
+        assert load_config(None, ["epochs=10", f"optim.schedule={name}"]).optim.schedule == name
+    for bad, why in [("superconverg", "did you mean 'superconverge'?"), ("piecewisezoom", "defines no schedule for it")]:
+        with pytest.raises(UserError, match=why):
+            load_config(None, [f"optim.schedule={bad}"])

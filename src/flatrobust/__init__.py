@@ -3,7 +3,8 @@
 The public API, small enough to remember:
   - `AWP`: the weight perturbation, a SAM-like perturb/restore pair usable in any training loop (with the
     fine-tuning options of docs/AWP_VARIANTS.md); `perturbed_parameters`: the weights it perturbs;
-  - `pgd`, `fgsm`, `LinfBall`, `L2Ball`: attacks and threat models (inputs in [0, 1]);
+  - `pgd`, `fgsm`, `fgsm_train`, `LinfBall`, `L2Ball`: attacks and threat models (inputs in [0, 1]); `fgsm_train` is FGSM
+    as a training attack (Wong et al. 2020: a start, one step of alpha);
   - `AT`, `TRADES`, `MART`, `AttackConfig`, `create_objective`: the training objectives;
   - `models.create`: the model zoo with normalization inside the model;
   - `data.load_split`, `data.REGISTRY`: datasets as tensors (built-in sets, image folders, .npz arrays);
@@ -15,7 +16,7 @@ The public API, small enough to remember:
     `flatrobust.robustbench_export` (imported on use) for its models as checkpoints and yours in its format.
 """
 from . import data, models
-from .attacks import L2Ball, LinfBall, fgsm, pgd
+from .attacks import L2Ball, LinfBall, fgsm, fgsm_train, pgd
 from .awp import AWP, perturbed_parameters
 from .ema import EMA
 from .flatness import average_flatness, worst_flatness
@@ -27,7 +28,7 @@ from .train import train_step
 __version__ = "0.1.0"
 
 __all__ = [
-    "AWP", "perturbed_parameters", "EMA", "pgd", "fgsm", "LinfBall", "L2Ball", "AT", "TRADES", "MART", "AttackConfig", "Objective",
+    "AWP", "perturbed_parameters", "EMA", "pgd", "fgsm", "fgsm_train", "LinfBall", "L2Ball", "AT", "TRADES", "MART", "AttackConfig", "Objective",
     "create_objective", "data", "models", "frozen_bn_stats", "train_mode", "train_step", "landscape_1d", "landscape_2d",
     "filter_normalized_direction", "average_flatness", "worst_flatness", "__version__",
 ]

@@ -21,6 +21,8 @@ from typing import Any
 import yaml
 
 from .attacks import AttackConfig
+from .attacks.spec import INITS, KINDS
+from .catastrophic import MODES as CATASTROPHIC_MODES
 from .errors import UserError
 from .rundir import CONFIG, LAST, read_config
 
@@ -37,6 +39,11 @@ class DataConfig:
     augment: str = "default"  # default (the dataset's usual: crop_flip for CIFAR) | crop_flip | none
     eval_subset: int = 1000  # fixed test subset AND train subset of this size, evaluated every epoch
     train_subset: int = 0  # > 0: train on a fixed subset of this many examples (quick experiments)
+    val_subset: int = 0  # > 0: hold this many training images out as a validation split (fixed by the seed, indices in
+    # data.json); best.pt is chosen on their PGD accuracy. With train_subset, they come from the images it leaves out
+    mixup_alpha: float = 0.0  # > 0: mixup (Zhang et al. 2018) as the official --mixup --mixup-alpha: lam ~ Beta(a, a) per
+    # batch, inputs mixed before the attack, attack and loss on the mixed labels; AT only; AWP's ascent takes the mixed loss
+    cutout: int = 0  # > 0: Cutout (DeVries and Taylor 2017) of this side after crop and flip (official --cutout-len); 0 = off
     extra: str = ""  # RST: .npz of extra images with pseudo-labels (x, y), e.g. from `flatrobust pseudolabel`
     extra_fraction: float = 0.5  # RST: share of every batch drawn from `extra` (Carmon et al.: half)
     on_device: str = "auto"  # auto (on the GPU if it fits in half its free memory) | on | off (pinned host memory)
@@ -66,7 +73,13 @@ class OptimConfig:
     momentum: float = 0.9  # SGD momentum
     weight_decay: float = 5e-4  # L2 weight decay of SGD
     nesterov: bool = False  # Nesterov momentum
-    schedule: str = "piecewise"  # piecewise (lr/10 at 50%, lr/100 at 75%, per iteration) | cosine | constant
+    schedule: str = "piecewise"  # piecewise (lr/10 at 50%, lr/100 at 75%, per iteration) | cosine | constant, or the official
+    # script's --lr-schedule names: superconverge | linear | onedrop | multipledecay | cyclic | official_piecewise |
+    # official_cosine (flatrobust.schedules; docs/OFFICIAL_FLAGS.md)
+    lr_one_drop: float = 0.01  # onedrop: the rate after lr_drop_epoch (official --lr-one-drop)
+    lr_drop_epoch: int = 100  # onedrop: the epoch of the drop (official --lr-drop-epoch)
+    l1: float = 0.0  # > 0: adds l1 * sum |w| over the weights with dim > 1 (no BatchNorm, no biases) to the loss (official --l1)
+    l2: float = 0.0  # > 0: weight decay l2 on those weights and none on the others, replacing weight_decay (official --l2)
 
 
 @dataclass
@@ -86,6 +99,12 @@ class LogConfig:
 @dataclass
 class EMAConfig:
     decay: float = 0.0  # > 0: also keep an EMA of the weights (e.g. 0.999), decay min(decay, (1+t)/(10+t)) at step t; 0 = off
+
+
+@dataclass
+class GuardConfig:
+    catastrophic: str = "warn"  # on catastrophic overfitting (flatrobust.catastrophic, Wong et al. 2020): warn (a line,
+    # recorded) | stop (the run ends after that epoch) | rollback (weights and optimizer go back to best.pt's epoch)
 
 
 @dataclass
@@ -115,6 +134,7 @@ class RunConfig:
     speed: SpeedConfig = field(default_factory=SpeedConfig)
     log: LogConfig = field(default_factory=LogConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
+    guard: GuardConfig = field(default_factory=GuardConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self) | {"attack": self.attack.as_dict()}  # attack keys in the recipe's order
@@ -124,7 +144,9 @@ CHOICES = {
     "method": ("at", "trades", "mart"),
     "data.augment": ("default", "crop_flip", "none"),
     "attack.norm": ("linf", "l2"),
-    "optim.schedule": ("piecewise", "cosine", "constant"),
+    "attack.kind": KINDS,
+    "attack.init": INITS,
+    "guard.catastrophic": CATASTROPHIC_MODES,
     "nonfinite": ("stop", "skip"),
     "speed.amp": ("auto", "off", "bf16"),
     "speed.channels_last": ("auto", "on", "off"),
@@ -139,7 +161,8 @@ LOWER = {
     "awp.gamma": (0, True), "awp.warmup": (0, True), "awp.steps": (1, True), "awp.eps_rel": (0, True),
     "awp.start_step": (0, True), "ema.decay": (0, True),
     "optim.lr": (0, False), "optim.momentum": (0, True), "optim.weight_decay": (0, True),
-    "log.interval": (1, True),
+    "log.interval": (1, True), "attack.restarts": (1, True), "data.val_subset": (0, True), "data.cutout": (0, True), "data.mixup_alpha": (0, True),
+    "optim.l1": (0, True), "optim.l2": (0, True), "optim.lr_one_drop": (0, True), "optim.lr_drop_epoch": (0, True),
 }
 
 _FRACTION = re.compile(r"^\s*([0-9.eE+-]+)\s*/\s*([0-9.eE+-]+)\s*$")
@@ -338,7 +361,28 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise UserError(f"ema.decay must be < 1 (e.g. 0.999; 0 turns the EMA off), got {cfg.ema.decay}")
     if cfg.optim.momentum >= 1:
         raise UserError(f"optim.momentum must be < 1, got {cfg.optim.momentum}")
+    _validate_attack(cfg)
+    from . import schedules
+
+    why = schedules.check(cfg.optim.schedule, cfg.epochs)
+    if why:
+        raise UserError(why)
     return cfg
+
+
+def _validate_attack(cfg: RunConfig) -> None:
+    """The training attack's kind fits the method (docs/OFFICIAL_FLAGS.md)."""
+    a = cfg.attack
+    if a.kind == "none" and cfg.method != "at":
+        raise UserError(f"attack.kind=none is standard training, which has no {cfg.method.upper()} term: use method=at with it")
+    if a.kind == "fgsm" and a.init == "zero" and cfg.method == "trades":
+        raise UserError("attack.init=zero with method=trades: the KL attack's gradient vanishes at x, so FGSM from zero "
+                        "does not move; use attack.init=random")
+    if cfg.data.mixup_alpha > 0 and cfg.method != "at":
+        raise UserError(f"data.mixup_alpha={cfg.data.mixup_alpha:g} with method={cfg.method}: mixup mixes labels, and "
+                        f"{cfg.method.upper()}'s loss compares the model's own distributions (no soft-label form); use method=at")
+    if a.restarts > 1 and a.kind != "pgd":
+        raise UserError(f"attack.restarts={a.restarts} applies to the PGD training attack, not attack.kind={a.kind}")
 
 
 def _validate_data(cfg: RunConfig) -> None:
@@ -455,6 +499,50 @@ def resume_config(run_dir: str | Path, overrides: list[str] | None = None) -> Ru
 
 def config_from_dict(tree: dict[str, Any]) -> RunConfig:
     return validate(_build(RunConfig, tree))
+
+
+# What a resume may change (`--resume RUN key=value`, or an edited config.yaml), and why that leaves the run the one
+# that was started. Any other key differing from the config last.pt was trained with is refused (`check_resume_config`):
+# config.yaml and the checkpoints would claim the new value for epochs trained with the old one.
+RESUME_SAFE = {
+    "epochs": "train longer (never shorter): the lr schedule is recomputed for the new length",
+    "device": "where it runs (on another device type the numbers go on equally valid, not bit-identical)",
+    "name": "where the run was first written: --resume names its folder",
+    "out_dir": "where the run was first written: --resume names its folder",
+    "data.root": "where the data is read from: it may move (--data-root; train stores it resolved, earlier runs as typed); "
+                 "the model checks the class count, not the images: point it at the same data",
+    "data.on_device": "where the training data is kept, not its values",
+    "data.download": "whether a missing built-in dataset may be downloaded (md5-checked)",
+    "log.tensorboard": "a view of metrics.jsonl, written beside it",
+}
+
+
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out |= _flat(value, f"{prefix}{key}.")
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def check_resume_config(saved: dict[str, Any] | None, cfg: RunConfig, checkpoint: str | Path) -> None:
+    """UserError (one line naming the key and both values) if `cfg` changes a key of `saved` (the config `checkpoint`
+    was trained with) that `RESUME_SAFE` does not list. A config saved by an older version gets today's defaults for
+    the keys it lacks (what it was trained with); a key it has that no longer exists is not compared."""
+    if not isinstance(saved, dict):
+        return
+    try:
+        saved = config_from_dict(saved).to_dict()
+    except UserError:
+        pass  # a config this version no longer accepts: compare the keys it has
+    new = _flat(cfg.to_dict())
+    for key, old in _flat(saved).items():
+        if key in new and new[key] != old and key not in RESUME_SAFE:
+            raise UserError(f"--resume would change {key} from {old!r} to {new[key]!r}, but {str(checkpoint)!r} was trained with "
+                            f"{key}={old!r}: a resume continues the run that was started (only {', '.join(RESUME_SAFE)} may "
+                            f"change); resume without that change, or start a new run (init_from= to start from its weights)")
 
 
 _FIELD_LINE = re.compile(r"^\s+(\w+):\s*[^=#]+?(?:=.*?)?(?:#\s*(.*))?$")

@@ -28,6 +28,11 @@ class Mixed:
         return (self.lam * F.cross_entropy(logits, self.y_a, reduction=reduction)
                 + (1 - self.lam) * F.cross_entropy(logits, self.y_b, reduction=reduction))
 
+    def soft_targets(self, num_classes: int) -> torch.Tensor:
+        """(N, K) lam * onehot(y_a) + (1 - lam) * onehot(y_b): cross-entropy against them is `loss` (CE is linear in
+        its target), so an attack and an objective written for labels take the mixed batch unchanged."""
+        return self.lam * F.one_hot(self.y_a, num_classes).float() + (1 - self.lam) * F.one_hot(self.y_b, num_classes).float()
+
 
 def mixup(x: torch.Tensor, y: torch.Tensor, alpha: float) -> Mixed:
     """Mix a batch with a permutation of itself. lam and the permutation come from torch's global RNG, as PGD's

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attacks import AttackConfig, pgd
+from .attacks import AttackConfig, fgsm_train, pgd
 
 __all__ = ["AT", "MART", "OBJECTIVES", "TRADES", "AttackConfig", "Objective", "create_objective"]
 
@@ -52,9 +52,31 @@ class Objective:
         return self.loss(model, x, x_adv, y)
 
     def _pgd(self, model, x, y, *, loss, mode, random_start=True, generator=None):
+        """The training attack `attack_config.kind` describes: PGD (with its restarts), FGSM from its `init` (Wong et al.
+        2020), or none (x itself: standard training, and AWP then ascends the clean loss)."""
         a = self.attack_config
+        if a.kind == "none":
+            return x.detach()
+        if a.kind == "fgsm":
+            start: str | torch.Tensor = a.init
+            if a.init == "previous":  # the previous batch's perturbation (zero at the first), as the official script keeps it
+                prev = getattr(self, "_previous", None)
+                start = torch.zeros_like(x) if prev is None or prev.shape[1:] != x.shape[1:] else \
+                    torch.cat([prev, torch.zeros_like(x)])[:len(x)].to(x.device)
+            x_adv = fgsm_train(model, x, y, eps=a.eps, alpha=a.alpha, norm=a.norm, loss=loss, start=start, mode=mode,
+                               generator=generator)
+            if a.init == "previous":
+                self._previous = (x_adv - x).detach()
+            return x_adv
         return pgd(model, x, y, eps=a.eps, alpha=a.alpha, steps=a.steps, norm=a.norm, loss=loss,
-                   random_start=random_start, mode=mode, generator=generator)
+                   random_start=random_start, restarts=a.restarts, mode=mode, generator=generator)
+
+    def state_dict(self) -> dict:
+        """What the attack carries from batch to batch (FGSM's previous perturbation), for an exact resume."""
+        return {"previous": getattr(self, "_previous", None)}
+
+    def load_state_dict(self, state: dict | None) -> None:
+        self._previous = (state or {}).get("previous")
 
 
 class AT(Objective):

@@ -677,6 +677,13 @@ def write_report(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike =
         warned = [m for m in r.metrics if isinstance(m.get("warning"), str)]
         if warned:
             lines += [f"**Warning, {r.name}** (epoch {warned[-1]['epoch']}): {warned[-1]['warning']}", ""]
+        for m in (m for m in r.metrics if isinstance(m.get("catastrophic"), str)):  # the guard's lines (guard.catastrophic)
+            lines += [f"**Catastrophic overfitting, {r.name}** (epoch {m['epoch']}): {m['catastrophic']}", ""]
+        ep, val = r.series("val_robust_acc")
+        if val and r.metrics[-1].get("best_on") == "val":  # data.val_subset: best.pt is not the best test epoch above
+            at = ep[max(range(len(val)), key=val.__getitem__)]
+            lines += [f"**{r.name}**: best.pt was chosen on the validation split (data.val_subset), not on the test images: "
+                      f"epoch {at}, validation robust accuracy {_f(max(val))}%.", ""]
     lines += _ema_section(runs)
 
     plot_robust_accuracy(runs, out / "fig_robust_accuracy.png")

@@ -10,6 +10,7 @@
       last.pt         the checkpoint a resume starts from (end of the last epoch, or inside one with checkpoint_every)
       best.pt         the epoch with the best monitored test robust accuracy (of the raw weights)
       tensorboard/    with log.tensorboard: a view of metrics.jsonl
+      .lock           while a process trains the run: its PID (`runlock`: one writer at a time)
 
 and what the other commands add beside the checkpoints: eval_best.json, eval_last.json (one per checkpoint,
 `eval_file`; runs evaluated before then have one eval.json), landscape.json, flatness.json. A run has
@@ -22,19 +23,21 @@ import contextlib
 import json
 import math
 import os
+import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import yaml
 
 from .atomic import WriteError, write_atomic
 from .errors import UserError
+from .runlock import LOCK
 
 __all__ = [
     "BEST", "CONFIG", "DATA", "ENV", "LAST", "METRICS", "TIMING_KEYS", "append_metrics", "checkpoint_file", "covers", "eval_file",
-    "eval_files", "finished",
-    "prepare", "read_config", "read_env", "read_metrics", "truncate_metrics", "without_timing", "write_start_files",
+    "eval_files", "finished", "Kept", "prepare", "remove_temporary", "read_config", "read_env", "read_metrics", "truncate_metrics",
+    "without_timing", "write_start_files",
 ]
 
 CONFIG, ENV, DATA, METRICS, LAST, BEST = "config.yaml", "env.json", "data.json", "metrics.jsonl", "last.pt", "best.pt"
@@ -43,24 +46,46 @@ TIMING_KEYS = ("epoch_time_s", "eval_time_s", "images_per_s")
 
 
 def prepare(run_dir: str | os.PathLike, *, overwrite: bool) -> Path:
-    """The folder a new run writes into: UserError (one line) if it holds files, unless `overwrite` deletes them."""
+    """The folder a new run writes into: UserError (one line) if it holds files, unless `overwrite` deletes them.
+    The lock file (`runlock`), held by the caller, is neither counted nor deleted."""
     run_dir = Path(run_dir)
-    if run_dir.exists() and any(run_dir.iterdir()):
+    held = [p for p in run_dir.iterdir() if p.name != LOCK] if run_dir.is_dir() else []
+    if held:
         if not overwrite:
             raise UserError(f"run directory {run_dir} already exists: pass --overwrite to replace it, --resume {run_dir} "
                             "to continue it, or name=NEW_NAME")
-        shutil.rmtree(run_dir)
+        for p in held:
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
     return run_dir
 
 
-def write_start_files(run_dir: Path, *, config: dict[str, Any], env: dict[str, Any], data: dict[str, Any], fresh: bool) -> None:
+# write_atomic's temporary files: ".NAME.<8 hex digits>.tmp"
+_TEMPORARY = re.compile(r"\..+\.[0-9a-f]{8}\.tmp")
+
+
+def remove_temporary(run_dir: str | os.PathLike) -> list[str]:
+    """Remove the temporary files an atomic write killed mid-way left in the run directory (SIGKILL leaves no time
+    to clean them); the names removed. Call it with the run's lock held: no other writer's file is then in flight."""
+    removed = []
+    for p in sorted(Path(run_dir).iterdir()) if Path(run_dir).is_dir() else []:
+        if _TEMPORARY.fullmatch(p.name) and p.is_file():
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+                removed.append(p.name)
+    return removed
+
+
+def write_start_files(run_dir: Path, *, config: dict[str, Any], env: dict[str, Any], data: dict[str, Any], fresh: bool,
+                      made: bool | None = None) -> None:
     """Write config.yaml, env.json and data.json, each atomically. If one cannot be written (disk full), a fresh run
     directory is removed again, so that nothing half-made blocks running the command again; a resumed run keeps
-    its files (each is the old one or the new one, never half of one). WriteError (one line) then."""
+    its files (each is the old one or the new one, never half of one). WriteError (one line) then. `made`: whether
+    this run created the folder (default: whether it is missing now; the lock of `runlock.hold` creates it first and
+    removes it when it is left empty)."""
     files = {CONFIG: yaml.safe_dump(config, sort_keys=False), ENV: json.dumps(env, indent=2) + "\n",
              DATA: json.dumps(data, indent=1) + "\n"}
     run_dir = Path(run_dir)
-    made = not run_dir.exists()
+    made = not run_dir.exists() if made is None else made
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         for name, text in files.items():
@@ -72,7 +97,7 @@ def write_start_files(run_dir: Path, *, config: dict[str, Any], env: dict[str, A
                     (run_dir / name).unlink(missing_ok=True)
             if made:
                 with contextlib.suppress(OSError):
-                    run_dir.rmdir()
+                    run_dir.rmdir()  # (with the lock still in it, `runlock.hold` removes it)
         why = str(e) if isinstance(e, WriteError) else f"cannot create {str(run_dir)!r}: {e.strerror or e}"
         raise WriteError(f"{why}: the run did not start{' (its run directory was removed again)' if fresh and made else ''}; "
                          "make room and run the command again") from None
@@ -149,19 +174,46 @@ def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
     return [by_epoch[e] for e in sorted(by_epoch)]
 
 
-def truncate_metrics(run_dir: Path, epochs: int) -> list[dict[str, Any]]:
-    """Keep the first `epochs` lines (those a checkpoint covers) and return them: what a resume starts from."""
+class Kept(NamedTuple):
+    """What `truncate_metrics` kept of metrics.jsonl, and what it dropped as damaged."""
+
+    records: list[dict[str, Any]]  # one per epoch 1..epochs that has a valid line, in epoch order
+    dropped: list[str]  # "line N (why)" for each damaged line
+
+
+def truncate_metrics(run_dir: Path, epochs: int) -> Kept:
+    """Keep the records of epochs 1..`epochs` (those a checkpoint covers) and return them: what a resume starts from.
+
+    Every valid record is kept, wherever it stands: a damaged line (not JSON, cut in half, not a record of an epoch)
+    is dropped and named in `dropped`, and never takes the records after it along. An epoch logged twice keeps its
+    last record (as `read_metrics` reads it). The file is rewritten atomically.
+    """
     path = Path(run_dir) / METRICS
     if not path.exists():
-        return []
-    kept = []
-    for line in [ln for ln in path.read_text().splitlines() if ln.strip()][:epochs]:
+        return Kept([], [])
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError as e:
+        raise UserError(f"{str(path)!r} cannot be read: {e.strerror or e}") from None
+    by_epoch: dict[int, dict[str, Any]] = {}
+    dropped = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
         try:
-            kept.append(json.loads(line))
-        except json.JSONDecodeError:
-            break
-    path.write_text("".join(json.dumps(r) + "\n" for r in kept))
-    return kept
+            row = json.loads(line)
+        except ValueError:
+            dropped.append(f"line {i} (not valid JSON: {'cut short' if line.lstrip().startswith('{') else 'garbage'})")
+            continue
+        epoch = row.get("epoch") if isinstance(row, dict) else None
+        if not (isinstance(epoch, int) and not isinstance(epoch, bool) and epoch >= 1):
+            dropped.append(f"line {i} (not the record of an epoch)")
+        elif epoch <= epochs:
+            by_epoch[epoch] = row
+    kept = [by_epoch[e] for e in sorted(by_epoch)]
+    text = "".join(json.dumps(r) + "\n" for r in kept)
+    write_atomic(path, lambda f: f.write(text.encode()))
+    return Kept(kept, dropped)
 
 
 def without_timing(record: dict[str, Any]) -> dict[str, Any]:

@@ -7,6 +7,8 @@ PGD-20 accuracy on fixed train and test subsets (the robust generalization gap),
 """
 from __future__ import annotations
 
+import contextlib
+import json
 import math
 import os
 import subprocess
@@ -21,15 +23,17 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from . import models, rundir
+from . import models, rundir, runlock, schedules
 from .attacks import pgd, whole_box_warning
 from .awp import AWP, perturbed_parameters
 from .checkpoint import WriteError, load_checkpoint, load_weights, save_checkpoint
+from .catastrophic import CatastrophicOverfitting
 from .collapse import ChanceLevel, collapse_warning, top_class_share
-from .config import RunConfig
+from .config import RunConfig, check_resume_config
 from .data.builtin import WITHOUT_FILES
-from .data import DATASETS, DataError, TensorData, augment, batches, load_extra, load_split, mixed_batch_sizes, mixed_batches
+from .data import DATASETS, DataError, TensorData, augment, cutout, batches, load_extra, load_split, mixed_batch_sizes, mixed_batches
 from .ema import EMA
+from .mixup import Mixed, mixup
 from .errors import UserError
 from .guard import Rollback, StepMonitor, kept_checkpoint, skip_failure, stop_message
 from .machine import describe, resolve_device
@@ -60,6 +64,7 @@ def train_step(
     awp: AWP | None = None,
     generator: torch.Generator | None = None,
     rollback: Rollback | None = None,
+    l1: float = 0.0,
 ) -> StepResult:
     """One AWP step (Wu, Xia, Wang, NeurIPS 2020, Section 4, in the order of its official code): 1. x_adv at w,
     2.-3. w <- w + v, the optimizer step at w + v, 4. w <- w - v.
@@ -67,7 +72,8 @@ def train_step(
     No host synchronization: the result stays on the device, and so does the verdict on finiteness
     (`finite`). A non-finite step is applied like any other (its weights become non-finite; a loop stops
     at its next read of `finite`), unless `rollback` is given: then weights, buffers and optimizer state are
-    put back on the device as they were before the step (`nonfinite=skip`).
+    put back on the device as they were before the step (`nonfinite=skip`). `l1` > 0 adds l1 * sum |w| over the weights
+    with dim > 1 to the training loss (the official script's --l1; the logged loss includes it).
     """
     if rollback is not None:
         rollback.save()
@@ -77,6 +83,8 @@ def train_step(
     try:
         model.train()
         loss, logits_adv = objective.loss_and_logits(model, x, x_adv, y)  # the training loss at w + v
+        if l1 > 0:
+            loss = loss + l1 * sum(p.abs().sum() for _, p in perturbed_parameters(model))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()  # momentum and weight decay act at w + v, as in the official code
@@ -93,17 +101,18 @@ def train_step(
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
             finite = flag.bool()
         rollback.apply(finite)
-    return StepResult(loss, (logits_adv.detach().argmax(1) == y).sum(), finite)
+    labels = y.argmax(1) if y.dim() == 2 else y  # mixup's soft labels: their larger share
+    return StepResult(loss, (logits_adv.detach().argmax(1) == labels).sum(), finite)
 
 
 def lr_at(step: int, total_steps: int, cfg: RunConfig) -> float:
-    """Learning rate at iteration `step` (0-based) of `total_steps`."""
-    base, progress = cfg.optim.lr, step / max(total_steps, 1)
-    if cfg.optim.schedule == "piecewise":  # the official schedule: /10 at 50%, /100 at 75% of training
-        return base if progress < 0.5 else base / 10 if progress < 0.75 else base / 100
-    if cfg.optim.schedule == "cosine":
-        return 0.5 * base * (1 + math.cos(math.pi * progress))
-    return base
+    """Learning rate at iteration `step` (0-based) of `total_steps` (`cfg.epochs` epochs of equal length):
+    `optim.schedule` as `schedules.Schedule` defines it."""
+    o = cfg.optim
+    per_epoch = max(total_steps // max(cfg.epochs, 1), 1)
+    if o.schedule in schedules.OWN:  # their rule reads total_steps itself (a run whose epochs do not divide it)
+        return schedules.Schedule(o.schedule, o.lr, 1, max(total_steps, 1))(step)
+    return schedules.Schedule(o.schedule, o.lr, cfg.epochs, per_epoch, o.lr_one_drop, o.lr_drop_epoch)(step)
 
 
 @dataclass
@@ -226,6 +235,8 @@ class Run:
     info: Any = None  # the training data's DatasetInfo: data.json and checkpoints (it rebuilds the model)
     ema: EMA | None = None  # ema.decay > 0: the moving average of `model`'s weights, updated after every step
     ema_forward: nn.Module | None = None  # what evaluates `ema.module` (under autocast / channels_last like `forward`)
+    eval_val: TensorData | None = None  # data.val_subset: the held-out training images best.pt is chosen on
+    val_indices: list[int] | None = None  # their indices in the training split as loaded (recorded in data.json)
 
 
 def build(cfg: RunConfig, dist: Dist | None = None, *, progress: bool = False) -> Run:
@@ -237,8 +248,7 @@ def build(cfg: RunConfig, dist: Dist | None = None, *, progress: bool = False) -
     except DataError as e:
         raise UserError(str(e)) from None
     info = train.info  # built-in sets: their registry entry; image folders / npz: classes, channels, size, statistics
-    if cfg.data.train_subset:
-        train = train.subset(cfg.data.train_subset, seed=cfg.seed)
+    train, val, val_indices = hold_out(train, cfg.data.train_subset, cfg.data.val_subset, cfg.seed)
     n_labeled = len(train)
     if cfg.data.extra:  # RST: pseudo-labeled extra data after the labeled data, mixed into every batch
         try:
@@ -266,7 +276,12 @@ def build(cfg: RunConfig, dist: Dist | None = None, *, progress: bool = False) -
             raise UserError(f"init_from: {e}") from None
     objective = create_objective(cfg.method, cfg.attack, beta=cfg.beta)
     o = cfg.optim
-    optimizer = torch.optim.SGD(model.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay,
+    params: Any = model.parameters()
+    if o.l2 > 0:  # the official --l2: decay l2 on the weights with dim > 1, none on BatchNorm and biases
+        decayed = {id(p) for _, p in perturbed_parameters(model)}
+        params = [{"params": [p for p in model.parameters() if id(p) in decayed], "weight_decay": o.l2},
+                  {"params": [p for p in model.parameters() if id(p) not in decayed], "weight_decay": 0.0}]
+    optimizer = torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay,
                                 nesterov=o.nesterov and o.momentum > 0)
     local = accelerate(model, device, amp=cfg.speed.amp, channels_last=cfg.speed.channels_last)
     wrapped = local
@@ -286,7 +301,37 @@ def build(cfg: RunConfig, dist: Dist | None = None, *, progress: bool = False) -
     ema = EMA(model, cfg.ema.decay) if cfg.ema.decay > 0 else None
     ema_forward = accelerate(ema.module, device, amp=cfg.speed.amp, channels_last=cfg.speed.channels_last) if ema else None
     return Run(cfg, device, _place_train_data(train_all, device, cfg.data.on_device), eval_train, eval_test, model, forward, objective,
-               optimizer, awp, dist, eval_forward, n_labeled, info, ema, ema_forward)
+               optimizer, awp, dist, eval_forward, n_labeled, info, ema, ema_forward,
+               val.to(device) if val is not None else None, val_indices)
+
+
+def hold_out(train: TensorData, train_subset: int, val_subset: int, seed: int) -> tuple[TensorData, TensorData | None, list[int] | None]:
+    """(training data, validation split or None, its indices in `train`): `data.train_subset` and `data.val_subset`.
+
+    The training subset is drawn as it always was (`TensorData.subset(train_subset, seed)`); the validation images
+    are `val_subset` of the images it leaves out (all of them when train_subset is 0, the rest then training),
+    drawn by a generator seeded from `seed`. UserError (one line) when too few images are left to hold out.
+    """
+    n = len(train)
+    g = torch.Generator().manual_seed(seed)
+    train_idx = torch.randperm(n, generator=g)[:train_subset].sort().values if train_subset else None
+    if not val_subset:
+        return (train.subset(train_subset, seed=seed) if train_subset else train), None, None
+    rest = torch.ones(n, dtype=torch.bool)
+    if train_idx is not None:
+        rest[train_idx] = False
+    pool = rest.nonzero().squeeze(1)
+    left = len(pool) - (0 if train_subset else 1)  # without a training subset, at least one image must train
+    if val_subset > left:
+        where = f"the {len(pool)} images data.train_subset={train_subset} leaves out" if train_subset else f"the {n}-image training set"
+        raise UserError(f"data.val_subset={val_subset} must be smaller than {where}: lower it")
+    pick = pool[torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed + 7919))[:val_subset]].sort().values
+    if train_idx is None:
+        keep = torch.ones(n, dtype=torch.bool)
+        keep[pick] = False
+        train_idx = keep.nonzero().squeeze(1)
+    return (TensorData(train.x[train_idx], train.y[train_idx], train.info), TensorData(train.x[pick], train.y[pick], train.info),
+            pick.tolist())
 
 
 def keep_on_device(nbytes: int, device: torch.device, on_device: str) -> bool:
@@ -384,6 +429,10 @@ class EpochPlan:
         return list(flat.split([len(i) for i in own]))
 
 
+def _mix(mixed: Mixed, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return mixed.x, mixed.soft_targets(num_classes)
+
+
 def _fetch(data: TensorData, idx: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Batch `idx` of `data` on `device`: an index into data on the device, or (data kept in host memory,
     `data.on_device`) a gather into pinned memory and a non-blocking copy."""
@@ -405,10 +454,11 @@ class Position:
 
     epoch: int = 0  # epochs finished
     batch: int = 0  # steps of epoch `epoch` + 1 taken (> 0: a checkpoint inside an epoch, checkpoint_every)
-    best: float = -1.0  # the best monitored test robust accuracy so far (best.pt's epoch)
+    best: float = -1.0  # the best monitored robust accuracy so far, on the validation split or else the test subset (best.pt's epoch)
     skipped: int = 0  # steps undone by nonfinite=skip, over the whole run
     noise_state: torch.Tensor | None = None  # inside an epoch: the state of its noise generator
     epoch_sums: dict | None = None  # inside an epoch: the sums of its steps so far (`new_sums`)
+    catastrophic: dict | None = None  # the catastrophic overfitting check's state (`CatastrophicOverfitting.state_dict`)
 
 
 def new_sums() -> dict[str, Any]:
@@ -422,12 +472,13 @@ def restore(run: Run, state: dict[str, Any]) -> Position:
     run.optimizer.load_state_dict(state["optimizer"])
     if run.ema is not None and state.get("ema") is not None:  # (EMA turned on at resume: it starts from here)
         run.ema.load_state_dict(state["ema"])
+    run.objective.load_state_dict(state.get("objective"))  # FGSM's previous perturbation (attack.init=previous)
     own = _own_position(state, run.dist)
     torch.set_rng_state(own["torch_rng"])
     if run.device.type == "cuda" and own.get("cuda_rng") is not None:
         torch.cuda.set_rng_state(own["cuda_rng"], run.device)
     return Position(state["epoch"], state["batch"], state["best"], state.get("skipped", 0), own.get("noise_state"),
-                    own.get("epoch_sums"))
+                    own.get("epoch_sums"), state.get("catastrophic"))
 
 
 def _own_position(state: dict, dist: Dist) -> dict:
@@ -460,6 +511,7 @@ def write_checkpoint(run: Run, run_dir: Path, name: str, at: Position) -> None:
         "world_size": run.dist.world, "ranks": ranks,
         "awp": run.awp.state_dict() if run.awp is not None else None,
         "ema": run.ema.state_dict() if run.ema is not None else None,
+        "objective": run.objective.state_dict(), "catastrophic": at.catastrophic,
         "data_info": run.info.to_dict() if run.info is not None else None,
     }, run_dir / name)
 
@@ -536,6 +588,9 @@ def monitor_epoch(run: Run, attack: AttackConfig) -> Monitoring:
     """Clean and PGD accuracy on the fixed train and test subsets (raw weights, and EMA), and the collapse check."""
     t0 = time.time()
     accs = evaluate_weights(run.local_forward, run, attack)
+    if run.eval_val is not None:  # data.val_subset: what best.pt is chosen on
+        accs["val_clean_acc"], accs["val_robust_acc"] = robust_accuracy(run.local_forward, run.eval_val, attack,
+                                                                        batch_size=run.cfg.eval.batch_size, seed=run.cfg.seed + 2, dist=run.dist)
     if run.ema is not None:
         accs |= evaluate_weights(run.ema_forward, run, attack, prefix="ema_")
     top_share = top_class_share(run.local_forward, run.eval_test.x, batch_size=run.cfg.eval.batch_size)
@@ -551,6 +606,8 @@ def epoch_record(plan: EpochPlan, epoch: int, sums: dict[str, Any], awp_on: bool
         "train_batch_adv_acc": sums["correct"] / seen,  # on the training batches, at w + v
         **watch.accs,  # train/test clean and robust accuracy and the gap; with EMA the same again as ema_*
         "eval_n": eval_n,  # images in each of the fixed test and train monitoring subsets
+        # the number best.pt is chosen on: the validation split's PGD accuracy (data.val_subset) or the test subset's
+        "best_on": "val" if "val_robust_acc" in watch.accs else "test",
         "test_top_class_share": watch.top_class_share,
         "skipped_batches": sums["skipped"], "epoch_time_s": sums["time"], "eval_time_s": watch.seconds,
         "images_per_s": sums["seen"] / max(sums["time"], 1e-9),
@@ -585,12 +642,16 @@ def _loop(run: Run, run_dir: Path, state: dict | None, *, progress: bool, stop_a
           started: float | None = None) -> Path:
     cfg, dist, plan = run.cfg, run.dist, EpochPlan.of(run)
     at = restore(run, state) if state is not None else Position()
-    history = rundir.truncate_metrics(run_dir, at.epoch) if dist.main else []
+    history = _kept_metrics(run_dir, at.epoch) if dist.main else []
     tb = (TensorBoardLog(run_dir / "tensorboard", resumed_at=plan.step(at.epoch, at.batch) if state else None)
           if cfg.log.tensorboard and dist.main else None)
     reader = StepReader(run, run_dir, plan, tb, skipped=at.skipped)
     rollback = Rollback(run.model, run.optimizer) if cfg.nonfinite == "skip" else None
-    eval_attack = AttackConfig(eps=cfg.attack.eps, alpha=cfg.eval.alpha or cfg.attack.alpha, steps=cfg.eval.steps, norm=cfg.attack.norm)
+    pgd_attack = cfg.attack.evaluation  # the training attack's threat model as PGD (its default step after FGSM)
+    eval_attack = AttackConfig(eps=pgd_attack.eps, alpha=cfg.eval.alpha or pgd_attack.alpha, steps=cfg.eval.steps, norm=pgd_attack.norm)
+    overfit = CatastrophicOverfitting(n=len(run.eval_test))
+    if at.catastrophic is not None:
+        overfit.load_state_dict(at.catastrophic)
     chance = ChanceLevel.of(run.eval_test.y)  # for the collapse check at epoch ends
     best, steps_done, t_run = at.best, 0, time.time()
     late = awp_warmup_warning(cfg, plan.total_steps) if cfg.awp.warmup < cfg.epochs else None  # (fit said the warm-up one)
@@ -615,9 +676,14 @@ def _loop(run: Run, run_dir: Path, state: dict | None, *, progress: bool, stop_a
                 group["lr"] = plan.lr(step)
             x, y = _fetch(run.train, index_batches[b], run.device)
             x = augment(x, generator=noise, **plan.augment)
+            if cfg.data.cutout:
+                x = cutout(x, cfg.data.cutout, generator=noise)
+            if cfg.data.mixup_alpha > 0:  # soft labels: the attack and the AT loss take them as they are (CE is linear in them)
+                x, y = _mix(mixup(x, y, cfg.data.mixup_alpha), run.info.num_classes)
             if awp is not None:
                 awp.step = step  # the global step, also after a resume: start_step compares with it
-            result = train_step(run.forward, run.objective, run.optimizer, x, y, awp=awp, generator=noise, rollback=rollback)
+            result = train_step(run.forward, run.objective, run.optimizer, x, y, awp=awp, generator=noise, rollback=rollback,
+                                l1=cfg.optim.l1)
             reader.add(result, len(y), awp)
             if run.ema is not None:
                 run.ema.update(run.model)  # after train_step's awp.restore() (and rollback): the average never sees w + v
@@ -627,7 +693,8 @@ def _loop(run: Run, run_dir: Path, state: dict | None, *, progress: bool, stop_a
             if save or stop or (b + 1) % cfg.log.interval == 0:  # the only host syncs of the loop
                 reader.read(epoch, sums, step + 1, bar)
             if save:
-                write_checkpoint(run, run_dir, rundir.LAST, Position(epoch, b + 1, best, reader.skipped, noise.get_state(), sums))
+                write_checkpoint(run, run_dir, rundir.LAST, Position(epoch, b + 1, best, reader.skipped, noise.get_state(), sums,
+                                                                     overfit.state_dict()))
                 reader.restart_clock()
             if stop:
                 bar.close()
@@ -643,19 +710,53 @@ def _loop(run: Run, run_dir: Path, state: dict | None, *, progress: bool, stop_a
         warning = collapse_warning(history, chance=chance)  # AWP killed the model?
         if warning:
             record["warning"] = warning
-        is_best = record["test_robust_acc"] > best
+        chosen_on = record.get("val_robust_acc", record["test_robust_acc"])
+        is_best = chosen_on > best
         if is_best:
-            best = record["test_robust_acc"]
-        save_epoch(run, run_dir, record, Position(epoch + 1, 0, best, reader.skipped), is_best=is_best, tb=tb)
+            best = chosen_on
+        overfitting = overfit.check(epoch + 1, record["test_robust_acc"], record["train_batch_adv_acc"])
+        if overfitting:
+            rolled = cfg.guard.catastrophic == "rollback" and not is_best and (run_dir / rundir.BEST).exists()
+            then = {"warn": "training goes on", "stop": "the run stops here (resume continues it)",
+                    "rollback": "weights and optimizer rolled back to best.pt's epoch" if rolled else "no better epoch to roll back to"}
+            record["catastrophic"] = f"{overfitting}; guard.catastrophic={cfg.guard.catastrophic}: {then[cfg.guard.catastrophic]}"
+            if rolled:  # before last.pt is written, so that a resume continues from the rolled-back weights
+                roll_back(run, run_dir / rundir.BEST)
+        save_epoch(run, run_dir, record, Position(epoch + 1, 0, best, reader.skipped, catastrophic=overfit.state_dict()),
+                   is_best=is_best, tb=tb)
         if progress:
             print(epoch_line(cfg, record, has_awp=run.awp is not None, has_ema=run.ema is not None, is_best=is_best), file=sys.stderr)
         if warning and dist.main and not (len(history) > 1 and history[-2].get("warning")):  # once per collapse
             print(f"flatrobust: warning: {warning}", file=sys.stderr)
+        if overfitting:
+            if dist.main:
+                print(f"flatrobust: warning: {record['catastrophic']}", file=sys.stderr)
+            if cfg.guard.catastrophic == "stop":
+                break
     if tb is not None:
         tb.close()
     if progress:
         print_summary(run_dir, history, time.time() - (t_run if started is None else started))
     return run_dir
+
+
+def val_record(run: Run) -> dict[str, Any]:
+    """data.json's record of the validation split (data.val_subset): its size, seed and indices in the training split."""
+    if run.val_indices is None:
+        return {}
+    return {"val_split": {"n": len(run.val_indices), "seed": run.cfg.seed, "train_subset": run.cfg.data.train_subset,
+                          "indices": run.val_indices}}
+
+
+def roll_back(run: Run, best: Path) -> None:
+    """guard.catastrophic=rollback: weights, optimizer and EMA back to `best` (best.pt: the last good epoch); the run goes on
+    from there with the next epoch's data order and noise. last.pt keeps the epoch as trained (its record says so)."""
+    state = load_checkpoint(best, map_location=run.device)
+    run.model.load_state_dict(state["model"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    if run.ema is not None and state.get("ema") is not None:
+        run.ema.load_state_dict(state["ema"])
+    run.objective.load_state_dict(state.get("objective"))
 
 
 def _check_state_fits(run: Run, state: dict[str, Any], path: Path) -> None:
@@ -706,7 +807,10 @@ def resolve_data_root(cfg: RunConfig) -> RunConfig:
 
 def fit(cfg: RunConfig, *, resume_dir: str | Path | None = None, overwrite: bool = False, progress: bool = True,
         stop_after_steps: int | None = None) -> Path:
-    """Train `cfg`; returns the run directory. `resume_dir` continues a stopped run from its last.pt."""
+    """Train `cfg`; returns the run directory. `resume_dir` continues a stopped run from its last.pt.
+
+    The main process holds the run directory's lock (`runlock`) from before it reads or writes anything there to
+    the end: a second writer of the same run is refused in one line."""
     started = time.time()  # the summary's time: the whole command's, data and model set-up included
     typed_root, cfg = cfg.data.root, resolve_data_root(cfg)
     if cfg.deterministic:
@@ -714,34 +818,52 @@ def fit(cfg: RunConfig, *, resume_dir: str | Path | None = None, overwrite: bool
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     dist = init_distributed(cfg)
     run = build(cfg, dist, progress=progress and dist.main)  # everything that can fail on bad input fails here, before any file is written
+    run_dir = Path(resume_dir) if resume_dir is not None else Path(cfg.out_dir) / cfg.name
+    made = not run_dir.exists()
+    try:
+        with runlock.hold(run_dir) if dist.main else contextlib.nullcontext():
+            return _start(run, run_dir, resume=resume_dir is not None, made=made, overwrite=overwrite, progress=progress,
+                          stop_after_steps=stop_after_steps, typed_root=typed_root, started=started)
+    finally:
+        if dist.world > 1 and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def _start(run: Run, run_dir: Path, *, resume: bool, made: bool, overwrite: bool, progress: bool,
+           stop_after_steps: int | None, typed_root: str, started: float) -> Path:
+    """`fit` with the run directory locked: check what a resume would continue (nothing in the run directory changes
+    until the checkpoint is known to fit the config), write the start files, train."""
+    cfg, dist = run.cfg, run.dist
     state: dict[str, Any] | None = None
-    if resume_dir is not None:
-        run_dir = Path(resume_dir)
+    if resume:
         if (run_dir / rundir.LAST).exists():
             state = load_checkpoint(run_dir / rundir.LAST, map_location=run.device)
+            check_resume_config(state.get("config"), cfg, run_dir / rundir.LAST)
             _check_state_fits(run, state, run_dir / rundir.LAST)  # one line, before any file of the run is written
             if _finished(run_dir, state, cfg):
                 if dist.main:
                     print(f"flatrobust: {run_dir} has finished its {cfg.epochs} epochs: nothing to do. To train it longer, "
                           f"resume with more epochs, e.g. flatrobust train --resume {run_dir} epochs={2 * cfg.epochs} "
                           "(the lr schedule is recomputed for the new length)", file=sys.stderr)
-                if dist.world > 1 and torch.distributed.is_initialized():
-                    torch.distributed.destroy_process_group()
                 return run_dir
+        elif dist.main:
+            _refuse_lost_checkpoint(run_dir)
     elif dist.main:
-        run_dir = rundir.prepare(Path(cfg.out_dir) / cfg.name, overwrite=overwrite)
-    else:
-        run_dir = Path(cfg.out_dir) / cfg.name
+        rundir.prepare(run_dir, overwrite=overwrite)
     numel = run.info.in_channels * run.info.image_size ** 2
     for warning in (awp_warmup_warning(cfg), whole_box_warning(cfg.attack.norm, cfg.attack.eps, numel)):
         if warning and dist.main:
             print(f"flatrobust: warning: {'attack.' if warning.startswith('eps=') else ''}{warning}", file=sys.stderr)
     if dist.main:  # one process writes files under torchrun
+        removed = rundir.remove_temporary(run_dir)  # left by a process killed during a write
+        if removed:
+            print(f"flatrobust: removed {len(removed)} temporary file(s) an interrupted write left in {str(run_dir)!r}: "
+                  f"{', '.join(map(repr, removed))}", file=sys.stderr)
         env = environment(cfg, run.device) | {"world_size": dist.world}
         # What the model was built for (data.json): classes (names), channels, size, normalization.
-        rundir.write_start_files(run_dir, config=cfg.to_dict(), env=env, data={"root": cfg.data.root, "root_as_typed": typed_root,
-                                                                                 **run.info.to_dict()},
-                                 fresh=state is None)
+        rundir.write_start_files(run_dir, config=cfg.to_dict(), env=env,
+                                 data={"root": cfg.data.root, "root_as_typed": typed_root, **run.info.to_dict(), **val_record(run)},
+                                 fresh=state is None and not resume, made=made)
         if progress:  # on stdout with the summary; stderr carries the epoch lines and the progress
             print(f"data: {cfg.data.name} {cfg.data.root if cfg.data.name != 'digits' else ''}".rstrip()
                   + f": {run.info.describe()}", flush=True)
@@ -751,17 +873,57 @@ def fit(cfg: RunConfig, *, resume_dir: str | Path | None = None, overwrite: bool
     except WriteError as e:  # disk full: every checkpoint written so far is intact
         how = f"continue the run with flatrobust train --resume {run_dir}" if (run_dir / "last.pt").exists() else "start it again"
         raise WriteError(f"{e}: make room, then {how}") from None
-    finally:
-        if dist.world > 1 and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+
+
+def _refuse_lost_checkpoint(run_dir: Path) -> None:
+    """UserError (one line) when a run to resume has no last.pt but records of trained epochs beyond the first:
+    resuming would start again from epoch 0 and drop them. A record of epoch 1 alone is what a run stopped between
+    writing that record and its first last.pt leaves (the write order is metrics, best.pt, last.pt): it starts again,
+    with a warning. With no record at all it stopped before its first checkpoint and starts again."""
+    metrics = run_dir / rundir.METRICS
+    epochs = {r["epoch"] for r in _valid_records(metrics)}
+    if epochs - {1}:
+        raise UserError(f"{str(run_dir)!r} holds no last.pt to continue from, but its {rundir.METRICS} records {len(epochs)} "
+                        f"trained epochs: resuming would start again from epoch 0 and lose them; put last.pt back, or start "
+                        f"the run again with flatrobust train {run_dir / rundir.CONFIG} --overwrite (its records are then deleted)")
+    if epochs:
+        print(f"flatrobust: warning: {str(run_dir)!r} holds no last.pt: it stopped while writing epoch 1's checkpoints (or "
+              "last.pt was deleted); training starts again from epoch 0 and replaces epoch 1's record", file=sys.stderr)
+
+
+def _valid_records(path: Path) -> list[dict[str, Any]]:
+    """The lines of a metrics file that are records of an epoch (damaged lines left out)."""
+    rows = []
+    for line in path.read_text(errors="replace").splitlines() if path.is_file() else []:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("epoch"), int):
+            rows.append(row)
+    return rows
+
+
+def _kept_metrics(run_dir: Path, epochs: int) -> list[dict[str, Any]]:
+    """The records of metrics.jsonl the checkpoint covers (`rundir.truncate_metrics`), saying in one line what was
+    dropped as damaged and which covered epochs then have no record."""
+    kept = rundir.truncate_metrics(run_dir, epochs)
+    missing = sorted(set(range(1, epochs + 1)) - {r["epoch"] for r in kept.records})
+    if kept.dropped or missing:
+        lost = f"; epoch(s) {', '.join(map(str, missing))} of the checkpoint now have no record" if missing else ""
+        print(f"flatrobust: warning: {str(run_dir / rundir.METRICS)!r} was damaged: dropped {', '.join(kept.dropped) or 'nothing'}; "
+              f"kept the {len(kept.records)} valid record(s){lost}", file=sys.stderr)
+    return kept.records
 
 
 def print_summary(run_dir: Path, history: list[dict], seconds: float) -> None:
     if not history:
         return
     rows = [("", "epoch", "test clean", "test robust", "train robust", "gap")]
+    on = "val" if history[-1].get("best_on") == "val" else "test"  # as the loop chose best.pt
     for weights, p in [("", "")] + ([("EMA ", "ema_")] if "ema_test_robust_acc" in history[-1] else []):
-        best = max((r for r in history if f"{p}test_robust_acc" in r), key=lambda r: r[f"{p}test_robust_acc"])
+        key = f"{p}{on}_robust_acc" if f"{p}{on}_robust_acc" in history[-1] else f"{p}test_robust_acc"
+        best = max((r for r in history if key in r), key=lambda r: r[key])
         for label, r in ((f"best {weights}", best), (f"last {weights}", history[-1])):
             rows.append((label.strip(), str(r["epoch"]), f"{r[p + 'test_clean_acc']:.2%}", f"{r[p + 'test_robust_acc']:.2%}",
                          f"{r[p + 'train_robust_acc']:.2%}", f"{r[p + 'gap']:+.2%}"))
@@ -770,4 +932,4 @@ def print_summary(run_dir: Path, history: list[dict], seconds: float) -> None:
     for r in rows:
         print("  ".join(c.rjust(w) for c, w in zip(r, widths)))
     ema = " (each holds the raw and the EMA weights: --weights ema|raw)" if "ema_test_robust_acc" in history[-1] else ""
-    print(f"checkpoints: {run_dir / 'best.pt'} (best test robust accuracy of the raw weights), {run_dir / 'last.pt'}{ema}")
+    print(f"checkpoints: {run_dir / 'best.pt'} (best {'validation' if on == 'val' else 'test'} robust accuracy of the raw weights), {run_dir / 'last.pt'}{ema}")

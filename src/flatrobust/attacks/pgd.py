@@ -41,6 +41,14 @@ def _per_example_loss(logits: torch.Tensor, y: torch.Tensor, loss: str, p_nat: t
     return nn.functional.kl_div(nn.functional.log_softmax(logits, 1), p_nat, reduction="none").sum(1)
 
 
+def _natural_probs(model: nn.Module, x: torch.Tensor, loss: str) -> torch.Tensor | None:
+    """TRADES' KL loss compares with the model's own prediction at x: computed once, before the attack; None otherwise."""
+    if loss != "kl":
+        return None
+    with torch.no_grad():
+        return torch.softmax(model(x), dim=1)
+
+
 def pgd(
     model: nn.Module,
     x: torch.Tensor,
@@ -90,10 +98,7 @@ def pgd(
         return x.clone()
     training = model.training if mode is None else mode == "train"
     with train_mode(model, training):
-        p_nat = None
-        if loss == "kl":
-            with torch.no_grad():
-                p_nat = torch.softmax(model(x), dim=1)
+        p_nat = _natural_probs(model, x, loss)
         best, best_loss = None, None
         for _ in range(restarts):
             x_adv = _pgd_once(model, x, y, ball, alpha, steps, loss, random_start, p_nat, generator)
@@ -130,6 +135,49 @@ def _pgd_once(model, x, y, ball, alpha, steps, loss, random_start, p_nat, genera
         (grad,) = torch.autograd.grad(objective, x_adv)  # input gradient only: no weight-gradient work
         x_adv = ball.project(ball.step(x_adv.detach(), grad, alpha), x)
     return x_adv.detach()
+
+
+def fgsm_train(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor | None,
+    *,
+    eps: float,
+    alpha: float,
+    norm: str = "linf",
+    loss: str = "ce",
+    start: str | torch.Tensor = "random",
+    mode: str | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """FGSM as a training attack (Wong, Rice and Kolter 2020, "Fast is better than free", Algorithm 3): one step of
+    size `alpha` (theirs: 1.25 eps) from `start`, projected to the eps ball and [0, 1].
+
+    start: "zero" (x itself, Goodfellow et al.'s FGSM), "random" (uniform in the ball, Wong et al.'s FGSM-RS) or a
+    perturbation tensor (B, C, H, W) to start from (`--fgsm-init previous`: the last batch's, as the official
+    script keeps it). loss "kl" is TRADES' KL to the natural prediction (its gradient vanishes at x: start at random).
+    """
+    ball = threat_model(norm, eps)
+    if loss not in LOSSES:
+        raise ValueError(f"unknown attack loss {loss!r}: use one of {', '.join(LOSSES)}")
+    _check_inputs(x)
+    x = x.detach()
+    training = model.training if mode is None else mode == "train"
+    with train_mode(model, training):
+        p_nat = _natural_probs(model, x, loss)
+        if isinstance(start, torch.Tensor):
+            x_adv = ball.project(x + start.to(x.dtype), x)
+        elif start == "random":
+            x_adv = ball.random_init(x, generator)
+        elif start == "zero":
+            x_adv = x.clone()
+        else:
+            raise ValueError(f"start must be 'zero', 'random' or a tensor, got {start!r}")
+        x_adv.requires_grad_(True)
+        logits = model(x_adv)
+        objective = ce_loss(logits, y) if loss == "ce" else cw_loss(logits, y) if loss == "cw" else kl_loss(logits, p_nat)
+        (grad,) = torch.autograd.grad(objective, x_adv)
+        return ball.project(ball.step(x_adv.detach(), grad, alpha), x).detach()
 
 
 def fgsm(

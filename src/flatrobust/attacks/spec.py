@@ -2,7 +2,8 @@
 
 One description for every place that runs PGD: the training attack of the objectives, the recipe's `attack`
 section (`flatrobust.config`), the monitoring attack of the training loop, and the attack that estimates the
-robust loss in `landscape` and `flatness`. The step size has one default everywhere, `default_alpha(norm, eps)`:
+robust loss in `landscape` and `flatness`. As the training attack it also says which kind (`kind`: PGD, FGSM from
+`init`, or none) and PGD's `restarts` (docs/OFFICIAL_FLAGS.md); `evaluation` is the PGD attack monitoring uses then. The step size has one default everywhere, `default_alpha(norm, eps)`:
 the step of AWP's official code scaled with eps (2/255 at L-inf 8/255, 15/255 at L2 128/255).
 """
 from __future__ import annotations
@@ -14,6 +15,9 @@ from typing import Any, Mapping
 from .threat import THREAT_MODELS, default_alpha
 
 FIELDS = ("norm", "eps", "alpha", "steps")  # the order of `as_dict` (and of a run's config.yaml)
+KINDS = ("pgd", "fgsm", "none")  # the training attack: PGD, FGSM (Wong et al. 2020), none (standard training)
+INITS = ("zero", "random", "previous")  # FGSM's start: x, uniform in the ball, or the previous batch's perturbation
+TRAINING = {"kind": "pgd", "init": "random", "restarts": 1}  # training-only keys: in `as_dict` when not these defaults
 
 
 @dataclasses.dataclass
@@ -26,17 +30,27 @@ class AttackConfig:
     """
 
     eps: float  # radius of the threat model in pixel units, e.g. 8/255 (CIFAR L-inf), 128/255 (L2), 0.2 (digits)
-    alpha: float | None = None  # PGD step size; unset (null): follows eps (eps/4 for L-inf, eps * 15/128 for L2)
+    alpha: float | None = None  # attack step size; unset (null): follows eps (PGD: eps/4 for L-inf, eps * 15/128 for L2; FGSM: 1.25 eps)
     steps: int = 10  # PGD steps of the training attack
     norm: str = "linf"  # linf | l2
+    # As a training attack only (the recipe's `attack` section; docs/OFFICIAL_FLAGS.md): pgd | fgsm | none
+    kind: str = "pgd"  # training attack: pgd | fgsm | none (official --attack)
+    init: str = "random"  # fgsm: zero | random | previous (official --fgsm-init); pgd always starts at random
+    restarts: int = 1  # pgd: independent runs, the worst per example kept (official --restarts)
 
     def __post_init__(self) -> None:
         if self.norm not in THREAT_MODELS:
             raise ValueError(f"AttackConfig norm must be one of {', '.join(map(repr, THREAT_MODELS))}, got {self.norm!r}")
         if not _nonnegative(self.eps):
             raise ValueError(f"AttackConfig eps must be a finite number >= 0 (pixel units, e.g. 8/255), got {self.eps!r}")
-        if self.alpha is None:
-            self.alpha = default_alpha(self.norm, self.eps)
+        if self.kind not in KINDS:
+            raise ValueError(f"AttackConfig kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
+        if self.init not in INITS:
+            raise ValueError(f"AttackConfig init must be one of {', '.join(INITS)}, got {self.init!r}")
+        if not isinstance(self.restarts, int) or isinstance(self.restarts, bool) or self.restarts < 1:
+            raise ValueError(f"AttackConfig restarts must be an integer >= 1, got {self.restarts!r}")
+        if self.alpha is None:  # FGSM: Wong et al.'s 1.25 eps; PGD: the paper's step scaled with eps
+            self.alpha = 1.25 * self.eps if self.kind == "fgsm" else default_alpha(self.norm, self.eps)
         if not _nonnegative(self.alpha):
             raise ValueError(f"AttackConfig alpha must be a finite number >= 0, got {self.alpha!r}")
         self.eps, self.alpha = float(self.eps), float(self.alpha)
@@ -51,14 +65,22 @@ class AttackConfig:
         if not isinstance(attack, Mapping) or "eps" not in attack:
             raise ValueError(f"attack must be an AttackConfig or a dict with keys norm, eps, alpha, steps (eps required), "
                              f"e.g. dict(norm='linf', eps=8/255, alpha=2/255, steps=10), got {attack!r}")
-        values = {k: attack[k] for k in FIELDS if k in attack}
+        values = {k: attack[k] for k in (*FIELDS, *TRAINING) if k in attack}
         if isinstance(values.get("steps"), float) and values["steps"].is_integer():  # e.g. read from JSON as 10.0
             values["steps"] = int(values["steps"])
         return cls(**values)
 
     def as_dict(self) -> dict[str, Any]:
-        """{norm, eps, alpha, steps}: the JSON form written beside every result that used the attack."""
-        return {k: getattr(self, k) for k in FIELDS}
+        """{norm, eps, alpha, steps}: the JSON form written beside every result that used the attack, and the
+        training-only keys (kind, init, restarts) where they differ from their defaults."""
+        return {k: getattr(self, k) for k in FIELDS} | {k: getattr(self, k) for k, v in TRAINING.items() if getattr(self, k) != v}
+
+    @property
+    def evaluation(self) -> AttackConfig:
+        """The PGD attack of the same threat model, for monitoring: this one without its training-only keys (and
+        with the default step when this one's step was chosen for FGSM)."""
+        alpha = self.alpha if self.kind == "pgd" else default_alpha(self.norm, self.eps)
+        return AttackConfig(eps=self.eps, alpha=alpha, steps=self.steps, norm=self.norm)
 
 
 def _nonnegative(v: Any) -> bool:

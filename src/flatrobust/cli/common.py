@@ -117,11 +117,13 @@ def resolve_attack(cfg: dict[str, Any], args: argparse.Namespace) -> dict[str, A
     attack = {
         "norm": args.norm or base.get("norm", "linf"),
         "eps": number(args.eps) if args.eps is not None else base.get("eps"),
-        "alpha": number(args.step_size) if args.step_size is not None else None if args.eps is not None else base.get("alpha"),
+        # an FGSM or standard training run's attack.alpha is no PGD step: its PGD takes the default step
+        "alpha": number(args.step_size) if args.step_size is not None else None if args.eps is not None or base.get("kind", "pgd") != "pgd"
+        else base.get("alpha"),
         "steps": args.steps if args.steps is not None else base.get("steps"),
     }
     for key, value in attack.items():
-        if value is None and not (key == "alpha" and args.eps is not None):
+        if value is None and not (key == "alpha" and (args.eps is not None or base.get("kind", "pgd") != "pgd")):
             raise UserError(f"the checkpoint's config has no attack.{key}: give it on the command line")
     attack = {k: (number(v) if isinstance(v, str) and k in ("eps", "alpha") else v) for k, v in attack.items()}
     try:

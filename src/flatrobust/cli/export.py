@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 
 from ..errors import UserError
+from .common import add_quiet_argument
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -28,6 +29,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, metavar="FILE.pt", help="with --format state_dict: where to write (a .safetensors copy goes beside it)")
     p.add_argument("--weights", choices=("raw", "ema"), default="raw", help="the trained weights (default) or their moving average")
     p.add_argument("--overwrite", action="store_true", help="replace files that exist")
+    add_quiet_argument(p)  # nothing to quiet here (no progress): accepted so that one script can pass it to every command
 
 
 def run(args: argparse.Namespace) -> int:

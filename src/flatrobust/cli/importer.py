@@ -14,6 +14,7 @@ import argparse
 from pathlib import Path
 
 from ..errors import UserError
+from .common import add_quiet_argument
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -27,6 +28,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", default=None, help="the weights file itself, instead of the cache layout")
     p.add_argument("--out", default=None, help="folder of the checkpoint (default: runs/robustbench/<Name>)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT/model.pt if it exists")
+    add_quiet_argument(p)  # nothing to quiet here (no progress): accepted so that one script can pass it to every command
 
 
 def run(args: argparse.Namespace) -> int:

@@ -28,13 +28,13 @@ import torch
 from torch import nn
 
 from ..awp import AWP, perturbed_parameters
+from .options import check_options
 
 try:
     from transformers import Trainer, TrainerCallback
 except ImportError as e:  # one line that says what to install
     raise ImportError("flatrobust.integrations.huggingface needs transformers: pip install 'flatrobust[huggingface]'") from e
 
-RESTORE = ("after_step", "before_step")
 
 
 class _Restore(TrainerCallback):
@@ -66,13 +66,8 @@ class AWPTrainer(Trainer):
 
     def __init__(self, *args: Any, awp: dict | None = None, awp_restore: str = "after_step", **kwargs: Any):
         options = dict(awp or {})
-        if awp_restore not in RESTORE:
-            raise ValueError(f"AWPTrainer awp_restore must be one of {', '.join(RESTORE)}, got {awp_restore!r}")
-        for key in ("params", "scaler"):
-            if key in options:
-                raise ValueError(f"AWPTrainer sets AWP's {key} itself: use awp={{'patterns': ...}} to choose the weights"
-                                 if key == "params" else "AWPTrainer takes the accelerator's GradScaler itself")
-        AWP(nn.Linear(1, 1), **{k: v for k, v in options.items() if k != "patterns"})  # a bad value fails here
+        check_options("AWPTrainer", "awp_restore", awp_restore, options, patterns_hint="awp={'patterns': ...}",
+                      scaler_source="the accelerator's")
         super().__init__(*args, **kwargs)
         if self.model is not None:
             perturbed_parameters(self.model, options.get("patterns"))  # a pattern that matches nothing fails here

@@ -34,13 +34,13 @@ import torch
 from torch import nn
 
 from ..awp import AWP
+from .options import check_options
 
 try:
     import pytorch_lightning as pl
 except ImportError as e:  # one line that says what to install
     raise ImportError("flatrobust.integrations.lightning needs PyTorch Lightning: pip install 'flatrobust[lightning]'") from e
 
-RESTORE = ("after_step", "before_step")
 
 
 @contextlib.contextmanager
@@ -67,13 +67,8 @@ class AWPCallback(pl.Callback):
     """
 
     def __init__(self, gamma: float = 0.01, *, restore: str = "after_step", **awp_options: Any):
-        if restore not in RESTORE:
-            raise ValueError(f"AWPCallback restore must be one of {', '.join(RESTORE)}, got {restore!r}")
-        for key in ("params", "scaler"):
-            if key in awp_options:
-                raise ValueError(f"AWPCallback sets AWP's {key} itself: use patterns= to choose the weights"
-                                 if key == "params" else "AWPCallback takes the trainer's GradScaler itself")
-        AWP(nn.Linear(1, 1), gamma, **{k: v for k, v in awp_options.items() if k != "patterns"})  # a bad value fails here
+        check_options("AWPCallback", "restore", restore, awp_options, gamma, patterns_hint="patterns=",
+                      scaler_source="the trainer's")
         self.gamma, self.restore, self.awp_options = gamma, restore, awp_options
         self.awp: AWP | None = None
         self._step_at_perturb = -1  # the global step when the weights were perturbed
