@@ -403,20 +403,21 @@ def readme_block(runs, keys: dict, settings, main: str, cfgs: dict, plan_of: dic
             base, other = METHODS[method], METHODS[f"{method}_awp"]
 
             def cell(get, higher_better: bool, get_aa=None, digits: int = 1) -> str:
-                j = Judged(_values(plain, get), _values(awp, get), higher_better)
+                j = Judged(_values(plain, get), _values(awp, get), higher_better, len(plan.seeds) if plan else 0)
                 if not j.measured:
                     return "—"
                 text = f"{statistics.mean(j.a):.{digits}f} → {statistics.mean(j.b):.{digits}f}"
                 held = j.held
                 if get_aa is not None:
-                    ja = Judged(_values(plain, get_aa), _values(awp, get_aa), higher_better)
+                    ja = Judged(_values(plain, get_aa), _values(awp, get_aa), higher_better, len(plan.seeds) if plan else 0)
                     if ja.measured:
                         text += f" (AutoAttack {statistics.mean(ja.a):.{digits}f} → {statistics.mean(ja.b):.{digits}f})"
                         held = held and ja.held
                     elif s.autoattack or s.key == main:
                         held = False
                 if not j.judged:
-                    return text + ": one seed, not judged"
+                    return text + (f": interim ({min(len(j.a), len(j.b))} of {j.planned} planned seeds), not judged" if j.interim
+                                   else ": one seed, not judged")
                 return text + (": **held**" if held else ": not held")
 
             rows.append([f"{s.key}{' (main)' if s.key == main else ''}", budget, f"{base} → {other}", seeds,
@@ -755,14 +756,27 @@ class Judged:
     a: list[float]
     b: list[float]
     higher_better: bool
+    planned: int = 0  # the comparison's planned seeds: no verdict before each side has that many values (0: no plan)
 
     @property
     def measured(self) -> bool:
         return bool(self.a and self.b)
 
     @property
+    def interim(self) -> bool:
+        """Fewer values than planned seeds on a side: a look before the planned number, never a verdict."""
+        return len(self.a) < self.planned or len(self.b) < self.planned
+
+    @property
     def judged(self) -> bool:
-        return len(self.a) >= 2 and len(self.b) >= 2
+        return len(self.a) >= 2 and len(self.b) >= 2 and not self.interim
+
+    def not_judged(self) -> str:
+        """Why there is no verdict (interim look, or one seed on a side)."""
+        if self.interim:
+            return (f"not judged yet (interim: {len(self.a)} and {len(self.b)} of the {self.planned} planned seeds have "
+                    "finished; claims are judged at the planned number)")
+        return f"not judged (one seed{'' if len(self.a) == len(self.b) == 1 else ' on a side'}: no noise estimate)"
 
     @property
     def diff(self) -> float:
@@ -787,7 +801,7 @@ class Judged:
     def verdict(self, favour: str) -> str:
         """held / did not hold (with why), or not judged with one seed on a side; `favour`: whose difference it is."""
         if not self.judged:
-            return f"not judged (one seed{'' if len(self.a) == len(self.b) == 1 else ' on a side'}: no noise estimate)"
+            return self.not_judged()
         v = "held" if self.held else "did not hold"
         if self.held and NARROW <= self.p:
             v += f", narrowly ({NARROW} <= p < {ALPHA}: weak evidence)"
@@ -825,6 +839,7 @@ def _claims(runs, base_key: str, awp_key: str, title: str, autoattack: bool = Tr
     more_plain, more_awp = every_plain, every_awp  # planned + added
     added = bool(_planned(every_plain, plan, "added") or _planned(every_awp, plan, "added"))
     with_awp = f"{base}-AWP"
+    planned = len(plan.seeds) if plan is not None else 0
     out = [f"### {title}: {base}" + (f" vs {with_awp}" if awp_key else ""), ""]
     if plan is not None:
         out += [f"Judged on the planned seeds {_seeds(plan.seeds)}" + (f" (seeds {_seeds(plan.added)} were added after looking: "
@@ -865,7 +880,7 @@ def _claims(runs, base_key: str, awp_key: str, title: str, autoattack: bool = Tr
                 if j.measured else "")
 
     for claim, get, higher_better, unit, get_aa in AWP_CLAIMS:
-        j = Judged(_values(plain, get), _values(awp, get), higher_better)
+        j = Judged(_values(plain, get), _values(awp, get), higher_better, planned)
         if not j.measured:
             line(claim, "not measured yet", f"({len(j.a)} {base} and {len(j.b)} {with_awp} values so far).")
             continue
@@ -873,7 +888,7 @@ def _claims(runs, base_key: str, awp_key: str, title: str, autoattack: bool = Tr
         if get_aa is None:
             line(claim, j.verdict("AWP"), j.numbers(base, with_awp, unit) + "." + later(get, higher_better, unit) + note)
             continue
-        ja = Judged(_values(plain, get_aa), _values(awp, get_aa), higher_better)
+        ja = Judged(_values(plain, get_aa), _values(awp, get_aa), higher_better, planned)
         pgd_text = f"PGD-20: {j.verdict('AWP')}, {j.numbers(base, with_awp, unit)}"
         if not autoattack:
             line(claim, j.verdict("AWP") + " under PGD-20 (AutoAttack not planned in this setting: PGD-20 alone)",
@@ -887,7 +902,7 @@ def _claims(runs, base_key: str, awp_key: str, title: str, autoattack: bool = Tr
                  "did not hold" + (" (held under PGD-20 only: AutoAttack does not confirm it)" if j.held else
                                    " (held under AutoAttack only)" if ja.held else ""))
             if not (j.judged and ja.judged):
-                v = j.verdict("AWP")
+                v = (ja if j.judged else j).not_judged()
             line(claim, v, f"{pgd_text}; AutoAttack ({N_AUTOATTACK:,} test images): {ja.verdict('AWP')}, "
                            f"{ja.numbers(base, with_awp, unit)}." + later(get, higher_better, unit, ", PGD-20")
                  + later(get_aa, higher_better, unit, ", AutoAttack") + note)
@@ -985,7 +1000,8 @@ def _plans(plans) -> list[str]:
     return ["## Seeds: planned, and added after looking", "",
             "The seeds of every comparison are fixed before it runs (study/study.py `PLANS`) and its claims are judged on "
             "those seeds. Seeds added after looking at a result are optional stopping (every added seed is a new chance "
-            "for p to fall under 0.05): their figures are shown beside the verdict, marked so, never in its place.", "",
+            "for p to fall under 0.05): their figures are shown beside the verdict, marked so, never in its place. Before every planned seed has finished on both sides, a comparison's "
+            "numbers are shown as an interim look and no claim is judged (that would be the same optional stopping).", "",
             *_table(["comparison", "setting", "seeds planned", "seeds added after looking", "why / what it asks"], tab)]
 
 
@@ -1069,7 +1085,7 @@ def _remedies(runs, keys: dict, main: str, plan_of: dict) -> list[str]:
                 a, b = [x for x, _ in pairs], [y for _, y in pairs]
             else:
                 a, b = [x for x in a if x is not None], [y for y in b if y is not None]
-            j = Judged(a, b, False)
+            j = Judged(a, b, False, len(plan.seeds) if plan else 0)
             if not j.measured:
                 out.append(f"- **{name} lowers the {mname}**: not measured yet.")
                 continue
@@ -1082,7 +1098,7 @@ def _remedies(runs, keys: dict, main: str, plan_of: dict) -> list[str]:
             else:
                 ok = j.held
                 v, nums = j.verdict(name), j.numbers("AT last.pt", label, unit)
-            held.append(ok)
+            held.append(ok if j.judged else None)
             out.append(f"- **{name[0].upper() + name[1:]} lowers the {mname}**: {v}. {nums}.")
         rob = []
         for attack, kind in (("PGD-20, full test", "eval"), (f"AutoAttack, {N_AUTOATTACK:,} test images", "aa")):
@@ -1093,7 +1109,7 @@ def _remedies(runs, keys: dict, main: str, plan_of: dict) -> list[str]:
                            f"({len(a)} and {len(b)} runs)")
         out += [f"- Robustness beside it: {'; '.join(rob) if rob else 'not measured yet'}."
                 + (f" {BEST_ON_TEST}." if ck == "best" else ""), ""]
-        if len(held) == 3:
+        if len(held) == 3 and None not in held:
             out += [f"Verdict for {name}: " + ("flatter and a narrower gap on every measure" if all(held) else
                                                "held on " + (", ".join(m for (m, _, _), h in zip(measures, held) if h) or "no measure")
                                                ) + ".", ""]

@@ -505,6 +505,19 @@ def test_claims_are_judged_on_the_planned_seeds_and_added_seeds_are_shown_beside
     assert "4 and 4 seeds" in next(ln for ln in unplanned.splitlines() if "AWP raises last-epoch robustness" in ln)
 
 
+def test_no_verdict_before_the_planned_seeds_have_finished(tmp_path):
+    """An interim look (2 of 3 planned seeds) shows the numbers but judges nothing: claims are judged at the planned
+    number, however clear the first seeds look (AT-AWP 10 points ahead on both here)."""
+    runs = _awp_runs(tmp_path, [0.40, 0.41], {"at": [0.28, 0.29], "awp": [0.38, 0.39]}, seeds=(0, 1))
+    text = _write_planned(tmp_path, runs, study.Plan("vt", "at", "at_awp", (0, 1, 2)))
+    line = next(ln for ln in text.splitlines() if "AWP raises last-epoch robustness" in ln)
+    assert "**: not judged yet (interim: 2 and 2 of the 3 planned seeds have finished" in line, line
+    assert "held" not in line.split("**: ")[1].split(".")[0]
+    done = _write_planned(tmp_path / "b", _awp_runs(tmp_path, [0.40, 0.41, 0.42], {"at": [0.28, 0.29, 0.30], "awp": [0.38, 0.39, 0.40]}),
+                          study.Plan("vt", "at", "at_awp", (0, 1, 2)))
+    assert "**: held under both attacks." in next(ln for ln in done.splitlines() if "AWP raises last-epoch robustness" in ln)
+
+
 def test_a_robustness_claim_holds_only_when_autoattack_confirms_it(tmp_path):
     aa = {"at": [0.28, 0.29, 0.30], "awp": [0.28, 0.30, 0.29]}  # PGD-20 says +8 points, AutoAttack says nothing
     text = _write_planned(tmp_path, _awp_runs(tmp_path, [0.38, 0.39, 0.40], aa), study.Plan("vt", "at", "at_awp", (0, 1, 2)))
