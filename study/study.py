@@ -433,16 +433,22 @@ def run(rows: list[Row], stages: set[str], jobs: int, dry: bool) -> int:
 
     def next_task() -> Task | None:
         with lock:
-            for t in todo:
-                if t.done or t.running or (not dry and _busy(t.dir)):
-                    continue
-                need = state.get(t.needs) if t.needs else None
-                if need is not None and not need.done and (need.run, need.stage) not in mine:  # done elsewhere since?
-                    need.done = _train_done(need.dir) if need.stage == "train" else need.output.is_file()
-                if need is not None and not need.done:
-                    continue
-                t.running = True
-                return t
+            rescan = True
+            while rescan:  # a task found finished elsewhere may be what a task earlier in the list needs
+                rescan = False
+                for t in todo:
+                    if t.done or t.running or (not dry and _busy(t.dir)):
+                        continue
+                    if not dry and (_train_done(t.dir) if t.stage == "train" else t.output.is_file()):
+                        t.done = rescan = True  # finished by another runner (or by hand) since this one listed it: never twice
+                        continue
+                    need = state.get(t.needs) if t.needs else None
+                    if need is not None and not need.done and (need.run, need.stage) not in mine:  # done elsewhere since?
+                        need.done = _train_done(need.dir) if need.stage == "train" else need.output.is_file()
+                    if need is not None and not need.done:
+                        continue
+                    t.running = True
+                    return t
             return None
 
     def worker() -> None:

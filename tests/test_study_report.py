@@ -607,3 +607,22 @@ def test_the_readme_block_is_one_row_per_comparison_judged_on_its_planned_seeds(
         "| v3 (main) AT → AT-AWP", "| v3 (main) TRADES → TRADES-AWP", "| v2 AT → AT-AWP", "| v3n AT → AT-AWP", "| f3 AT → AT-AWP"]
     assert "3 + 3 (2 + 2 more added after looking)" in rows[0] and "one seed, not judged" in rows[3]
     assert "[docs/RESULTS.md](docs/RESULTS.md)" in block[0]
+
+
+def test_a_task_another_runner_finished_since_it_was_listed_is_not_run_again(tmp_path, monkeypatch):
+    """Two runners (one training the labeler and RST chain, one evaluating): a task the other finished after this one
+    listed its tasks is skipped when its turn comes, not run twice."""
+    monkeypatch.setattr(study, "RESULTS", tmp_path)
+    monkeypatch.setattr(study, "_train_done", lambda d: True)
+    rows = [study.Row("x", "X", "c10jpeg3_at", (0,))]
+    listed = study.tasks(rows)
+    for t in listed:
+        t.done = False  # as listed before the other runner finished them
+    monkeypatch.setattr(study, "tasks", lambda rows: listed)
+    best = next(t for t in listed if t.stage == "pgd_best")
+    best.output.parent.mkdir(parents=True, exist_ok=True)
+    best.output.write_text("{}")
+    ran = []
+    monkeypatch.setattr(study, "_command", lambda t, dry, argv: ran.append(t.stage) or 0)
+    study.run(rows, {"train", "pgd"}, 1, dry=False)
+    assert ran == ["pgd_last"]
