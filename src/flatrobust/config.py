@@ -24,6 +24,7 @@ from .attacks import AttackConfig
 from .attacks.spec import INITS, KINDS
 from .catastrophic import MODES as CATASTROPHIC_MODES
 from .errors import UserError
+from .objectives import FREE_MART
 from .rundir import CONFIG, LAST, read_config
 
 
@@ -161,7 +162,7 @@ LOWER = {
     "awp.gamma": (0, True), "awp.warmup": (0, True), "awp.steps": (1, True), "awp.eps_rel": (0, True),
     "awp.start_step": (0, True), "ema.decay": (0, True),
     "optim.lr": (0, False), "optim.momentum": (0, True), "optim.weight_decay": (0, True),
-    "log.interval": (1, True), "attack.restarts": (1, True), "data.val_subset": (0, True), "data.cutout": (0, True), "data.mixup_alpha": (0, True),
+    "log.interval": (1, True), "attack.restarts": (1, True), "attack.replays": (1, True), "data.val_subset": (0, True), "data.cutout": (0, True), "data.mixup_alpha": (0, True),
     "optim.l1": (0, True), "optim.l2": (0, True), "optim.lr_one_drop": (0, True), "optim.lr_drop_epoch": (0, True),
 }
 
@@ -364,7 +365,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     _validate_attack(cfg)
     from . import schedules
 
-    why = schedules.check(cfg.optim.schedule, cfg.epochs)
+    why = schedules.check(cfg.optim.schedule, cfg.attack.passes(cfg.epochs) * cfg.attack.batch_replays)  # the epochs it spans
     if why:
         raise UserError(why)
     return cfg
@@ -383,6 +384,13 @@ def _validate_attack(cfg: RunConfig) -> None:
                         f"{cfg.method.upper()}'s loss compares the model's own distributions (no soft-label form); use method=at")
     if a.restarts > 1 and a.kind != "pgd":
         raise UserError(f"attack.restarts={a.restarts} applies to the PGD training attack, not attack.kind={a.kind}")
+    if a.replays is not None and a.kind != "free":
+        raise UserError(f"attack.replays={a.replays} applies to Free AT (attack.kind=free), not attack.kind={a.kind}")
+    if a.kind == "free" and a.init != "random":
+        raise UserError(f"attack.init={a.init} is FGSM's start: Free AT's perturbation starts at zero and is carried from "
+                        "batch to batch (Shafahi et al.); leave attack.init out")
+    if a.kind == "free" and cfg.method == "mart":
+        raise UserError(FREE_MART)
 
 
 def _validate_data(cfg: RunConfig) -> None:

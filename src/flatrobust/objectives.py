@@ -14,6 +14,12 @@ The training attack is an `attacks.AttackConfig` (re-exported here). A training 
     awp.perturb(lambda m: obj.ascent_loss(m, x, x_adv, y))
     loss = obj.loss(model, x, x_adv, y); opt.zero_grad(); loss.backward(); opt.step()
     awp.restore()
+
+With Free AT (`attack.kind="free"`, Shafahi et al. 2019) `attack` returns x + the carried perturbation (no gradient
+work), and the training step's own backward pass gives the input gradient that moves it (`objective.free`,
+`train.train_step`): the gradient of the training loss at x_adv. For AT that is the CE gradient of the paper; for
+TRADES it is beta times the gradient of its KL term, the direction TRADES' own attack ascends. MART's attack ascends
+CE, not MART's loss, so Free MART is refused.
 """
 from __future__ import annotations
 
@@ -21,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attacks import AttackConfig, fgsm_train, pgd
+from .attacks import AttackConfig, FreePerturbation, fgsm_train, pgd
 
 __all__ = ["AT", "MART", "OBJECTIVES", "TRADES", "AttackConfig", "Objective", "create_objective"]
 
@@ -37,6 +43,8 @@ class Objective:
             raise TypeError(f"{cls} needs its training attack, e.g. {cls}(AttackConfig(eps=8/255)) for CIFAR L-inf: "
                             f"eps depends on the data, so there is no default (got {attack!r})")
         self.attack_config = attack
+        # Free AT: the perturbation carried across replays and batches (None for the other kinds)
+        self.free = FreePerturbation(attack.eps, attack.alpha, attack.norm) if attack.kind == "free" else None
 
     def attack(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, generator=None) -> torch.Tensor:
         raise NotImplementedError
@@ -53,10 +61,13 @@ class Objective:
 
     def _pgd(self, model, x, y, *, loss, mode, random_start=True, generator=None):
         """The training attack `attack_config.kind` describes: PGD (with its restarts), FGSM from its `init` (Wong et al.
-        2020), or none (x itself: standard training, and AWP then ascends the clean loss)."""
+        2020), Free AT's carried perturbation (Shafahi et al. 2019; the step moves it), or none (x itself: standard
+        training, and AWP then ascends the clean loss)."""
         a = self.attack_config
         if a.kind == "none":
             return x.detach()
+        if self.free is not None:
+            return self.free.apply(x, start="kl" if loss == "kl" else "zero", generator=generator)
         if a.kind == "fgsm":
             start: str | torch.Tensor = a.init
             if a.init == "previous":  # the previous batch's perturbation (zero at the first), as the official script keeps it
@@ -72,11 +83,13 @@ class Objective:
                    random_start=random_start, restarts=a.restarts, mode=mode, generator=generator)
 
     def state_dict(self) -> dict:
-        """What the attack carries from batch to batch (FGSM's previous perturbation), for an exact resume."""
-        return {"previous": getattr(self, "_previous", None)}
+        """What the attack carries from batch to batch (FGSM's previous perturbation, Free AT's delta), for an exact resume."""
+        return {"previous": getattr(self, "_previous", None)} | ({"free": self.free.state_dict()} if self.free is not None else {})
 
     def load_state_dict(self, state: dict | None) -> None:
         self._previous = (state or {}).get("previous")
+        if self.free is not None:
+            self.free.load_state_dict((state or {}).get("free"))
 
 
 class AT(Objective):
@@ -123,6 +136,8 @@ class MART(Objective):
         super().__init__(attack)
         if beta < 0:
             raise ValueError(f"MART beta must be >= 0, got {beta}")
+        if attack.kind == "free":
+            raise ValueError(FREE_MART)
         self.beta = beta
 
     def attack(self, model, x, y, generator=None):
@@ -141,6 +156,8 @@ class MART(Objective):
         return bce + self.beta * (kl * (1.0000001 - p_true)).mean(), logits_adv
 
 
+FREE_MART = ("Free AT with MART: Free AT moves its perturbation with the training loss's input gradient, and MART's "
+             "attack ascends CE, not MART's loss, so it would not be MART's attack; use method=at or method=trades")
 OBJECTIVES = {"at": AT, "trades": TRADES, "mart": MART}
 
 

@@ -221,9 +221,17 @@ def without_timing(record: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in record.items() if k not in TIMING_KEYS}
 
 
+def loop_epochs(config: dict[str, Any]) -> int:
+    """The epochs a run of `config` records: its `epochs`, or under Free AT (attack.kind free, m = attack.replays) the
+    ceil(epochs / m) passes over the data it makes (`AttackConfig.passes`)."""
+    attack = config.get("attack") if isinstance(config.get("attack"), dict) else {}
+    m = attack.get("replays") if attack.get("kind") == "free" else 1
+    return math.ceil(config["epochs"] / m) if isinstance(m, int) and m >= 1 else config["epochs"]
+
+
 def covers(config: dict[str, Any], metrics: list[dict[str, Any]]) -> bool:
     """Whether the records of `read_metrics` cover every epoch of the config: the run has finished."""
-    return len(metrics) >= config["epochs"]
+    return len(metrics) >= loop_epochs(config)
 
 
 def finished(run_dir: str | os.PathLike) -> bool:

@@ -74,12 +74,18 @@ def train_step(
     at its next read of `finite`), unless `rollback` is given: then weights, buffers and optimizer state are
     put back on the device as they were before the step (`nonfinite=skip`). `l1` > 0 adds l1 * sum |w| over the weights
     with dim > 1 to the training loss (the official script's --l1; the logged loss includes it).
+
+    Free AT (`objective.free`, Shafahi et al. 2019): one replay. Step 1 is x + the carried perturbation, and the one
+    backward pass at w + v gives the input gradient too, which moves the perturbation after the optimizer step.
     """
     if rollback is not None:
         rollback.save()
     x_adv = objective.attack(model, x, y, generator=generator)  # 1. at the unperturbed weights
     if awp is not None:
         awp.perturb(lambda m: objective.ascent_loss(m, x, x_adv, y))  # 2.-3. w <- w + v
+    free = getattr(objective, "free", None)
+    if free is not None:
+        x_adv = x_adv.detach().requires_grad_(True)  # the step's backward gives the input gradient as well ("for free")
     try:
         model.train()
         loss, logits_adv = objective.loss_and_logits(model, x, x_adv, y)  # the training loss at w + v
@@ -91,6 +97,8 @@ def train_step(
     finally:
         if awp is not None and awp.active:
             awp.restore()  # 4. w <- w - v: net effect w <- w - lr * grad L(w + v)
+    if free is not None:
+        free.update(x, x_adv, x_adv.grad)  # delta <- P(x_adv + alpha * step(grad_x L(w + v)))
     loss = loss.detach()
     finite = torch.isfinite(loss)
     if awp is not None and awp.finite is not None:
@@ -105,14 +113,21 @@ def train_step(
     return StepResult(loss, (logits_adv.detach().argmax(1) == labels).sum(), finite)
 
 
+def schedule_epochs(cfg: RunConfig) -> int:
+    """The epochs the lr schedule spans: `cfg.epochs`, or under Free AT the passes times m (ceil(epochs / m) * m: the
+    epochs of standard training whose SGD steps the run takes, each replay one iteration)."""
+    return cfg.attack.passes(cfg.epochs) * cfg.attack.batch_replays
+
+
 def lr_at(step: int, total_steps: int, cfg: RunConfig) -> float:
-    """Learning rate at iteration `step` (0-based) of `total_steps` (`cfg.epochs` epochs of equal length):
+    """Learning rate at iteration `step` (0-based) of `total_steps` (`schedule_epochs(cfg)` epochs of equal length):
     `optim.schedule` as `schedules.Schedule` defines it."""
     o = cfg.optim
-    per_epoch = max(total_steps // max(cfg.epochs, 1), 1)
+    epochs = schedule_epochs(cfg)
+    per_epoch = max(total_steps // max(epochs, 1), 1)
     if o.schedule in schedules.OWN:  # their rule reads total_steps itself (a run whose epochs do not divide it)
         return schedules.Schedule(o.schedule, o.lr, 1, max(total_steps, 1))(step)
-    return schedules.Schedule(o.schedule, o.lr, cfg.epochs, per_epoch, o.lr_one_drop, o.lr_drop_epoch)(step)
+    return schedules.Schedule(o.schedule, o.lr, epochs, per_epoch, o.lr_one_drop, o.lr_drop_epoch)(step)
 
 
 @dataclass
@@ -364,6 +379,11 @@ class EpochPlan:
     Under DDP every process takes its share of each global batch of batch_size, and the last, incomplete batch is
     dropped so that no process is left without examples. With RST's extra data an epoch is one pass over the
     labeled data, each batch completed with extra examples (`data.extra_fraction` of it).
+
+    Free AT (Shafahi et al. 2019) replays each batch m times, one SGD step each: an epoch of the loop is one pass over
+    the data of m * batches steps, and `epochs` (the loop's) is ceil(cfg.epochs / m), so that the run takes the SGD
+    steps of cfg.epochs epochs of standard training (rounded up to whole passes, as Shafahi et al.'s code does). Steps
+    (`step`, the lr schedule, awp.start_step, checkpoint_every, log.interval) count SGD steps, i.e. replays.
     """
 
     cfg: RunConfig
@@ -377,18 +397,39 @@ class EpochPlan:
         return cls(run.cfg, run.n_labeled, len(run.train) - run.n_labeled, run.dist.rank, run.dist.world)
 
     @cached_property
-    def steps_per_epoch(self) -> int:
+    def batches_per_epoch(self) -> int:
         cfg = self.cfg
         per_batch = mixed_batch_sizes(cfg.batch_size, cfg.data.extra_fraction)[0] if self.n_extra else cfg.batch_size
         return self.n_labeled // per_batch if self.world > 1 else math.ceil(self.n_labeled / per_batch)
 
     @property
-    def total_steps(self) -> int:
-        return self.cfg.epochs * self.steps_per_epoch
+    def replays(self) -> int:
+        """SGD steps per batch: Free AT's m, else 1."""
+        return self.cfg.attack.batch_replays
 
-    def step(self, epoch: int, batch: int) -> int:
-        """The global step (0-based) of batch `batch` of epoch `epoch` (0-based)."""
-        return epoch * self.steps_per_epoch + batch
+    @property
+    def epochs(self) -> int:
+        """The loop's epochs (passes over the data): cfg.epochs, or ceil(cfg.epochs / m) under Free AT."""
+        return self.cfg.attack.passes(self.cfg.epochs)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.batches_per_epoch * self.replays
+
+    @property
+    def total_steps(self) -> int:
+        return self.epochs * self.steps_per_epoch
+
+    @property
+    def awp_start(self) -> int:
+        """The global step AWP starts at: awp.start_step, or the first step of epoch awp.warmup if later. Under Free AT
+        awp.warmup counts epochs of standard training like cfg.epochs does (warmup * batches SGD steps), so AWP may
+        start inside a pass."""
+        return max(self.cfg.awp.start_step, self.cfg.awp.warmup * self.batches_per_epoch)
+
+    def step(self, epoch: int, batch: int, replay: int = 0) -> int:
+        """The global step (0-based) of replay `replay` of batch `batch` of epoch `epoch` (all 0-based)."""
+        return (epoch * self.batches_per_epoch + batch) * self.replays + replay
 
     def lr(self, step: int) -> float:
         return lr_at(step, self.total_steps, self.cfg)
@@ -567,7 +608,7 @@ class StepReader:
         if gave_up:  # nonfinite=skip, and skipping is all the run does
             raise NonFiniteError(stop_message(r, epoch, awp_names, self.run_dir, gave_up=gave_up))
         if self.tb is not None:  # a loss point every log.interval steps of the epoch and at its end
-            self.tb.step(step_end, r.loss_sum, r.seen, write=in_epoch % cfg.log.interval == 0 or in_epoch == per_epoch)
+            self.tb.step(step_end, r.loss_sum, r.seen, write=in_epoch % cfg.log.interval < self.plan.replays or in_epoch == per_epoch)
         now = time.time()
         sums["time"] += now - self._clock  # wall time of the steps, read after the device has finished them
         self._clock = now
@@ -601,6 +642,8 @@ def epoch_record(plan: EpochPlan, epoch: int, sums: dict[str, Any], awp_on: bool
     """The epoch's line of metrics.jsonl (`sums` summed over every process)."""
     end = plan.step(epoch + 1, 0)
     seen = max(sums["seen"], 1)
+    # Free AT: the replays per batch, and the SGD steps so far in epochs of standard training (the budget's unit)
+    free = {"replays": plan.replays, "standard_epochs": (epoch + 1) * plan.replays} if plan.cfg.attack.kind == "free" else {}
     return {
         "epoch": epoch + 1, "step": end, "lr": plan.lr(end - 1), "awp_active": awp_on, "train_loss": sums["loss"] / seen,
         "train_batch_adv_acc": sums["correct"] / seen,  # on the training batches, at w + v
@@ -610,7 +653,8 @@ def epoch_record(plan: EpochPlan, epoch: int, sums: dict[str, Any], awp_on: bool
         "best_on": "val" if "val_robust_acc" in watch.accs else "test",
         "test_top_class_share": watch.top_class_share,
         "skipped_batches": sums["skipped"], "epoch_time_s": sums["time"], "eval_time_s": watch.seconds,
-        "images_per_s": sums["seen"] / max(sums["time"], 1e-9),
+        "images_per_s": sums["seen"] / max(sums["time"], 1e-9),  # examples per second over the steps (replays count each time)
+        **free,
     }
 
 
@@ -629,11 +673,13 @@ def save_epoch(run: Run, run_dir: Path, record: dict[str, Any], at: Position, *,
 def epoch_line(cfg: RunConfig, record: dict[str, Any], *, has_awp: bool, has_ema: bool, is_best: bool) -> str:
     """The line printed at the end of an epoch."""
     warmup = "epoch 1" if cfg.awp.warmup == 1 else f"epochs 1-{cfg.awp.warmup}"
+    if cfg.attack.kind == "free":  # awp.warmup counts epochs of standard training, as cfg.epochs does
+        warmup = f"the SGD steps of {cfg.awp.warmup} standard epoch{'s' if cfg.awp.warmup != 1 else ''}"
     awp = "" if not has_awp else "  AWP on" if record["awp_active"] else f"  AWP off (warm-up: {warmup})"
     steps = cfg.eval.steps
     ema = (f"  EMA: test clean {record['ema_test_clean_acc']:.2%}  test PGD-{steps} {record['ema_test_robust_acc']:.2%}"
            if has_ema else "")
-    return (f"epoch {record['epoch']:>3}/{cfg.epochs}  loss {record['train_loss']:.4f}  test clean {record['test_clean_acc']:.2%}  "
+    return (f"epoch {record['epoch']:>3}/{cfg.attack.passes(cfg.epochs)}  loss {record['train_loss']:.4f}  test clean {record['test_clean_acc']:.2%}  "
             f"test PGD-{steps} {record['test_robust_acc']:.2%}  train PGD-{steps} {record['train_robust_acc']:.2%}  "
             f"gap {record['gap']:+.2%}{awp}{ema}{'  (best)' if is_best else ''}")
 
@@ -654,43 +700,48 @@ def _loop(run: Run, run_dir: Path, state: dict | None, *, progress: bool, stop_a
         overfit.load_state_dict(at.catastrophic)
     chance = ChanceLevel.of(run.eval_test.y)  # for the collapse check at epoch ends
     best, steps_done, t_run = at.best, 0, time.time()
-    late = awp_warmup_warning(cfg, plan.total_steps) if cfg.awp.warmup < cfg.epochs else None  # (fit said the warm-up one)
+    late = awp_warmup_warning(cfg, plan.total_steps) if cfg.awp.warmup < schedule_epochs(cfg) else None  # (fit said the warm-up one)
     if late and dist.main:
         print(f"flatrobust: warning: {late}", file=sys.stderr)
-    for epoch in range(at.epoch, cfg.epochs):
+    m = plan.replays  # SGD steps per batch (Free AT's replays; 1 otherwise)
+    if run.awp is not None:
+        run.awp.start_step = plan.awp_start  # awp.warmup as a step (with m = 1 the same as "from epoch awp.warmup on")
+    for epoch in range(at.epoch, plan.epochs):
         order, noise = plan.generators(epoch, run.device)
         index_batches = plan.index_batches(order, run.train.x.device)
         first, sums = 0, new_sums()
         if epoch == at.epoch and at.batch > 0:  # continue inside the epoch where the checkpoint was taken
             first, sums = at.batch, dict(at.epoch_sums)
             noise.set_state(at.noise_state)
-        # on for at least one step of the epoch (awp.start_step may fall inside it: AWP itself waits for it)
-        awp_on = run.awp is not None and epoch >= cfg.awp.warmup and (epoch + 1) * plan.steps_per_epoch > cfg.awp.start_step
+        # on for at least one step of the epoch (its start may fall inside it: AWP itself waits for it)
+        awp_on = run.awp is not None and (epoch + 1) * plan.steps_per_epoch > plan.awp_start
         awp = run.awp if awp_on else None
         bar = Progress(range(first, len(index_batches)), total=len(index_batches), initial=first, enabled=progress,
-                       desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch")
-        reader.start(first)
+                       desc=f"epoch {epoch + 1}/{plan.epochs}", unit="batch")
+        reader.start(first * m)
         for b in bar:
-            step = plan.step(epoch, b)
-            for group in run.optimizer.param_groups:
-                group["lr"] = plan.lr(step)
             x, y = _fetch(run.train, index_batches[b], run.device)
             x = augment(x, generator=noise, **plan.augment)
             if cfg.data.cutout:
                 x = cutout(x, cfg.data.cutout, generator=noise)
             if cfg.data.mixup_alpha > 0:  # soft labels: the attack and the AT loss take them as they are (CE is linear in them)
                 x, y = _mix(mixup(x, y, cfg.data.mixup_alpha), run.info.num_classes)
-            if awp is not None:
-                awp.step = step  # the global step, also after a resume: start_step compares with it
-            result = train_step(run.forward, run.objective, run.optimizer, x, y, awp=awp, generator=noise, rollback=rollback,
-                                l1=cfg.optim.l1)
-            reader.add(result, len(y), awp)
-            if run.ema is not None:
-                run.ema.update(run.model)  # after train_step's awp.restore() (and rollback): the average never sees w + v
-            steps_done += 1
-            save = cfg.checkpoint_every and (b + 1) % cfg.checkpoint_every == 0 and b + 1 < len(index_batches)
+            for r in range(m):  # Free AT replays the batch m times, one SGD step each (the perturbation carried on)
+                step = plan.step(epoch, b, r)
+                for group in run.optimizer.param_groups:
+                    group["lr"] = plan.lr(step)
+                if awp is not None:
+                    awp.step = step  # the global step, also after a resume: start_step compares with it
+                result = train_step(run.forward, run.objective, run.optimizer, x, y, awp=awp, generator=noise, rollback=rollback,
+                                    l1=cfg.optim.l1)
+                reader.add(result, len(y), awp)
+                if run.ema is not None:
+                    run.ema.update(run.model)  # after train_step's awp.restore() (and rollback): the average never sees w + v
+            steps_done += m
+            # checkpoints and reads at the end of a batch whose steps reach a multiple of the setting (never between replays)
+            save = cfg.checkpoint_every and _reaches(b, m, cfg.checkpoint_every) and b + 1 < len(index_batches)
             stop = stop_after_steps is not None and steps_done >= stop_after_steps
-            if save or stop or (b + 1) % cfg.log.interval == 0:  # the only host syncs of the loop
+            if save or stop or _reaches(b, m, cfg.log.interval):  # the only host syncs of the loop
                 reader.read(epoch, sums, step + 1, bar)
             if save:
                 write_checkpoint(run, run_dir, rundir.LAST, Position(epoch, b + 1, best, reader.skipped, noise.get_state(), sums,
@@ -740,6 +791,12 @@ def _loop(run: Run, run_dir: Path, state: dict | None, *, progress: bool, stop_a
     return run_dir
 
 
+def _reaches(batch: int, replays: int, every: int) -> bool:
+    """Whether the SGD steps of an epoch up to the end of batch `batch` (0-based), `replays` per batch, pass a multiple
+    of `every`: (batch + 1) % every == 0 with one step per batch."""
+    return (batch + 1) * replays % every < replays
+
+
 def val_record(run: Run) -> dict[str, Any]:
     """data.json's record of the validation split (data.val_subset): its size, seed and indices in the training split."""
     if run.val_indices is None:
@@ -775,19 +832,34 @@ def _check_state_fits(run: Run, state: dict[str, Any], path: Path) -> None:
 
 
 def _finished(run_dir: Path, state: dict[str, Any], cfg: RunConfig) -> bool:
-    """Whether the checkpoint already covers all `cfg.epochs`; UserError if it covers more (no shortening)."""
-    done = state["epoch"]
-    if done > cfg.epochs or (done == cfg.epochs and state["batch"] > 0):
-        raise UserError(f"{run_dir} has trained {done} epochs, more than epochs={cfg.epochs}: a run cannot be shortened; "
-                        f"resume with epochs={done} or more, or start a new run from it with init_from={run_dir}")
-    return done == cfg.epochs
+    """Whether the checkpoint already covers all the loop's epochs (`cfg.epochs`, or its passes under Free AT); UserError if it
+    covers more (no shortening)."""
+    done, epochs = state["epoch"], cfg.attack.passes(cfg.epochs)
+    if done > epochs or (done == epochs and state["batch"] > 0):
+        m = cfg.attack.batch_replays
+        more = f"{done} epochs, more than epochs={cfg.epochs}" if m == 1 else \
+            f"{done} passes of Free AT (m={m}), more than the {epochs} of epochs={cfg.epochs}"
+        raise UserError(f"{run_dir} has trained {more}: a run cannot be shortened; "
+                        f"resume with epochs={done * m} or more, or start a new run from it with init_from={run_dir}")
+    return done == epochs
+
+
+def free_note(cfg: RunConfig) -> str | None:
+    """One line on what Free AT does with `epochs` (None for the other attacks)."""
+    m = cfg.attack.batch_replays
+    if cfg.attack.kind != "free":
+        return None
+    passes = cfg.attack.passes(cfg.epochs)
+    rounded = f", rounded up from {cfg.epochs}" if passes * m != cfg.epochs else ""
+    return (f"Free AT: every batch replayed {m} times (one SGD step each), so epochs={cfg.epochs} is {passes} pass"
+            f"{'es' if passes != 1 else ''} over the data: the SGD steps of {passes * m} epochs of standard training{rounded}")
 
 
 def awp_warmup_warning(cfg: RunConfig, total_steps: int | None = None) -> str | None:
     """One line when AWP is asked for (gamma > 0) but its warm-up (or awp.start_step, against the run's
     `total_steps` when known) leaves it off for every step of the run."""
-    if cfg.awp.gamma > 0 and cfg.awp.warmup >= cfg.epochs:
-        return (f"awp.warmup={cfg.awp.warmup} >= epochs={cfg.epochs}: AWP (gamma {cfg.awp.gamma:g}) is never active, "
+    if cfg.awp.gamma > 0 and cfg.awp.warmup >= schedule_epochs(cfg):  # (Free AT: the passes' epochs of standard training)
+        return (f"awp.warmup={cfg.awp.warmup} >= epochs={schedule_epochs(cfg)}: AWP (gamma {cfg.awp.gamma:g}) is never active, "
                 f"so this run trains plain {cfg.method.upper()}; lower awp.warmup (e.g. awp.warmup=0) or raise epochs")
     if cfg.awp.gamma > 0 and total_steps is not None and cfg.awp.start_step >= total_steps:
         return (f"awp.start_step={cfg.awp.start_step} >= the run's {total_steps} steps: AWP (gamma {cfg.awp.gamma:g}) is never "
@@ -867,6 +939,9 @@ def _start(run: Run, run_dir: Path, *, resume: bool, made: bool, overwrite: bool
         if progress:  # on stdout with the summary; stderr carries the epoch lines and the progress
             print(f"data: {cfg.data.name} {cfg.data.root if cfg.data.name != 'digits' else ''}".rstrip()
                   + f": {run.info.describe()}", flush=True)
+            note = free_note(cfg)
+            if note:
+                print(note, flush=True)
     dist.barrier()
     try:
         return _loop(run, run_dir, state, progress=progress and dist.main, stop_after_steps=stop_after_steps, started=started)

@@ -3,7 +3,8 @@
 One description for every place that runs PGD: the training attack of the objectives, the recipe's `attack`
 section (`flatrobust.config`), the monitoring attack of the training loop, and the attack that estimates the
 robust loss in `landscape` and `flatness`. As the training attack it also says which kind (`kind`: PGD, FGSM from
-`init`, or none) and PGD's `restarts` (docs/OFFICIAL_FLAGS.md); `evaluation` is the PGD attack monitoring uses then. The step size has one default everywhere, `default_alpha(norm, eps)`:
+`init`, Free AT with its `replays`, or none) and PGD's `restarts` (docs/OFFICIAL_FLAGS.md); `evaluation` is the PGD
+attack monitoring uses then. The step size has one default everywhere, `default_alpha(norm, eps)`:
 the step of AWP's official code scaled with eps (2/255 at L-inf 8/255, 15/255 at L2 128/255).
 """
 from __future__ import annotations
@@ -15,9 +16,10 @@ from typing import Any, Mapping
 from .threat import THREAT_MODELS, default_alpha
 
 FIELDS = ("norm", "eps", "alpha", "steps")  # the order of `as_dict` (and of a run's config.yaml)
-KINDS = ("pgd", "fgsm", "none")  # the training attack: PGD, FGSM (Wong et al. 2020), none (standard training)
+KINDS = ("pgd", "fgsm", "free", "none")  # the training attack: PGD, FGSM (Wong et al. 2020), Free AT (Shafahi et al. 2019), none
 INITS = ("zero", "random", "previous")  # FGSM's start: x, uniform in the ball, or the previous batch's perturbation
-TRAINING = {"kind": "pgd", "init": "random", "restarts": 1}  # training-only keys: in `as_dict` when not these defaults
+TRAINING = {"kind": "pgd", "init": "random", "restarts": 1, "replays": None}  # training-only keys: in `as_dict` when not these defaults
+FREE_REPLAYS = 8  # Free AT's m when not given: Shafahi et al.'s choice for CIFAR-10 (their Table 1)
 
 
 @dataclasses.dataclass
@@ -30,13 +32,14 @@ class AttackConfig:
     """
 
     eps: float  # radius of the threat model in pixel units, e.g. 8/255 (CIFAR L-inf), 128/255 (L2), 0.2 (digits)
-    alpha: float | None = None  # attack step size; unset (null): follows eps (PGD: eps/4 for L-inf, eps * 15/128 for L2; FGSM: 1.25 eps)
+    alpha: float | None = None  # attack step size; unset (null): follows eps (PGD: eps/4 for L-inf, eps * 15/128 for L2; FGSM: 1.25 eps; Free AT: eps)
     steps: int = 10  # PGD steps of the training attack
     norm: str = "linf"  # linf | l2
-    # As a training attack only (the recipe's `attack` section; docs/OFFICIAL_FLAGS.md): pgd | fgsm | none
-    kind: str = "pgd"  # training attack: pgd | fgsm | none (official --attack)
+    # As a training attack only (the recipe's `attack` section; docs/OFFICIAL_FLAGS.md): pgd | fgsm | free | none
+    kind: str = "pgd"  # training attack: pgd | fgsm | free | none (official --attack)
     init: str = "random"  # fgsm: zero | random | previous (official --fgsm-init); pgd always starts at random
     restarts: int = 1  # pgd: independent runs, the worst per example kept (official --restarts)
+    replays: int | None = None  # free: m, each batch replayed m times (unset: 8, Shafahi et al.'s CIFAR-10 m); epochs are divided by m
 
     def __post_init__(self) -> None:
         if self.norm not in THREAT_MODELS:
@@ -49,8 +52,12 @@ class AttackConfig:
             raise ValueError(f"AttackConfig init must be one of {', '.join(INITS)}, got {self.init!r}")
         if not isinstance(self.restarts, int) or isinstance(self.restarts, bool) or self.restarts < 1:
             raise ValueError(f"AttackConfig restarts must be an integer >= 1, got {self.restarts!r}")
-        if self.alpha is None:  # FGSM: Wong et al.'s 1.25 eps; PGD: the paper's step scaled with eps
-            self.alpha = 1.25 * self.eps if self.kind == "fgsm" else default_alpha(self.norm, self.eps)
+        if self.replays is None and self.kind == "free":
+            self.replays = FREE_REPLAYS
+        if self.replays is not None and (not isinstance(self.replays, int) or isinstance(self.replays, bool) or self.replays < 1):
+            raise ValueError(f"AttackConfig replays must be an integer >= 1, got {self.replays!r}")
+        if self.alpha is None:  # FGSM: Wong et al.'s 1.25 eps; Free AT: Shafahi et al.'s eps; PGD: the paper's step scaled with eps
+            self.alpha = 1.25 * self.eps if self.kind == "fgsm" else self.eps if self.kind == "free" else default_alpha(self.norm, self.eps)
         if not _nonnegative(self.alpha):
             raise ValueError(f"AttackConfig alpha must be a finite number >= 0, got {self.alpha!r}")
         self.eps, self.alpha = float(self.eps), float(self.alpha)
@@ -66,14 +73,25 @@ class AttackConfig:
             raise ValueError(f"attack must be an AttackConfig or a dict with keys norm, eps, alpha, steps (eps required), "
                              f"e.g. dict(norm='linf', eps=8/255, alpha=2/255, steps=10), got {attack!r}")
         values = {k: attack[k] for k in (*FIELDS, *TRAINING) if k in attack}
-        if isinstance(values.get("steps"), float) and values["steps"].is_integer():  # e.g. read from JSON as 10.0
-            values["steps"] = int(values["steps"])
+        for k in ("steps", "replays"):
+            if isinstance(values.get(k), float) and values[k].is_integer():  # e.g. read from JSON as 10.0
+                values[k] = int(values[k])
         return cls(**values)
 
     def as_dict(self) -> dict[str, Any]:
         """{norm, eps, alpha, steps}: the JSON form written beside every result that used the attack, and the
-        training-only keys (kind, init, restarts) where they differ from their defaults."""
+        training-only keys (kind, init, restarts, replays) where they differ from their defaults."""
         return {k: getattr(self, k) for k in FIELDS} | {k: getattr(self, k) for k, v in TRAINING.items() if getattr(self, k) != v}
+
+    @property
+    def batch_replays(self) -> int:
+        """SGD steps taken on each batch: Free AT's m (`replays`), 1 for every other kind."""
+        return self.replays if self.kind == "free" and self.replays else 1
+
+    def passes(self, epochs: int) -> int:
+        """Passes over the training data a run of `epochs` epochs makes: ceil(epochs / m) under Free AT, as Shafahi et
+        al.'s code rounds (so its SGD steps, passes * m epochs' worth, match or just exceed standard training's), else `epochs`."""
+        return math.ceil(epochs / self.batch_replays)
 
     @property
     def evaluation(self) -> AttackConfig:
