@@ -120,7 +120,7 @@ def test_l1_and_l2_as_the_official_flags(tmp_path):
 @pytest.mark.parametrize("override, message", [
     ("optim.schedule=superconverg", "did you mean 'superconverge'?"),
     ("data.val_subset=1000000", "data.val_subset=1000000 must be smaller than"),
-    ("attack.kind=fgsmm", "attack.kind must be one of pgd, fgsm, none"),
+    ("attack.kind=fgsmm", "attack.kind must be one of pgd, fgsm, free, none"),
     ("attack.restarts=0", "attack.restarts must be >= 1"),
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, override, message):
