@@ -1,5 +1,5 @@
-"""Time per training step of every training attack (PGD-10 AT, TRADES, MART; FGSM-RS AT; standard training) with and
-without AWP, and of the official AT-AWP procedure.
+"""Time per training step of every training attack (PGD-10 AT, TRADES, MART; FGSM-RS AT; Free AT; standard training)
+with and without AWP, and of the official AT-AWP procedure.
 
     python bench/step_time.py --model smallcnn --batch-size 128 --threads 1 --out bench/results/step_time_smallcnn_b128_cpu.json
 
@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 from flatrobust import AWP, models  # noqa: E402
+from flatrobust.attacks.spec import FREE_REPLAYS  # noqa: E402
 from flatrobust.objectives import AttackConfig, create_objective  # noqa: E402
 from flatrobust.reference import OfficialAWP, official_at_awp_step  # noqa: E402
 from flatrobust.speed import accelerate  # noqa: E402
@@ -46,12 +47,16 @@ METHODS = {
     "mart_awp": ("MART-AWP", "mart", 0.005, "pgd"),
     "fgsm": ("FGSM-RS AT", "at", None, "fgsm"),  # Wong et al. 2020: random start, step 1.25 eps
     "fgsm_awp": ("FGSM-RS AT-AWP", "at", 0.01, "fgsm"),
+    # Shafahi et al. 2019, m = FREE_REPLAYS: a step is one replay (one SGD step); m does not change its cost, only how many
+    # steps a batch gets (epochs are divided by m, so a run takes as many steps as standard training)
+    "free": (f"Free AT (m={FREE_REPLAYS})", "at", None, "free"),
+    "free_awp": (f"Free AT-AWP (m={FREE_REPLAYS})", "at", 0.01, "free"),
     "std": ("standard training", "at", None, "none"),  # attack.kind none
     "std_awp": ("standard training + AWP", "at", 0.01, "none"),
     "official_at_awp": ("official AT-AWP (baseline)", "official", 0.01, "pgd"),
     "official_at": ("official AT (no AWP)", "official", None, "pgd"),  # not in the default set: for breakdowns
 }
-DEFAULT_METHODS = "at,at_awp,trades,trades_awp,mart,mart_awp,fgsm,fgsm_awp,std,std_awp,official_at_awp"
+DEFAULT_METHODS = "at,at_awp,trades,trades_awp,mart,mart_awp,fgsm,fgsm_awp,free,free_awp,std,std_awp,official_at_awp"
 # (numerator, denominator, target, expected from the pass count of docs/PERFORMANCE.md) of the per-round ratios.
 RATIOS = [
     ("at_awp", "at", ("<=", 1.15), 26 / 23),
@@ -61,6 +66,9 @@ RATIOS = [
     # FGSM-RS: one attack step (2F) + the step (3F) = 5F, + AWP's ascent (3F) = 8F; standard training 3F, + AWP 6F
     ("fgsm_awp", "fgsm", None, 8 / 5),
     ("fgsm_awp", "at_awp", None, 8 / 26),
+    # Free AT: a replay is one forward/backward pass (3F; the input gradient comes with it), + AWP's ascent (3F) = 6F
+    ("free_awp", "free", None, 6 / 3),
+    ("free_awp", "at_awp", None, 6 / 26),
     ("std_awp", "std", None, 6 / 3),
 ]
 DEFAULT_SHAPES = {"smallcnn": (1, 8, 8)}  # digits; every other model: CIFAR (3, 32, 32)
@@ -76,7 +84,7 @@ class Method:
         self.model = copy.deepcopy(base).to(device)
         self.forward = accelerate(self.model, device, amp=args.amp, channels_last=args.channels_last, compile=args.compile)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
-        alpha = None if attack_kind == "fgsm" else args.alpha  # FGSM: its own step, 1.25 eps
+        alpha = None if attack_kind in ("fgsm", "free") else args.alpha  # FGSM: its own step, 1.25 eps; Free AT: eps
         self.attack = AttackConfig(eps=args.eps, alpha=alpha, steps=args.attack_steps, norm="linf", kind=attack_kind)
         self.objective = None if kind == "official" else create_objective(kind, self.attack)
         self.x, self.y = x, y
@@ -216,7 +224,7 @@ def main(argv=None) -> dict:
             results["memory"][m] = {"peak_step_bytes": peak, "how": how, **meth.memory_facts()}
         for m, rec in results["memory"].items():
             plain = {"at_awp": "at", "trades_awp": "trades", "mart_awp": "mart", "official_at_awp": "at", "fgsm_awp": "fgsm",
-                     "std_awp": "std"}.get(m)
+                     "free_awp": "free", "std_awp": "std"}.get(m)
             if plain in results["memory"] and rec["peak_step_bytes"] is not None and results["memory"][plain]["peak_step_bytes"] is not None:
                 rec["extra_over"] = plain
                 rec["extra_bytes"] = rec["peak_step_bytes"] - results["memory"][plain]["peak_step_bytes"]
@@ -239,7 +247,7 @@ def report(res: dict) -> str:
     dev = e.get("gpu", f"{e['cpu']} ({e['cpu_capability']}), {e['torch_threads']} thread(s)")
     out = [f"## step time: {c['model']} ({c['parameters'] / 1e6:.2f}M params), batch {c['batch_size']}, input "
            f"{'x'.join(map(str, c['input_shape']))}, {e['device']}: {dev}, torch {e['torch']}, {e['date']}",
-           f"PGD-{c['attack']['steps']} L-inf eps {c['attack']['eps']:.4f} step {c['attack']['alpha']:.4f} (FGSM-RS: one step of 1.25 eps from a random start); "
+           f"PGD-{c['attack']['steps']} L-inf eps {c['attack']['eps']:.4f} step {c['attack']['alpha']:.4f} (FGSM-RS: one step of 1.25 eps from a random start; Free AT: a step is one replay, one SGD step); "
            f"{c['repeats']} interleaved rounds x {c['steps_per_round']} step(s), {c['warmup']} warm-up step(s) per method; "
            f"amp={c['amp']} channels_last={c['channels_last']} compile={c['compile']}", f"command: `{e['command']}`", ""]
     rows = [[r["label"], f"{r['median_s_per_step'] * 1e3:.1f}", f"{r['q25'] * 1e3:.1f} - {r['q75'] * 1e3:.1f}",

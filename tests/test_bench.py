@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_METHODS = {"at", "at_awp", "trades", "trades_awp", "mart", "mart_awp", "fgsm", "fgsm_awp", "std", "std_awp", "official_at_awp"}
+DEFAULT_METHODS = {"at", "at_awp", "trades", "trades_awp", "mart", "mart_awp", "fgsm", "fgsm_awp", "free", "free_awp", "std", "std_awp", "official_at_awp"}
 
 
 def test_step_time_smoke(tmp_path):
@@ -23,6 +23,7 @@ def test_step_time_smoke(tmp_path):
         assert m["median_s_per_step"] > 0 and m["images_per_s"] > 0
     assert {"at_awp/at", "official_at_awp/at_awp", "fgsm_awp/fgsm", "fgsm_awp/at_awp", "std_awp/std"} <= set(res["ratios"])
     assert res["ratios"]["fgsm_awp/at_awp"]["expected_from_pass_count"] == 8 / 26
+    assert res["ratios"]["free_awp/at_awp"]["expected_from_pass_count"] == 6 / 26 and "| Free AT (m=8) |" in proc.stdout
     assert "| AT-AWP |" in proc.stdout  # the Markdown table
     # AWP holds exactly one copy of the perturbed weights, and nothing between steps.
     mem = res["memory"]["at_awp"]

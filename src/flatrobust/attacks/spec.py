@@ -27,7 +27,8 @@ class AttackConfig:
     """PGD-`steps` with step `alpha` in the `norm` ball of radius `eps` (pixel units).
 
     `eps` has no default: it depends on the data (CIFAR L-inf 8/255, L2 128/255; digits 0.2). `alpha`
-    defaults to `default_alpha(norm, eps)` (eps/4 for L-inf, so 2/255 at 8/255; eps * 15/128 for L2).
+    defaults to `default_alpha(norm, eps)` (eps/4 for L-inf, so 2/255 at 8/255; eps * 15/128 for L2), for FGSM to 1.25 eps
+    and for Free AT to eps.
     ValueError, naming the field, for a value outside its range.
     """
 
