@@ -222,3 +222,29 @@ def test_the_library_refuses_free_mart_and_bad_replays():
     assert AttackConfig(eps=0.1, kind="free").replays == 8 and AttackConfig(eps=0.1).as_dict().keys() == {"norm", "eps", "alpha", "steps"}
     with pytest.raises(UserError, match="applies to Free AT"):
         load_config(None, ["attack.replays=2"])
+
+
+def test_catastrophic_rollback_takes_delta_back_with_the_weights(tmp_path, monkeypatch):
+    """guard.catastrophic=rollback under Free AT: the check fires after pass 2 (its test PGD accuracy made to collapse), and
+    the weights and the carried delta go back to best.pt's pass before last.pt is written."""
+    from flatrobust import catastrophic, train
+
+    def fire_at_2(self, epoch, test_acc, train_acc):
+        return f"catastrophic overfitting at epoch {epoch}: test" if epoch == 2 else None
+    monkeypatch.setattr(catastrophic.CatastrophicOverfitting, "check", fire_at_2)
+    calls, measure = [], train.robust_accuracy
+
+    def collapsing(*args, **kwargs):  # pass 2's test PGD accuracy (the 3rd call: test, train per pass) falls to 0
+        calls.append(1)
+        clean, robust = measure(*args, **kwargs)
+        return (clean, 0.0) if len(calls) == 3 else (clean, robust)
+    monkeypatch.setattr(train, "robust_accuracy", collapsing)
+    cfg = load_config("recipes/digits_at.yaml", [*TINY, "epochs=4", "attack.replays=2", "guard.catastrophic=rollback",
+                                                 f"out_dir={tmp_path}"])
+    run = fit(cfg, progress=False)
+    rows = _metrics(run)
+    assert len(rows) == 2 and "rolled back to best.pt's epoch" in rows[1]["catastrophic"]
+    best, last = torch.load(run / "best.pt", weights_only=True), torch.load(run / "last.pt", weights_only=True)
+    assert best["epoch"] == 1 and last["epoch"] == 2
+    assert torch.equal(last["objective"]["free"]["delta"], best["objective"]["free"]["delta"])
+    assert all(torch.equal(last["model"][k], best["model"][k]) for k in best["model"])
