@@ -1,6 +1,6 @@
 """No host synchronization inside a training step: every way Python can read a tensor's value on the host
 is counted while steps run (on the CPU, where the code path is the one a GPU runs), and the count between
-two reads of the metrics must be zero, for AT, TRADES and MART, each without and with AWP.
+two reads of the metrics must be zero, for AT, TRADES and MART, each without and with AWP (and Free AT).
 
 Checked to fail when a sync is put back: `float(loss)` in `train_step`, or `bool(ok.all())` in
 `AWP.perturb`, makes `test_no_host_sync_between_reads` fail with the line that does it.
@@ -70,10 +70,10 @@ class SyncCounter:
         yield self
 
 
-def _steps(method: str, awp_on: bool, monkeypatch, *, steps: int = 3, skip: bool = False):
+def _steps(method: str, awp_on: bool, monkeypatch, *, steps: int = 3, skip: bool = False, kind: str = "pgd"):
     torch.manual_seed(0)
     model = models.create("smallcnn", num_classes=10, in_channels=1)
-    objective = create_objective(method, AttackConfig(eps=0.1, alpha=0.05, steps=2))
+    objective = create_objective(method, AttackConfig(eps=0.1, alpha=0.05, steps=2, kind=kind))
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
     awp = AWP(model, gamma=0.01) if awp_on else None
     rollback = Rollback(model, opt) if skip else None
@@ -108,6 +108,14 @@ def test_no_host_sync_with_rollback(monkeypatch):
     between, _, report = _steps("trades", True, monkeypatch, skip=True)
     assert between == [], between
     assert report.bad == 0
+
+
+@pytest.mark.parametrize("method", ["at", "trades"])
+def test_no_host_sync_in_free_at_replays(method, monkeypatch):
+    """Free AT (its carried perturbation moved by the step's own input gradient), with AWP and nonfinite=skip: no sync."""
+    between, _, report = _steps(method, True, monkeypatch, skip=True, kind="free")
+    assert between == [], between
+    assert report.seen == 3 * 16 and report.bad == 0
 
 
 def test_counter_sees_each_kind_of_sync(monkeypatch):

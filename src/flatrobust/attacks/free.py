@@ -43,12 +43,14 @@ class FreePerturbation:
             raise ValueError(f"start must be one of {', '.join(STARTS)}, got {start!r}")
         x = x.detach()
         d = self.delta
+        if d is not None and (d.device != x.device or d.dtype != x.dtype):  # (a checkpoint's, loaded elsewhere)
+            d = d.to(x.device, x.dtype)
         if d is None or d.shape[1:] != x.shape[1:]:
             d = self._start(x, start, generator)
         elif len(d) < len(x):
-            d = torch.cat([d.to(x.device, x.dtype), self._start(x[len(d):], start, generator)])
-        self.delta = d.to(x.device, x.dtype)
-        return self.ball.project(x + self.delta[:len(x)], x)
+            d = torch.cat([d, self._start(x[len(d):], start, generator)])
+        self.delta = d
+        return self.ball.project(x + d[:len(x)], x)
 
     def update(self, x: torch.Tensor, x_adv: torch.Tensor, grad: torch.Tensor) -> None:
         """One ascent step of delta's rows of this batch from `grad`, the training loss's gradient at `x_adv`. Non-finite
