@@ -248,3 +248,23 @@ def test_catastrophic_rollback_takes_delta_back_with_the_weights(tmp_path, monke
     assert best["epoch"] == 1 and last["epoch"] == 2
     assert torch.equal(last["objective"]["free"]["delta"], best["objective"]["free"]["delta"])
     assert all(torch.equal(last["model"][k], best["model"][k]) for k in best["model"])
+
+
+
+def test_a_step_that_nonfinite_skip_undoes_leaves_delta_as_it_was():
+    from flatrobust.guard import Rollback
+
+    free, x = FreePerturbation(eps=0.1, alpha=0.1), torch.full((2, 1, 2, 2), 0.5)
+    free.update(x, free.apply(x), torch.ones_like(x), keep=torch.tensor(True))  # a finite gradient, but the step is undone
+    assert free.delta.abs().max() == 0
+    free.update(x, free.apply(x), torch.ones_like(x), keep=torch.tensor(False))
+    assert torch.allclose(free.delta, torch.full_like(x, 0.1))
+    model, (b1, _) = _model(), _batches()  # in train_step: a non-finite step under nonfinite=skip
+    objective = create_objective("at", AttackConfig(eps=0.1, kind="free", replays=2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    train_step(model, objective, opt, *b1)
+    before = objective.free.delta.clone()
+    with torch.no_grad():
+        model[1].weight[0, 0] = float("nan")
+    result = train_step(model, objective, opt, *b1, rollback=Rollback(model, opt))
+    assert not result.finite and torch.equal(objective.free.delta, before)

@@ -97,8 +97,6 @@ def train_step(
     finally:
         if awp is not None and awp.active:
             awp.restore()  # 4. w <- w - v: net effect w <- w - lr * grad L(w + v)
-    if free is not None:
-        free.update(x, x_adv, x_adv.grad)  # delta <- P(x_adv + alpha * step(grad_x L(w + v)))
     loss = loss.detach()
     finite = torch.isfinite(loss)
     if awp is not None and awp.finite is not None:
@@ -109,6 +107,8 @@ def train_step(
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
             finite = flag.bool()
         rollback.apply(finite)
+    if free is not None:  # delta <- P(x_adv + alpha * step(grad_x L(w + v))); an undone step leaves it too
+        free.update(x, x_adv, x_adv.grad, keep=~finite if rollback is not None else None)
     labels = y.argmax(1) if y.dim() == 2 else y  # mixup's soft labels: their larger share
     return StepResult(loss, (logits_adv.detach().argmax(1) == labels).sum(), finite)
 

@@ -52,13 +52,14 @@ class FreePerturbation:
         self.delta = d
         return self.ball.project(x + d[:len(x)], x)
 
-    def update(self, x: torch.Tensor, x_adv: torch.Tensor, grad: torch.Tensor) -> None:
+    def update(self, x: torch.Tensor, x_adv: torch.Tensor, grad: torch.Tensor, keep: torch.Tensor | None = None) -> None:
         """One ascent step of delta's rows of this batch from `grad`, the training loss's gradient at `x_adv`. Non-finite
-        entries of `grad` (a step that nonfinite=skip undoes) count as zero: delta stays finite."""
+        entries of `grad` count as zero, so delta stays finite; `keep` (a 0-dim bool on the device, e.g. a step that
+        nonfinite=skip undoes) leaves delta as it was, without a host synchronization."""
         with torch.no_grad():
             grad = torch.where(torch.isfinite(grad), grad, 0.0)
-            x_next = self.ball.project(self.ball.step(x_adv.detach(), grad, self.alpha), x.detach())
-            self.delta[:len(x)] = x_next - x
+            new = self.ball.project(self.ball.step(x_adv.detach(), grad, self.alpha), x.detach()) - x
+            self.delta[:len(x)] = new if keep is None else torch.where(keep, self.delta[:len(x)], new)
 
     def _start(self, x: torch.Tensor, start: str, generator: torch.Generator | None) -> torch.Tensor:
         if start == "zero":
