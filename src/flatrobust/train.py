@@ -859,7 +859,9 @@ def awp_warmup_warning(cfg: RunConfig, total_steps: int | None = None) -> str | 
     """One line when AWP is asked for (gamma > 0) but its warm-up (or awp.start_step, against the run's
     `total_steps` when known) leaves it off for every step of the run."""
     if cfg.awp.gamma > 0 and cfg.awp.warmup >= schedule_epochs(cfg):  # (Free AT: the passes' epochs of standard training)
-        return (f"awp.warmup={cfg.awp.warmup} >= epochs={schedule_epochs(cfg)}: AWP (gamma {cfg.awp.gamma:g}) is never active, "
+        budget = f"epochs={cfg.epochs}" if cfg.attack.kind != "free" else \
+            f"the {schedule_epochs(cfg)} epochs' SGD steps of Free AT with epochs={cfg.epochs}, attack.replays={cfg.attack.replays}"
+        return (f"awp.warmup={cfg.awp.warmup} >= {budget}: AWP (gamma {cfg.awp.gamma:g}) is never active, "
                 f"so this run trains plain {cfg.method.upper()}; lower awp.warmup (e.g. awp.warmup=0) or raise epochs")
     if cfg.awp.gamma > 0 and total_steps is not None and cfg.awp.start_step >= total_steps:
         return (f"awp.start_step={cfg.awp.start_step} >= the run's {total_steps} steps: AWP (gamma {cfg.awp.gamma:g}) is never "
