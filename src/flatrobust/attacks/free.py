@@ -8,8 +8,8 @@ x + delta that gives both the weight gradient (the optimizer steps with it) and 
 
 with `step` the threat model's steepest-ascent direction (L-inf: sign(g), the paper's update with alpha = eps; L2:
 g / ||g||, as this project's PGD steps) and P the projection onto the eps ball around x intersected with [0, 1]
-(the paper clips delta to [-eps, eps] and the input to the image range). The carried delta is therefore the
-perturbation actually applied to its batch; on the next batch it is projected again around the new images.
+(Shafahi et al.'s code clips delta to [-eps, eps] and only the input to the image range). The carried delta is
+therefore the perturbation actually applied to its batch; on the next batch it is projected again around the new images.
 
 A batch of a different size uses the first rows of delta and leaves the others as they were (as Shafahi et al.'s
 code slices its global perturbation); a larger batch gets new rows from the start, and a batch of another image shape
