@@ -60,7 +60,7 @@ class EvalSpec:
 @dataclass
 class AWPConfig:
     gamma: float = 0.0  # ||v_l|| = gamma ||w_l||; 0 = the plain method (paper: 0.01 AT, 0.005 TRADES)
-    warmup: int = 0  # AWP is active from this epoch on (0-based; paper: 0 for AT, 10 for TRADES; Free AT: epochs of standard training)
+    warmup: int = 0  # AWP is active from this epoch on (Free AT: epochs of standard training; 0-based; paper: 0 for AT, 10 for TRADES)
     # The fine-tuning AWP's options (docs/AWP_VARIANTS.md); the defaults are the paper's AWP.
     params: str = ""  # "" = every weight of dim > 1; else a regular expression searched in parameter names (e.g. conv1|fc)
     steps: int = 1  # ascent steps per training step (the snippet's adv_step)
