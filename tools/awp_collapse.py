@@ -87,6 +87,8 @@ def _batch_stats(taps: Taps, model, x, y, tag: str) -> dict:
 
 def _setup(args):
     cfg = load_config(args.recipe, args.overrides)
+    if cfg.attack.kind != "pgd":  # its loop is fit's for one SGD step per batch after a PGD attack
+        raise SystemExit(f"awp_collapse.py measures PGD training (attack.kind=pgd), not attack.kind={cfg.attack.kind}")
     run = build(cfg)
     return cfg, run, _smallcnn(run.model)
 
