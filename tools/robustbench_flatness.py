@@ -62,8 +62,8 @@ def measure(args: argparse.Namespace, name: str) -> dict:
              + (["--dataset", args.dataset] if args.dataset else []))
     common = ["--n", str(args.n), "--draws", args.draws, "--worst-steps", args.worst_steps, "--seed", args.seed, "--device", args.device]
     common += ["--steps", args.steps] if args.steps else []
-    _run(["flatness", str(ckpt), "--data", "test", "--out", str(folder), *common])
-    _run(["flatness", str(ckpt), "--data", "train", "--out", str(folder / "train"), *common])
+    _run(["flatness", str(ckpt), "--split", "test", "--out", str(folder), *common])
+    _run(["flatness", str(ckpt), "--split", "train", "--out", str(folder / "train"), *common])
     test = json.loads((folder / "flatness.json").read_text())
     train = json.loads((folder / "train" / "flatness.json").read_text())
     t, tr = test["average"], train["average"]

@@ -1,6 +1,6 @@
 """Finished work of a long evaluation kept on disk, batch by batch, so that an interrupted evaluation continues.
 
-A store is a folder (`flatrobust eval` uses `eval.parts/` beside `eval.json`):
+A store is a folder (`flatrobust eval` uses `eval_best.parts/` beside `eval_best.json`, the result file's name with .parts):
 
     manifest.json        what the stored work was computed from: fingerprints (sha256) of the model's
                          weights and of the data, threat model, PGD step, seed, batch size, chunk size, device type

@@ -75,7 +75,8 @@ def add_common_arguments(parser: argparse.ArgumentParser, n_default: int) -> Non
     parser.add_argument("--norm", choices=("linf", "l2"), default=None, help="attack norm, overrides attack.norm (needs --eps)")
     parser.add_argument("--steps", type=int, default=None, help="PGD steps, overrides attack.steps")
     parser.add_argument("--step-size", default=None, help="PGD step size (e.g. 2/255); default: the checkpoint's attack.alpha, "
-                                                          "or with --eps the default step for it (eps/4 for linf, eps*15/128 for l2)")
+                                                          "or with --eps (or a run trained with attack.kind fgsm, free or none) the "
+                                                          "default step for the radius (eps/4 for linf, eps*15/128 for l2)")
     parser.add_argument("--batch-size", type=int, default=256, help="examples per PGD batch (default: 256)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: cuda when available")
     parser.add_argument("--out", default=None, help="output folder (default: the checkpoint's folder)")
