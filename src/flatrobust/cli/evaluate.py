@@ -4,7 +4,8 @@
     flatrobust eval runs/at_awp/best.pt --attacks clean,pgd20 --n 1000 --eps 8/255
     flatrobust eval weights.pt --model preactresnet18 --data imagefolder:data/pets --eps 8/255   # a plain state_dict
 
-The threat model (norm, eps, PGD step) comes from the checkpoint's training config unless overridden.
+The threat model (norm, eps) comes from the checkpoint's training config unless overridden; the PGD step is the
+protocol's (eps/4 for L-inf, eps * 15/128 for L2), not training's, unless --step-size gives one.
 A plain state_dict file (`torch.save(model.state_dict())`, as `init_from` takes) has no config: `--model`
 (and `--model-args`) name the architecture, `--data` the data (`NAME[:ROOT]` or a recipe's data section),
 `--eps` the radius. On a flatrobust checkpoint `--model` alone builds that model instead of the one the
