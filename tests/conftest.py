@@ -81,3 +81,17 @@ def write_untrained_checkpoint(tmp_path):
     path = tmp_path / "run" / "best.pt"
     save_checkpoint({"config": cfg, "model": model.state_dict()}, path)
     return path
+
+
+def write_best_and_last(tmp_path):
+    """tmp_path/run/{best,last}.pt: two untrained digits SmallCNNs (seeds 0 and 1, epochs 1 and 3) of one run, as
+    `write_untrained_checkpoint` writes best.pt; their analyses differ, so a file of one is told from the other's."""
+    from flatrobust.checkpoint import save_checkpoint
+
+    best = write_untrained_checkpoint(tmp_path)
+    state = torch.load(best, weights_only=True)
+    save_checkpoint({**state, "epoch": 1}, best)
+    torch.manual_seed(1)
+    other = {k: v + 0.05 * torch.randn_like(v) if v.is_floating_point() else v for k, v in state["model"].items()}
+    save_checkpoint({**state, "model": other, "epoch": 3}, best.parent / "last.pt")
+    return best, best.parent / "last.pt"

@@ -38,7 +38,7 @@ def test_a_relative_root_works_from_any_folder(tmp_path, monkeypatch, capsys):
     assert "--data-root" in err and "data.root=" not in err and "\n" not in err, err
     moved = str(tmp_path / "moved.npz")
     assert main(["flatness", str(run), "--n", "4", "--draws", "1", "--worst-steps", "1", "--steps", "1", "--data-root", moved]) == 0
-    assert json.loads((run / "flatness.json").read_text())["data"]["root"] == moved
+    assert json.loads((run / "flatness_best.json").read_text())["data"]["root"] == moved
     assert main(["landscape", str(run), "--n", "4", "--alphas=-1,0,1", "--directions", "1", "--steps", "1", "--data-root", moved]) == 0
     assert main(["eval", str(run), "--attacks", "clean", "--no-checks", "--data-root", moved]) == 0
     assert main(["train", "--resume", str(run), "epochs=3", "--quiet", "--data-root", moved]) == 0

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import write_untrained_checkpoint
+from conftest import write_best_and_last, write_untrained_checkpoint
 from flatrobust import models
 from flatrobust.cli import main
 from flatrobust.flatness import average_flatness, relative_sphere_sample, worst_flatness
@@ -134,12 +134,13 @@ def test_flatness_is_invariant_to_relu_rescaling(mlp, data):
 def test_cli_writes_json_and_prints_summary(tmp_path, capsys):
     ckpt = write_untrained_checkpoint(tmp_path)
     assert main(["flatness", str(ckpt), "--n", "16", "--draws", "2", "--worst-steps", "3"]) == 0
-    res = json.loads((ckpt.parent / "flatness.json").read_text())
+    res = json.loads((ckpt.parent / "flatness_best.json").read_text())  # named after best.pt, as eval_best.json
     assert res["average"]["xi"] == 0.5 and res["average"]["draws"] == 2
     assert res["worst"]["xi"] == 0.003 and res["worst"]["steps"] == 3
     assert res["average"]["n"] == res["worst"]["n"] == 16
     out = capsys.readouterr().out
-    assert "average-case flatness" in out and "worst-case flatness" in out and "flatness.json" in out
+    assert "average-case flatness" in out and "worst-case flatness" in out and f"wrote {ckpt.parent / 'flatness_best.json'}" in out
+    assert not (ckpt.parent / "flatness.json").exists()
 
 
 def test_cli_one_measure(tmp_path):
@@ -147,6 +148,34 @@ def test_cli_one_measure(tmp_path):
     assert main(["flatness", str(ckpt), "--n", "8", "--measure", "average", "--draws", "1", "--out", str(tmp_path / "o")]) == 0
     res = json.loads((tmp_path / "o" / "flatness.json").read_text())
     assert "average" in res and "worst" not in res and res["average"]["standard_error"] is None
+
+
+def test_cli_one_result_per_checkpoint(tmp_path):
+    """Measuring last.pt after best.pt keeps best.pt's numbers: flatness_best.json and flatness_last.json, named as
+    `flatrobust eval` names eval_best.json (a run directory stands for its best.pt)."""
+    best, last = write_best_and_last(tmp_path)
+    run = best.parent
+    args = ["--n", "8", "--draws", "1", "--worst-steps", "1", "--steps", "1"]
+    assert main(["flatness", str(run), *args]) == 0
+    assert main(["flatness", str(last), *args]) == 0
+    assert sorted(p.name for p in run.glob("flatness*")) == ["flatness_best.json", "flatness_last.json"]
+    res_best, res_last = (json.loads((run / f"flatness_{s}.json").read_text()) for s in ("best", "last"))
+    assert (res_best["checkpoint"], res_best["epoch"]) == (str(best), 1)
+    assert (res_last["checkpoint"], res_last["epoch"]) == (str(last), 3)
+    assert res_best["average"]["robust_loss"] != res_last["average"]["robust_loss"]
+
+
+def test_cli_out_folder_keeps_the_plain_name(tmp_path):
+    """An explicit --out folder gets flatness.json whichever checkpoint (study/study.py and
+    tools/robustbench_flatness.py give each measurement its own folder); nothing is written beside the checkpoint."""
+    best, last = write_best_and_last(tmp_path)
+    for ckpt in (best, last):
+        out = tmp_path / f"flatness_{ckpt.stem}"
+        assert main(["flatness", str(ckpt), "--n", "8", "--measure", "worst", "--worst-steps", "1", "--steps", "1",
+                     "--out", str(out)]) == 0
+        assert [p.name for p in out.iterdir()] == ["flatness.json"]
+        assert json.loads((out / "flatness.json").read_text())["epoch"] == (1 if ckpt == best else 3)
+    assert sorted(p.name for p in best.parent.iterdir()) == ["best.pt", "last.pt"]
 
 
 @pytest.mark.parametrize("args, message", [

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import write_untrained_checkpoint
+from conftest import write_best_and_last, write_untrained_checkpoint
 from flatrobust import models
 from flatrobust.cli import main
 from flatrobust.landscape import filter_normalized_direction, landscape_1d, landscape_2d, robust_loss
@@ -150,16 +150,17 @@ def test_cli_writes_json_and_png(tmp_path, capsys):
     ckpt = write_untrained_checkpoint(tmp_path)
     code = main(["landscape", str(ckpt), "--n", "12", "--alphas=-1:1:3", "--directions", "2", "--2d", "--steps", "1"])
     assert code == 0
-    run = ckpt.parent
-    for name in ("landscape.json", "landscape.png", "landscape_2d.png"):
-        assert (run / name).is_file(), name
-    assert (run / "landscape.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    res = json.loads((run / "landscape.json").read_text())
+    run = ckpt.parent  # named after best.pt, as eval names eval_best.json
+    assert sorted(p.name for p in run.iterdir()) == ["best.pt", "landscape_2d_best.png", "landscape_best.json", "landscape_best.png"]
+    assert (run / "landscape_best.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    res = json.loads((run / "landscape_best.json").read_text())
+    assert res["checkpoint"] == str(ckpt)
     assert res["1d"]["alphas"] == [-1.0, 0.0, 1.0]
     assert res["1d"]["attack"] == {"norm": "linf", "eps": 0.1, "alpha": 0.025, "steps": 1}  # --steps overrides
     assert res["data"] == {"name": "digits", "split": "test", "n": 12, "subset_seed": 0}
     assert len(res["2d"]["loss"]) == 3
-    assert "rho(w)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "rho(w)" in out and f"wrote {run / 'landscape_best.json'}, {run / 'landscape_best.png'}" in out
 
 
 def test_cli_out_folder_and_comma_alphas(tmp_path):
@@ -170,6 +171,36 @@ def test_cli_out_folder_and_comma_alphas(tmp_path):
     res = json.loads((out / "landscape.json").read_text())
     assert res["1d"]["alphas"] == [0.0, 0.5] and res["1d"]["attack"]["eps"] == pytest.approx(4 / 255)
     assert res["data"]["split"] == "train"
+
+
+def test_cli_one_result_per_checkpoint(tmp_path, capsys):
+    """Analysing last.pt after best.pt keeps best.pt's landscape: each checkpoint's files are named after it, as
+    `flatrobust eval` names eval_best.json (a run directory stands for its best.pt)."""
+    best, last = write_best_and_last(tmp_path)
+    run = best.parent
+    args = ["--n", "8", "--alphas=-0.5,0,0.5", "--directions", "1", "--steps", "1"]
+    assert main(["landscape", str(run), *args]) == 0
+    assert main(["landscape", str(last), *args]) == 0
+    assert sorted(p.name for p in run.glob("landscape*")) == ["landscape_best.json", "landscape_best.png",
+                                                              "landscape_last.json", "landscape_last.png"]
+    res_best, res_last = (json.loads((run / f"landscape_{s}.json").read_text()) for s in ("best", "last"))
+    assert (res_best["checkpoint"], res_best["epoch"]) == (str(best), 1)
+    assert (res_last["checkpoint"], res_last["epoch"]) == (str(last), 3)
+    assert res_best["1d"]["loss_at_w"] != res_last["1d"]["loss_at_w"]
+    assert f"wrote {run / 'landscape_last.json'}, {run / 'landscape_last.png'}" in capsys.readouterr().out
+
+
+def test_cli_out_folder_keeps_the_plain_names(tmp_path):
+    """An explicit --out folder gets landscape.json and landscape.png whichever checkpoint (study/study.py gives
+    each checkpoint its own folder), and nothing is written beside the checkpoint."""
+    best, last = write_best_and_last(tmp_path)
+    for ckpt in (best, last):
+        out = tmp_path / f"landscape_{ckpt.stem}"
+        assert main(["landscape", str(ckpt), "--n", "8", "--alphas=0,0.5", "--directions", "1", "--steps", "1", "--2d",
+                     "--out", str(out)]) == 0
+        assert sorted(p.name for p in out.iterdir()) == ["landscape.json", "landscape.png", "landscape_2d.png"]
+        assert json.loads((out / "landscape.json").read_text())["epoch"] == (1 if ckpt == best else 3)
+    assert sorted(p.name for p in best.parent.iterdir()) == ["best.pt", "last.pt"]
 
 
 @pytest.mark.parametrize("alphas, expected", [("-1:1:3", [-1.0, 0.0, 1.0]), ("-.5,0.5", [-0.5, 0.5])])

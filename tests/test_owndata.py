@@ -563,7 +563,7 @@ def test_eval_landscape_flatness_report_on_a_folder_run(folder_run, capsys):
     assert main(["landscape", str(run), "--n", "6", "--alphas=-0.5,0,0.5", "--directions", "1", "--steps", "1"]) == 0
     assert main(["flatness", str(run), "--n", "6", "--draws", "1", "--worst-steps", "1", "--steps", "1",
                  "--data", "train"]) == 0
-    assert json.loads((run / "flatness.json").read_text())["data"]["n"] == 6
+    assert json.loads((run / "flatness_best.json").read_text())["data"]["n"] == 6
     assert main(["report", str(run), "--out", str(folder_run / "report")]) == 0
     md = (folder_run / "report" / "report.md").read_text()
     assert "### Data" in md and "cat, dog, emu" in md and "from the training split" in md

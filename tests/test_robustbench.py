@@ -16,7 +16,7 @@ import torch
 
 from fixtures_owndata import write_npz
 from flatrobust import models
-from flatrobust.rundir import eval_file
+from flatrobust.rundir import eval_file, result_file
 from flatrobust.checkpoint import CheckpointError, model_from_checkpoint
 from flatrobust.cli import main
 from flatrobust.config import load_config
@@ -289,7 +289,7 @@ def test_imported_model_landscape_and_flatness(imported):
     ckpt, _ = imported
     assert main(["landscape", str(ckpt), "--n", "4", "--alphas", "-1:1:3", "--steps", "1"]) == 0
     assert main(["flatness", str(ckpt), "--n", "4", "--draws", "1", "--worst-steps", "1", "--steps", "1"]) == 0
-    assert (ckpt.parent / "landscape.json").exists() and (ckpt.parent / "flatness.json").exists()
+    assert result_file(ckpt, "landscape").exists() and result_file(ckpt, "flatness").exists()
 
 
 def test_imported_model_fine_tunes_with_awp_from_init_from(imported, tmp_path, capsys):

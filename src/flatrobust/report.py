@@ -1,16 +1,18 @@
 """A Markdown report with figures that compares run directories (e.g. AT against AT-AWP).
 
 A run directory is what `flatrobust train` writes: config.yaml, metrics.jsonl (one JSON object per
-epoch), and possibly eval_best.json, eval_last.json, ... (`flatrobust eval`, one per checkpoint; eval.json in
-runs evaluated before), landscape.json (`flatrobust landscape`) and
-flatness.json (`flatrobust flatness`). `write_report` reads them and writes into one folder:
+epoch), and possibly, one file per checkpoint (`rundir.result_files`), eval_best.json, eval_last.json, ...
+(`flatrobust eval`), landscape_best.json, ... (`flatrobust landscape`) and flatness_best.json, ...
+(`flatrobust flatness`); runs analysed before then have one eval.json, landscape.json, flatness.json, still
+read. Every number of these files is shown with the checkpoint it is of. `write_report` reads them and writes
+into one folder:
 
     report.md                 tables and figures, readable on GitHub or in any Markdown viewer
     summary.json              the report's figures, sample sizes and AWP-vs-baseline verdicts as JSON
     fig_robust_accuracy.png   train (dashed) and test (solid) robust accuracy per epoch (AWP paper, Figure 2)
     fig_gap.png               robust generalization gap per epoch
     fig_clean_accuracy.png    test clean accuracy per epoch (when logged)
-    fig_landscape.png         weight loss landscapes overlaid (AWP paper, Figure 1; when landscape.json exist)
+    fig_landscape.png         weight loss landscapes overlaid (AWP paper, Figure 1; when landscape files exist)
 
 Accuracies are shown in percent: a run whose logged accuracies all lie in [0, 1] is taken to log
 fractions and is scaled by 100. Figures are drawn with matplotlib's object API (`Figure`, Agg), which
@@ -48,8 +50,10 @@ class Run:
     metrics: list[dict[str, Any]]  # one dict per epoch, sorted by epoch, accuracies in percent
     eval: dict[str, Any] | None = None  # the first of `evals` (best.pt's when there is one): what comparisons use
     evals: list[tuple[str, dict[str, Any]]] = field(default_factory=list)  # (checkpoint label, result) per eval file
-    landscape: dict[str, Any] | None = None
-    flatness: dict[str, Any] | None = None
+    landscape: dict[str, Any] | None = None  # the first of `landscapes`, as `eval`
+    landscapes: list[tuple[str, dict[str, Any]]] = field(default_factory=list)  # (checkpoint label, result) per file
+    flatness: dict[str, Any] | None = None  # the first of `flatnesses`, as `eval`: what comparisons use
+    flatnesses: list[tuple[str, dict[str, Any]]] = field(default_factory=list)  # (checkpoint label, result) per file
     data: dict[str, Any] | None = None  # data.json: the training data's classes, shape and normalization
     notes: list[str] = field(default_factory=list)
 
@@ -100,24 +104,25 @@ def load_run(path: str | os.PathLike) -> Run:
     config = rundir.read_config(path, required=False)
     name = config.get("name") if isinstance(config.get("name"), str) and config.get("name") else path.resolve().name
     run = Run(name=name, path=path, config=config, metrics=_read_metrics(path))
-    for attr in ("landscape", "flatness", "data"):
-        if (path / f"{attr}.json").is_file():
-            setattr(run, attr, _read_json(path / f"{attr}.json"))
-    for file in rundir.eval_files(path):
-        ev = _read_json(file)
-        run.evals.append((eval_label(ev, file), ev))
-    run.eval = run.evals[0][1] if run.evals else None
+    if (path / rundir.DATA).is_file():
+        run.data = _read_json(path / rundir.DATA)
+    for kind, found in (("eval", run.evals), ("landscape", run.landscapes), ("flatness", run.flatnesses)):
+        for file in rundir.result_files(path, kind):
+            res = _read_json(file)
+            found.append((result_label(res, file), res))
+    run.eval, run.landscape, run.flatness = (found[0][1] if found else None for found in (run.evals, run.landscapes, run.flatnesses))
     return run
 
 
-def eval_label(ev: dict[str, Any], file: Path) -> str:
-    """Which checkpoint an evaluation's numbers are of: "best.pt, epoch 12", "last.pt, epoch 30, EMA weights";
-    the file's name for a result that does not record its checkpoint."""
-    ckpt = ev.get("checkpoint")
-    if not isinstance(ckpt, str) or not ckpt:
-        return f"`{file.name}`"
-    text = Path(ckpt).name + (f", epoch {ev['epoch']}" if isinstance(ev.get("epoch"), int) else "")
-    return text + (", EMA weights" if (ev.get("config") or {}).get("weights") == "ema" else "")
+def result_label(res: dict[str, Any], file: Path) -> str:
+    """Which checkpoint the numbers of an eval, landscape or flatness file are of: "best.pt, epoch 12", "last.pt,
+    epoch 30, EMA weights"; the file's name in place of the checkpoint's for a result that does not record its
+    checkpoint file (an old landscape.json given a run directory recorded the folder)."""
+    ckpt = res.get("checkpoint")
+    text = Path(ckpt).name if isinstance(ckpt, str) and Path(ckpt).suffix else f"`{file.name}`"
+    text += f", epoch {res['epoch']}" if isinstance(res.get("epoch"), int) and not isinstance(res.get("epoch"), bool) else ""
+    weights = res.get("weights", (res.get("config") or {}).get("weights") if isinstance(res.get("config"), dict) else None)
+    return text + (", EMA weights" if weights == "ema" else "")
 
 
 # --------------------------------------------------------------------------------------------- figures
@@ -396,44 +401,46 @@ def _settings_key(res: dict[str, Any]) -> tuple:
 
 
 def _landscape_section(runs: Sequence[Run], out: Path) -> list[str]:
-    have = [(r, r.landscape["1d"]) for r in runs if r.landscape and isinstance(r.landscape.get("1d"), dict)]
+    have = [(r, label, land, land["1d"]) for r in runs for label, land in r.landscapes if isinstance(land.get("1d"), dict)]
     if not have:
         return []
-    plot_landscape_1d([(r.name, res) for r, res in have], out / "fig_landscape.png")
+    plot_landscape_1d([(f"{r.name} ({label.replace('`', '')})", res) for r, label, _, res in have], out / "fig_landscape.png")
     lines = ["## Weight loss landscape", "",
              "![weight loss landscape](fig_landscape.png)", "",
              "g(alpha) = rho(w + alpha d): the adversarial (PGD) cross-entropy when the weights move along random "
              "filter-normalized directions d, with adversarial examples regenerated for every perturbed model "
              "(`flatrobust landscape`). Line: mean over directions; band: range over directions. "
-             "A flatter curve (smaller rise away from alpha = 0) goes with a smaller robust generalization gap.", ""]
+             "A flatter curve (smaller rise away from alpha = 0) goes with a smaller robust generalization gap. "
+             "One curve and row per analysed checkpoint (`landscape_best.json`, `landscape_last.json`, ...).", ""]
     rows = []
-    for r, res in have:
+    for r, label, land, res in have:
         a, mean = res["alphas"], res["mean_loss"]
         g0 = res.get("loss_at_w")
         lo, hi = min(range(len(a)), key=a.__getitem__), max(range(len(a)), key=a.__getitem__)
-        data = r.landscape.get("data", {})
-        rows.append([r.name, f"{data.get('split', '?')}, n={res.get('n', '?')}", _attack_text(res.get("attack")),
+        data = land.get("data", {})
+        rows.append([r.name, label, f"{data.get('split', '?')}, n={res.get('n', '?')}", _attack_text(res.get("attack")),
                      str(res.get("directions", "?")), _f(g0, 4),
                      f"{_f(mean[lo] - g0, 4)} (alpha={a[lo]:g})" if _finite(g0) else "-",
                      f"{_f(mean[hi] - g0, 4)} (alpha={a[hi]:g})" if _finite(g0) else "-"])
-    lines += _table(["run", "data", "attack", "directions", "rho(w) (nats)", "mean g - rho(w), left end", "mean g - rho(w), right end"], rows)
-    if len({_settings_key({**res, "split": r.landscape.get("data", {}).get("split")}) for r, res in have}) > 1:
+    lines += _table(["run", "checkpoint", "data", "attack", "directions", "rho(w) (nats)", "mean g - rho(w), left end",
+                     "mean g - rho(w), right end"], rows)
+    if len({_settings_key({**res, "split": land.get("data", {}).get("split")}) for _, _, land, res in have}) > 1:
         lines += ["**Warning:** the landscapes were computed with different data or attacks and are not directly comparable.", ""]
     return lines
 
 
 def _flatness_section(runs: Sequence[Run]) -> list[str]:
-    have = [r for r in runs if r.flatness]
+    have = [(r, label, flat) for r in runs for label, flat in r.flatnesses]
     if not have:
         return []
     rows = []
-    for r in have:
-        avg, worst = r.flatness.get("average") or {}, r.flatness.get("worst") or {}
+    for r, label, flat in have:
+        avg, worst = flat.get("average") or {}, flat.get("worst") or {}
         base = avg or worst
         se = avg.get("standard_error")
         rows.append([
-            r.name,
-            f"{r.flatness.get('data', {}).get('split', '?')}, n={base.get('n', '?')}",
+            r.name, label,
+            f"{flat.get('data', {}).get('split', '?')}, n={base.get('n', '?')}",
             _attack_text(base.get("attack")),
             _f(base.get("robust_loss"), 4),
             _f(base.get("robust_accuracy", float("nan")) * 100) if _finite(base.get("robust_accuracy")) else "-",
@@ -445,8 +452,12 @@ def _flatness_section(runs: Sequence[Run]) -> list[str]:
              "Stutz, Hein, Schiele (ICCV 2021), from `flatrobust flatness`: average-case = E_nu[rho(w + nu)] - rho(w), "
              "nu uniform on the layer-wise sphere ||nu_l|| = xi ||w_l||; worst-case = max over ||nu_l|| <= xi ||w_l|| "
              "(joint weight + input attack) of rho(w + nu) - rho(w). In nats; lower is flatter. ± is the standard "
-             "error over draws.", ""]
-    return lines + _table(["run", "data", "attack", "rho(w) (nats)", "robust acc (%)", "average-case flatness", "worst-case flatness"], rows)
+             "error over draws. One row per analysed checkpoint (`flatness_best.json`, `flatness_last.json`, ...).", ""]
+    lines += _table(["run", "checkpoint", "data", "attack", "rho(w) (nats)", "robust acc (%)", "average-case flatness",
+                     "worst-case flatness"], rows)
+    if any(len(r.flatnesses) > 1 for r in runs):
+        lines += ["Comparisons between runs use each run's first row (best.pt's when there is one).", ""]
+    return lines
 
 
 _SAME_SETTING = ("method", "model", "data", "attack", "epochs", "optim", "beta")
@@ -510,9 +521,10 @@ def compare(b: Run, a: Run) -> dict[str, Any]:
     if b.flatness and a.flatness:
         fb, fa = (r.flatness.get("average") or {} for r in (b, a))
         se_b, se_a = fb.get("standard_error"), fa.get("standard_error")
-        items.append(("average-case flatness (nats)", fb.get("average_flatness"), fa.get("average_flatness"), -1,
+        of = _checkpoints_of(b.flatnesses[0][0], a.flatnesses[0][0])
+        items.append((f"average-case flatness (nats), {of}", fb.get("average_flatness"), fa.get("average_flatness"), -1,
                       se_b ** 2 if _finite(se_b) else None, se_a ** 2 if _finite(se_a) else None))
-        items.append(("worst-case flatness (nats)", (b.flatness.get("worst") or {}).get("worst_flatness"),
+        items.append((f"worst-case flatness (nats), {of}", (b.flatness.get("worst") or {}).get("worst_flatness"),
                       (a.flatness.get("worst") or {}).get("worst_flatness"), -1, None, None))
     rows = []
     counts = {"held": 0, "opposite": 0, "within_noise": 0, "not_judged": 0, "total": 0}
@@ -533,6 +545,13 @@ def compare(b: Run, a: Run) -> dict[str, Any]:
     awp = _awp_info(a)
     return {"baseline": b.name, "awp": a.name, "awp_text": awp["text"], "awp_never_active": awp["never_active"],
             "items": rows, "counts": counts, "noise_se": NOISE_SE}
+
+
+def _checkpoints_of(label_b: str, label_a: str) -> str:
+    """The checkpoint two runs' numbers are of ("best.pt"), or both ("best.pt / last.pt", baseline's first) when
+    they differ: a result label (`result_label`) without its epoch, which differs between runs."""
+    b, a = (", ".join(part for part in label.split(", ") if not part.startswith("epoch ")) for label in (label_b, label_a))
+    return b if b == a else f"{b} / {a}"
 
 
 _VERDICT_TEXT = {"held": "yes", "opposite": "no: the opposite", "within_noise": "within noise", "not_judged": "not judged (no noise estimate)"}
@@ -601,7 +620,8 @@ def summary(runs: Sequence[Run]) -> dict[str, Any]:
                               "checks_passed": sum(1 for c in checks if c.get("passed") is True), "checks": len(checks)}
         if r.flatness:
             avg, worst = r.flatness.get("average") or {}, r.flatness.get("worst") or {}
-            entry["flatness"] = {"n": (avg or worst).get("n"), "average": avg.get("average_flatness"),
+            entry["flatness"] = {"checkpoint": r.flatnesses[0][0].replace("`", ""), "n": (avg or worst).get("n"),
+                                 "average": avg.get("average_flatness"),
                                  "average_se": avg.get("standard_error"), "worst": worst.get("worst_flatness")}
         out_runs.append(entry)
     return {"format": "flatrobust-report-summary", "version": 1, "runs": out_runs,

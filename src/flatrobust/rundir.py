@@ -12,8 +12,11 @@
       tensorboard/    with log.tensorboard: a view of metrics.jsonl
       .lock           while a process trains the run: its PID (`runlock`: one writer at a time)
 
-and what the other commands add beside the checkpoints: eval_best.json, eval_last.json (one per checkpoint,
-`eval_file`; runs evaluated before then have one eval.json), landscape.json, flatness.json. A run has
+and what the other commands add beside the checkpoints, one file per checkpoint named after it (`result_file`):
+eval_best.json, eval_last.json (`flatrobust eval`), landscape_best.json with landscape_best.png
+(`flatrobust landscape`; landscape_2d_best.png with --2d), flatness_best.json (`flatrobust flatness`), and _ema
+before the suffix for --weights ema (eval_best_ema.json). Runs analysed before then have one eval.json,
+landscape.json, flatness.json (landscape_ema.json, ... for the EMA weights), which `result_files` still lists. A run has
 finished when metrics.jsonl covers every epoch of config.yaml: the checkpoints need not be there (a study
 commits run directories without them). Every reader (`report`, the CLI, study/study*.py) goes through here.
 """
@@ -36,7 +39,8 @@ from .runlock import LOCK
 
 __all__ = [
     "BEST", "CONFIG", "DATA", "ENV", "LAST", "METRICS", "TIMING_KEYS", "append_metrics", "checkpoint_file", "covers", "eval_file",
-    "eval_files", "finished", "Kept", "prepare", "remove_temporary", "read_config", "read_env", "read_metrics", "truncate_metrics",
+    "eval_files", "finished", "Kept", "prepare", "remove_temporary", "read_config", "read_env", "read_metrics", "result_file",
+    "result_files", "truncate_metrics",
     "without_timing", "write_start_files",
 ]
 
@@ -249,20 +253,31 @@ def checkpoint_file(path: str | os.PathLike) -> Path:
     return path / (BEST if (path / BEST).exists() else LAST)
 
 
-def eval_file(checkpoint: str | os.PathLike, weights: str = "raw") -> Path:
-    """Where `flatrobust eval` writes the results of a checkpoint file by default: beside it, named after it
-    (best.pt -> eval_best.json, last.pt -> eval_last.json, my_weights.pt -> eval_my_weights.json; with the
-    moving average of the weights, eval_best_ema.json), so evaluating one checkpoint never overwrites another's."""
+def result_file(checkpoint: str | os.PathLike, kind: str, weights: str = "raw", suffix: str = ".json") -> Path:
+    """Where `flatrobust eval` (kind "eval"), `landscape` ("landscape", and its figures "landscape" and "landscape_2d"
+    with suffix ".png") and `flatness` ("flatness") write their results of a checkpoint file by default: beside it,
+    named after it (best.pt -> eval_best.json, last.pt -> landscape_last.json, my_weights.pt -> flatness_my_weights.json;
+    with the moving average of the weights, eval_best_ema.json), so analysing one checkpoint never overwrites another's."""
     checkpoint = Path(checkpoint)
-    return checkpoint.parent / f"eval_{checkpoint.stem}{'_ema' if weights == 'ema' else ''}.json"
+    return checkpoint.parent / f"{kind}_{checkpoint.stem}{'_ema' if weights == 'ema' else ''}{suffix}"
+
+
+def result_files(run_dir: str | os.PathLike, kind: str) -> list[Path]:
+    """The results of one kind ("eval", "landscape", "flatness") in a run directory, best.pt's first: KIND_best.json,
+    KIND_best_ema.json, KIND_last.json, KIND_last_ema.json, the other KIND_*.json, then the KIND.json (KIND_ema.json)
+    that runs analysed before there was one file per checkpoint have."""
+    run_dir = Path(run_dir)
+    found = [p for p in run_dir.glob(f"{kind}*.json") if p.is_file() and (p.name == f"{kind}.json" or p.name.startswith(f"{kind}_"))]
+    rank = {f"{kind}_{name}.json": i for i, name in enumerate(("best", "best_ema", "last", "last_ema"))}
+    rank.update({f"{kind}.json": 5, f"{kind}_ema.json": 6})
+    return sorted(found, key=lambda p: (rank.get(p.name, 4), p.name))
+
+
+def eval_file(checkpoint: str | os.PathLike, weights: str = "raw") -> Path:
+    """`result_file` of `flatrobust eval`: eval_best.json for best.pt (eval_best_ema.json with the EMA weights)."""
+    return result_file(checkpoint, "eval", weights)
 
 
 def eval_files(run_dir: str | os.PathLike) -> list[Path]:
-    """The evaluation results in a run directory, best.pt's first: eval_best.json, eval_best_ema.json,
-    eval_last.json, ..., the other eval_*.json, then the eval.json that runs evaluated before there was one
-    file per checkpoint have."""
-    run_dir = Path(run_dir)
-    found = [p for p in run_dir.glob("eval*.json") if p.is_file() and (p.name == "eval.json" or p.name.startswith("eval_"))]
-    rank = {"eval_best.json": 0, "eval_best_ema.json": 1, "eval_last.json": 2, "eval_last_ema.json": 3,
-            "eval.json": 5, "eval_ema.json": 6}
-    return sorted(found, key=lambda p: (rank.get(p.name, 4), p.name))
+    """`result_files` of `flatrobust eval`: eval_best.json, eval_best_ema.json, eval_last.json, ..., eval.json."""
+    return result_files(run_dir, "eval")

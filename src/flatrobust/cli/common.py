@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from ..errors import UserError
+from ..rundir import checkpoint_file, result_file
 
 
 _NUMBER = r"\s*[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?\s*"
@@ -79,7 +80,9 @@ def add_common_arguments(parser: argparse.ArgumentParser, n_default: int) -> Non
                                                           "default step for the radius (eps/4 for linf, eps*15/128 for l2)")
     parser.add_argument("--batch-size", type=int, default=256, help="examples per PGD batch (default: 256)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: cuda when available")
-    parser.add_argument("--out", default=None, help="output folder (default: the checkpoint's folder)")
+    parser.add_argument("--out", default=None, help="output folder, whose files keep the command's plain names (default: the "
+                                                    "checkpoint's folder, with files named after the checkpoint, e.g. "
+                                                    "flatness_best.json for best.pt)")
     parser.add_argument("--weights", choices=("raw", "ema"), default="raw",
                         help="the trained weights (default) or their moving average (runs with ema.decay > 0; files get an _ema suffix)")
     add_data_root_argument(parser)
@@ -134,7 +137,7 @@ def resolve_attack(cfg: dict[str, Any], args: argparse.Namespace) -> dict[str, A
 
 
 def load_for_analysis(args: argparse.Namespace):
-    """(model in eval mode, checkpoint dict, x, y, attack, device, default output folder) from the arguments."""
+    """(model in eval mode, checkpoint dict, x, y, attack, device) from the arguments; the --out folder is created."""
     from ..checkpoint import checkpoint_split, model_from_checkpoint
     from ..machine import resolve_device
 
@@ -146,13 +149,12 @@ def load_for_analysis(args: argparse.Namespace):
     model, ckpt = model_from_checkpoint(args.checkpoint, device, weights=args.weights, trust_code=args.trust_model_code)
     attack = resolve_attack(ckpt["config"], args)
     data = checkpoint_split(ckpt, args.split, root=args.data_root, download=False, progress=not args.quiet).subset(args.n, args.seed).to(device)
-    path = Path(args.checkpoint)
-    out = Path(args.out) if args.out else (path if path.is_dir() else path.parent)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot create the output folder {out}: {e.strerror}") from None
-    return model, ckpt, data.x, data.y, attack, device, out
+    if args.out:
+        try:
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"cannot create the output folder {args.out}: {e.strerror}") from None
+    return model, ckpt, data.x, data.y, attack, device
 
 
 def header(args: argparse.Namespace, ckpt: dict[str, Any], n: int, device: torch.device) -> dict[str, Any]:
@@ -163,7 +165,7 @@ def header(args: argparse.Namespace, ckpt: dict[str, Any], n: int, device: torch
     cfg = ckpt["config"]
     path = Path(args.checkpoint).resolve()
     return {
-        "checkpoint": str(args.checkpoint),
+        "checkpoint": str(checkpoint_file(args.checkpoint)),  # the file, also when a run directory was given
         "run": cfg.get("name") or (path.name if path.is_dir() else path.parent.name),
         "model": cfg.get("model"),
         "weights": args.weights,
@@ -176,6 +178,11 @@ def header(args: argparse.Namespace, ckpt: dict[str, Any], n: int, device: torch
     }
 
 
-def output_name(args: argparse.Namespace, stem: str, suffix: str) -> str:
-    """stem + suffix, with "_ema" before the suffix for --weights ema (the raw weights' files are kept)."""
-    return f"{stem}{'_ema' if args.weights == 'ema' else ''}{suffix}"
+def output_file(args: argparse.Namespace, kind: str, suffix: str) -> Path:
+    """Where `landscape` and `flatness` write a result: beside the checkpoint, named after it as `flatrobust eval`
+    names its file (`rundir.result_file`: landscape_best.json, flatness_last_ema.json), so analysing last.pt never
+    overwrites best.pt's; inside an explicit --out folder, the plain name (kind + suffix, "_ema" before the suffix for
+    --weights ema), as before (study/study.py gives each analysis its own folder)."""
+    if args.out:
+        return Path(args.out) / f"{kind}{'_ema' if args.weights == 'ema' else ''}{suffix}"
+    return result_file(checkpoint_file(args.checkpoint), kind, args.weights, suffix)

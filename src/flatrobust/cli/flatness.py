@@ -1,7 +1,9 @@
 """`flatrobust flatness CHECKPOINT`: average- and worst-case flatness of the robust loss (Stutz et al. 2021).
 
-Writes flatness.json (the numbers and their settings) into --out (default: the checkpoint's folder) and
-prints a summary (`--weights ema`: the EMA weights, into flatness_ema.json). Built on `flatrobust.flatness.average_flatness` / `worst_flatness`.
+Writes the numbers and their settings beside the checkpoint, named after it as `flatrobust eval` names its file
+(`rundir.result_file`: flatness_best.json for best.pt, flatness_last.json for last.pt; flatness_best_ema.json
+with `--weights ema`, the EMA weights), and prints a summary. An explicit --out folder gets the plain name
+flatness.json (flatness_ema.json). Built on `flatrobust.flatness.average_flatness` / `worst_flatness`.
 """
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ import argparse
 
 from ..errors import UserError
 from ..atomic import write_json
-from .common import add_common_arguments, header, load_for_analysis, number, output_name
+from .common import add_common_arguments, header, load_for_analysis, number, output_file
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--xi-average and --xi-worst must be >= 0, got {args.xi_average} and {args.xi_worst}")
     if args.draws < 1 or args.worst_steps < 1:
         raise UserError(f"--draws and --worst-steps must be >= 1, got {args.draws} and {args.worst_steps}")
-    model, ckpt, x, y, attack, device, out = load_for_analysis(args)
+    model, ckpt, x, y, attack, device = load_for_analysis(args)
     result = header(args, ckpt, x.shape[0], device)
     t0 = time.perf_counter()
     if args.measure in ("both", "average"):
@@ -42,7 +44,8 @@ def run(args: argparse.Namespace) -> int:
         result["worst"] = worst_flatness(model, x, y, attack=attack, xi=xi_worst, steps=args.worst_steps,
                                          batch_size=args.batch_size, seed=args.seed, progress=not args.quiet)
     result["seconds"] = round(time.perf_counter() - t0, 3)
-    write_json(out / output_name(args, "flatness", ".json"), result, indent=1)
+    out = output_file(args, "flatness", ".json")
+    write_json(out, result, indent=1)
 
     base = result.get("average") or result["worst"]
     print(f"flatness of {args.checkpoint}{' (EMA weights)' if args.weights == 'ema' else ''} on {result['data']['name']} {args.split} (n={x.shape[0]}, "
@@ -57,5 +60,5 @@ def run(args: argparse.Namespace) -> int:
         w = result["worst"]
         print(f"  worst-case flatness     {w['worst_flatness']:.4f} nats   (xi={w['xi']:g}, {w['steps']} joint steps, "
               f"rho(w + nu*) = {w['perturbed_loss']:.4f})")
-    print(f"wrote {out / output_name(args, 'flatness', '.json')}")
+    print(f"wrote {out}")
     return 0

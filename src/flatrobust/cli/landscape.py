@@ -1,8 +1,11 @@
 """`flatrobust landscape CHECKPOINT`: the weight loss landscape of a checkpoint (AWP paper, Figure 1).
 
-Writes landscape.json (every number and the settings that produced it) and landscape.png, plus
-landscape_2d.png with --2d, into --out (default: the checkpoint's folder, i.e. the run directory, where
-`flatrobust report` finds them); `--weights ema` analyses the EMA weights into landscape_ema.json/png. Built on `flatrobust.landscape.landscape_1d` / `landscape_2d`.
+Writes the result (every number and the settings that produced it) and its figure beside the checkpoint, named
+after it as `flatrobust eval` names its file (`rundir.result_file`): landscape_best.json and landscape_best.png for
+best.pt, landscape_last.json for last.pt, plus landscape_2d_best.png with --2d, so the run directory holds each
+checkpoint's analysis where `flatrobust report` finds it. `--weights ema` analyses the EMA weights into
+landscape_best_ema.json/png. An explicit --out folder gets the plain names (landscape.json, landscape.png,
+landscape_2d.png; landscape_ema.json/png with --weights ema). Built on `flatrobust.landscape.landscape_1d` / `landscape_2d`.
 
 What it shares with `flatrobust flatness` (arguments, checkpoint, data and threat model) is in `cli/common.py`.
 """
@@ -13,7 +16,7 @@ import math
 
 from ..atomic import write_json
 from ..errors import UserError
-from .common import add_common_arguments, header, load_for_analysis, number, output_name
+from .common import add_common_arguments, header, load_for_analysis, number, output_file
 
 
 def parse_alphas(text: str) -> list[float]:
@@ -57,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     alphas = parse_alphas(args.alphas)
     if args.directions < 1:
         raise UserError(f"--directions must be >= 1, got {args.directions}")
-    model, ckpt, x, y, attack, device, out = load_for_analysis(args)
+    model, ckpt, x, y, attack, device = load_for_analysis(args)
     result = header(args, ckpt, x.shape[0], device)
     t0 = time.perf_counter()
     result["1d"] = landscape_1d(model, x, y, attack=attack, alphas=alphas, directions=args.directions,
@@ -66,15 +69,15 @@ def run(args: argparse.Namespace) -> int:
         result["2d"] = landscape_2d(model, x, y, attack=attack, alphas=alphas, batch_size=args.batch_size,
                                     seed=args.seed, progress=not args.quiet)
     result["seconds"] = round(time.perf_counter() - t0, 3)
-    write_json(out / output_name(args, "landscape", ".json"), result, indent=1)
+    written = [output_file(args, "landscape", ".json"), output_file(args, "landscape", ".png")]
+    write_json(written[0], result, indent=1)
     title = f"{result['run']}{' (EMA)' if args.weights == 'ema' else ''}: {result['data']['name']} {args.split}, n={x.shape[0]}, PGD-{attack['steps']} {attack['norm']} eps={format_eps(attack['eps'])}"
-    written = [output_name(args, "landscape", ".json"), output_name(args, "landscape", ".png")]
-    plot_landscape_1d([(result["run"], result["1d"])], out / written[1], title=title)
+    plot_landscape_1d([(result["run"], result["1d"])], written[1], title=title)
     if args.two_d:
-        written.append(output_name(args, "landscape_2d", ".png"))
-        plot_landscape_2d(result["run"], result["2d"], out / written[2])
+        written.append(output_file(args, "landscape_2d", ".png"))
+        plot_landscape_2d(result["run"], result["2d"], written[2])
     r = result["1d"]
     print(f"rho(w) = {r['loss_at_w']:.4f} (robust accuracy {100 * r['accuracy_at_w']:.2f}%); "
           f"mean g at alpha={r['alphas'][0]:g}: {r['mean_loss'][0]:.4f}, at alpha={r['alphas'][-1]:g}: {r['mean_loss'][-1]:.4f}")
-    print(f"wrote {', '.join(str(out / w) for w in written)}")
+    print(f"wrote {', '.join(str(w) for w in written)}")
     return 0
