@@ -162,6 +162,9 @@ def test_cli_reports_and_evaluates_the_ema(tmp_path, capsys):
     written = {p.name for p in (tmp_path / "analysis").iterdir()}
     assert {"landscape_ema.json", "landscape_ema.png", "flatness_ema.json"} <= written and "landscape.json" not in written
     assert json.loads((tmp_path / "analysis" / "flatness_ema.json").read_text())["weights"] == "ema"
+    # without --out: beside the checkpoint, named after it as eval_best_ema.json
+    assert main(["flatness", str(run), "--n", "8", "--measure", "worst", "--worst-steps", "1", "--steps", "1", "--weights", "ema"]) == 0
+    assert json.loads((run / "flatness_best_ema.json").read_text())["weights"] == "ema" and not (run / "flatness_best.json").exists()
 
     capsys.readouterr()
     assert main(["report", str(run), "--out", str(tmp_path / "report")]) == 0

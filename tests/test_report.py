@@ -103,6 +103,77 @@ def test_report_names_the_checkpoint_of_every_evaluation(tmp_path):
     assert summary["runs"][0]["final"]["attacks"]["autoattack"] == pytest.approx(30.0)
 
 
+def _analysis(run, file, ckpt, epoch, loss, flat, weights="raw"):
+    """A landscape_*.json or flatness_*.json (by `file`'s name) as `flatrobust landscape` / `flatness` write it, with
+    rho(w) = `loss` and (average-case) flatness `flat`; `ckpt` is what it records as its checkpoint."""
+    attack = {"norm": "linf", "eps": 0.1, "alpha": 0.025, "steps": 1}
+    res = {"checkpoint": str(ckpt), "run": run.name, "model": "smallcnn", "weights": weights, "epoch": epoch,
+           "data": {"name": "digits", "split": "test", "n": 8, "subset_seed": 0}, "seconds": 1.5}
+    if file.startswith("landscape"):
+        res["1d"] = {"alphas": [-1.0, 0.0, 1.0], "directions": 1, "n": 8, "attack": attack, "loss_at_w": loss,
+                     "losses": [[loss + flat, loss, loss + 2 * flat]], "mean_loss": [loss + flat, loss, loss + 2 * flat],
+                     "accuracies": [[0.1, 0.2, 0.1]], "mean_accuracy": [0.1, 0.2, 0.1]}
+    else:
+        res["average"] = {"n": 8, "attack": attack, "robust_loss": loss, "robust_accuracy": 0.25, "xi": 0.5, "draws": 2,
+                          "average_flatness": flat, "standard_error": 0.01}
+        res["worst"] = {"n": 8, "attack": attack, "robust_loss": loss, "worst_flatness": 2 * flat, "xi": 0.003, "steps": 1}
+    (run / file).write_text(json.dumps(res))
+
+
+def test_report_names_the_checkpoint_of_every_landscape_and_flatness(tmp_path):
+    """landscape_best.json and landscape_last.json, flatness_best.json and flatness_last.json side by side (issue 29,
+    item 2, as for eval): one row (and curve) each, naming its checkpoint and epoch, best.pt's first; a comparison
+    names the checkpoints whose flatness it compares."""
+    at = _fake_run(tmp_path / "at", "at", [0.30, 0.42, 0.38], [0.35, 0.50, 0.60])
+    awp = _fake_run(tmp_path / "at_awp", "at_awp", [0.31, 0.44, 0.45], [0.33, 0.47, 0.50])
+    for kind in ("landscape", "flatness"):  # written in the order eval would not sort them: last.pt's first
+        _analysis(at, f"{kind}_last.json", at / "last.pt", 3, 1.5, 0.4)
+        _analysis(at, f"{kind}_best.json", at / "best.pt", 2, 1.2, 0.1)
+        _analysis(at, f"{kind}_best_ema.json", at / "best.pt", 2, 1.1, 0.05, weights="ema")
+        _analysis(awp, f"{kind}_last.json", awp / "last.pt", 3, 1.3, 0.2)
+    out = tmp_path / "rep"
+    assert main(["report", str(at), str(awp), "--out", str(out)]) == 0
+    md = (out / "report.md").read_text()
+    land, flat = md.split("## Weight loss landscape")[1].split("## Flatness")
+    assert "| at | best.pt, epoch 2 | test, n=8 | PGD-1 linf eps=0.1 | 1 | 1.2000 | 0.1000 (alpha=-1) | 0.2000 (alpha=1) |" in land
+    assert "| at | best.pt, epoch 2, EMA weights | test, n=8 | PGD-1 linf eps=0.1 | 1 | 1.1000 |" in land
+    assert "| at | last.pt, epoch 3 | test, n=8 | PGD-1 linf eps=0.1 | 1 | 1.5000 | 0.4000 (alpha=-1) |" in land
+    assert "| at_awp | last.pt, epoch 3 | test, n=8 | PGD-1 linf eps=0.1 | 1 | 1.3000 |" in land
+    assert land.index("best.pt, epoch 2 |") < land.index("EMA weights |") < land.index("| at | last.pt, epoch 3 |")
+    assert "| at | best.pt, epoch 2 | test, n=8 | PGD-1 linf eps=0.1 | 1.2000 | 25.00 | 0.1000 ± 0.0100 (xi=0.5, 2 draws) | 0.2000 (xi=0.003, 1 steps) |" in flat
+    assert "| at | last.pt, epoch 3 | test, n=8 | PGD-1 linf eps=0.1 | 1.5000 | 25.00 | 0.4000 ± 0.0100" in flat
+    assert "| at_awp | last.pt, epoch 3 | test, n=8 | PGD-1 linf eps=0.1 | 1.3000 | 25.00 | 0.2000 ± 0.0100" in flat
+    assert flat.index("| at | best.pt, epoch 2 |") < flat.index("| at | last.pt, epoch 3 |")
+    # the comparison: each run's first file, named (at's best.pt against at_awp's only one, last.pt)
+    assert "| average-case flatness (nats), best.pt / last.pt | lower | 0.1000 | 0.2000 |" in md
+    assert (out / "fig_landscape.png").read_bytes()[:8] == PNG
+    summary = json.loads((out / "summary.json").read_text())
+    assert [r["flatness"]["checkpoint"] for r in summary["runs"]] == ["best.pt, epoch 2", "last.pt, epoch 3"]
+    assert summary["runs"][0]["flatness"]["average"] == pytest.approx(0.1)
+
+
+def test_report_reads_the_landscape_and_flatness_files_of_runs_analysed_before(tmp_path):
+    """Runs analysed before one file per checkpoint have one landscape.json and flatness.json (landscape_ema.json
+    for the EMA weights): still shown, each with its checkpoint when recorded, else the file's name (an old file
+    given a run directory recorded the folder); beside a newer file, after it."""
+    run = _fake_run(tmp_path / "r", "r", [0.2, 0.3], [0.25, 0.4])
+    _analysis(run, "landscape.json", run, 2, 1.2, 0.1)  # `flatrobust landscape r`: the folder recorded
+    _analysis(run, "landscape_ema.json", run / "best.pt", 2, 1.1, 0.05, weights="ema")
+    _analysis(run, "flatness.json", run / "best.pt", 2, 1.2, 0.1)
+    out = tmp_path / "rep"
+    assert main(["report", str(run), "--out", str(out)]) == 0
+    md = (out / "report.md").read_text()
+    assert "| r | `landscape.json`, epoch 2 | test, n=8 | PGD-1 linf eps=0.1 | 1 | 1.2000 |" in md
+    assert "| r | best.pt, epoch 2, EMA weights | test, n=8 | PGD-1 linf eps=0.1 | 1 | 1.1000 |" in md
+    assert "| r | best.pt, epoch 2 | test, n=8 | PGD-1 linf eps=0.1 | 1.2000 | 25.00 | 0.1000 ± 0.0100" in md
+    assert json.loads((out / "summary.json").read_text())["runs"][0]["seconds"]["landscape"] == 1.5
+
+    _analysis(run, "flatness_last.json", run / "last.pt", 4, 1.6, 0.3)  # analysed again since: both kept, the new first
+    assert main(["report", str(run), "--out", str(out)]) == 0
+    md = (out / "report.md").read_text()
+    assert md.index("| r | last.pt, epoch 4 | test, n=8 | PGD-1 linf eps=0.1 | 1.6000 |") < md.index("| r | best.pt, epoch 2 | test, n=8 | PGD-1 linf eps=0.1 | 1.2000 |")
+
+
 def test_report_without_optional_files(tmp_path):
     run = _fake_run(tmp_path / "only", "only", [0.2, 0.3], [0.25, 0.4])
     out = tmp_path / "rep"

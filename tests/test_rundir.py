@@ -86,3 +86,18 @@ def test_remove_temporary_removes_only_what_an_atomic_write_leaves(tmp_path):
         (tmp_path / name).write_text("x")
     assert rundir.remove_temporary(tmp_path) == [".config.yaml.ffffffff.tmp", ".last.pt.0a1b2c3d.tmp"]
     assert sorted(p.name for p in tmp_path.iterdir()) == [".last.pt.xyz.tmp", "a.0a1b2c3d.tmp", "last.pt"]
+
+
+def test_result_files_order_and_names(tmp_path):
+    """`rundir.result_file` names every kind's file as eval's; `result_files` lists best.pt's first, old files last."""
+    assert rundir.result_file(tmp_path / "best.pt", "landscape") == tmp_path / "landscape_best.json"
+    assert rundir.result_file(tmp_path / "last.pt", "landscape_2d", "ema", ".png") == tmp_path / "landscape_2d_last_ema.png"
+    assert rundir.result_file(tmp_path / "my.weights.pt", "flatness") == tmp_path / "flatness_my.weights.json"
+    assert rundir.eval_file(tmp_path / "best.pt", "ema") == rundir.result_file(tmp_path / "best.pt", "eval", "ema") == tmp_path / "eval_best_ema.json"
+    names = ["flatness.json", "flatness_ema.json", "flatness_last.json", "flatness_zz.json", "flatness_best_ema.json",
+             "flatness_best.json", "flatnessx.json", "landscape_best.json", "flatness_last.parts"]
+    for name in names:
+        (tmp_path / name).write_text("{}")
+    assert [p.name for p in rundir.result_files(tmp_path, "flatness")] == [
+        "flatness_best.json", "flatness_best_ema.json", "flatness_last.json", "flatness_zz.json", "flatness.json",
+        "flatness_ema.json"]
