@@ -1,7 +1,7 @@
 """Files written atomically: a crash at any moment leaves the previous file or the new one, never half of one.
 
 `write_atomic` is the primitive (checkpoints, the run directory's files, the evaluation store), `write_json` the one
-JSON writer of the library and the CLI (eval.json, landscape.json, flatness.json, the store's manifest); a write that
+JSON writer of the library and the CLI (eval_best.json, landscape_best.json, flatness_best.json, the store's manifest); a write that
 fails (disk full, no permission) is one `WriteError` line naming the file.
 """
 from __future__ import annotations
