@@ -95,3 +95,17 @@ def write_best_and_last(tmp_path):
     other = {k: v + 0.05 * torch.randn_like(v) if v.is_floating_point() else v for k, v in state["model"].items()}
     save_checkpoint({**state, "model": other, "epoch": 3}, best.parent / "last.pt")
     return best, best.parent / "last.pt"
+
+
+def collapse_robust_accuracy(monkeypatch, call: int = 3) -> None:
+    """flatrobust.train.robust_accuracy with the robust accuracy of its `call`-th measurement set to 0 (test then train
+    per epoch or pass, so 3 = the second epoch's test PGD accuracy): a catastrophic collapse the guard can see."""
+    from flatrobust import train
+
+    calls, measure = [], train.robust_accuracy
+
+    def collapsing(*args, **kwargs):
+        calls.append(1)
+        clean, robust = measure(*args, **kwargs)
+        return (clean, 0.0) if len(calls) == call else (clean, robust)
+    monkeypatch.setattr(train, "robust_accuracy", collapsing)

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import collapse_robust_accuracy
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -227,18 +228,12 @@ def test_the_library_refuses_free_mart_and_bad_replays():
 def test_catastrophic_rollback_takes_delta_back_with_the_weights(tmp_path, monkeypatch):
     """guard.catastrophic=rollback under Free AT: the check fires after pass 2 (its test PGD accuracy made to collapse), and
     the weights and the carried delta go back to best.pt's pass before last.pt is written."""
-    from flatrobust import catastrophic, train
+    from flatrobust import catastrophic
 
     def fire_at_2(self, epoch, test_acc, train_acc):
         return f"catastrophic overfitting at epoch {epoch}: test" if epoch == 2 else None
     monkeypatch.setattr(catastrophic.CatastrophicOverfitting, "check", fire_at_2)
-    calls, measure = [], train.robust_accuracy
-
-    def collapsing(*args, **kwargs):  # pass 2's test PGD accuracy (the 3rd call: test, train per pass) falls to 0
-        calls.append(1)
-        clean, robust = measure(*args, **kwargs)
-        return (clean, 0.0) if len(calls) == 3 else (clean, robust)
-    monkeypatch.setattr(train, "robust_accuracy", collapsing)
+    collapse_robust_accuracy(monkeypatch, call=3)  # the second epoch's (pass's) test PGD accuracy falls to 0
     cfg = load_config("recipes/digits_at.yaml", [*TINY, "epochs=4", "attack.replays=2", "guard.catastrophic=rollback",
                                                  f"out_dir={tmp_path}"])
     run = fit(cfg, progress=False)

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import collapse_robust_accuracy
 import torch
 from torch import nn
 
@@ -151,15 +152,8 @@ def _fire_at(epoch):
 @pytest.mark.parametrize("mode", ["warn", "stop", "rollback"])
 def test_catastrophic_guard_is_recorded_and_acts(tmp_path, monkeypatch, mode):
     monkeypatch.setattr(catastrophic.CatastrophicOverfitting, "check", _fire_at(2))
-    from flatrobust import train
 
-    calls, measure = [], train.robust_accuracy
-
-    def collapsing(*args, **kwargs):  # epoch 2's test PGD accuracy (the 3rd call: test, train per epoch) falls to 0
-        calls.append(1)
-        clean, robust = measure(*args, **kwargs)
-        return (clean, 0.0) if len(calls) == 3 else (clean, robust)
-    monkeypatch.setattr(train, "robust_accuracy", collapsing)
+    collapse_robust_accuracy(monkeypatch, call=3)  # the second epoch's (pass's) test PGD accuracy falls to 0
     cfg = load_config("recipes/digits_at.yaml", [*TINY, "epochs=3", "attack.steps=1", f"guard.catastrophic={mode}",
                                                  f"out_dir={tmp_path}"])
     run = fit(cfg, progress=False)
